@@ -1,0 +1,52 @@
+"""Evaluate a trained run directory on its validation split: detections.json + metrics.json."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import ConfigError, ExperimentConfig, load_config
+from pipeline.engine.coco_eval import Backend, evaluate_coco
+from pipeline.engine.datamodule import DetectionDataModule
+from pipeline.engine.detections import predict
+from pipeline.models import build_detector
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+
+
+def load_trained_model(run: Path, checkpoint: str = "last") -> tuple[ExperimentConfig, torch.nn.Module, DetectionDataModule]:
+    """The run's config, its detector with the ``checkpoint`` weights, and its data."""
+    config_file = run / "config.yaml"
+    ckpt = run / "checkpoints" / f"{checkpoint}.ckpt"
+    if not config_file.exists():
+        raise ConfigError(f"{config_file}: not a run directory (no config.yaml); train one with `libra train --out {run}`")
+    if not ckpt.exists():
+        raise ConfigError(f"{ckpt}: no such checkpoint; has `libra train --out {run}` finished an epoch?")
+    cfg = load_config(config_file)
+    data = DetectionDataModule(cfg)
+    model = build_detector(cfg, data.num_classes)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+    return cfg, model, data
+
+
+def evaluate_run(run: Path, checkpoint: str = "last", backend: Backend | None = None,
+                 device: str = "cpu") -> dict[str, Any]:
+    """Predict the val split with the run's checkpoint and COCO-evaluate; writes both files atomically."""
+    cfg, model, data = load_trained_model(run, checkpoint)
+    model.to(device)
+    results = predict(model, data.val_dataloader(), torch.device(device), data.label_to_category_id)
+    metrics = evaluate_coco(data.val_gt, results, backend or cfg.eval.backend)
+    metrics["num_images"] = len(data.val_split.image_ids)
+    metrics["num_detections"] = len(results)
+    write_json_atomic(run / "detections.json", results)
+    write_json_atomic(run / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,142 @@
+"""Feature pyramids for the detectors: a backbone body, torchvision's FPN, and an optional neck.
+
+The neck is where Libra R-CNN's Balanced Feature Pyramid plugs in (``nn.Identity`` otherwise).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import resnet50
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
+
+from pipeline.components import BalancedFeaturePyramid
+from pipeline.config import BackboneConfig, ConfigError, ModelConfig, BFPConfig
+
+
+def _conv_gn_relu(cin: int, cout: int, stride: int) -> nn.Sequential:
+    groups = min(8, cout)
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+        nn.GroupNorm(groups, cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class TinyBackbone(nn.Module):
+    """A small CPU-friendly body: a stride-4 stem, then one stride-2 stage per width.
+
+    GroupNorm rather than BatchNorm, so a step's result does not depend on how the global batch
+    is split across DDP processes. Returns stages at strides 4, 8, 16, 32 as '0'..'3'.
+    """
+
+    def __init__(self, channels: tuple[int, ...]):
+        super().__init__()
+        self.stem = nn.Sequential(_conv_gn_relu(3, channels[0], 2), _conv_gn_relu(channels[0], channels[0], 2))
+        stages = []
+        cin = channels[0]
+        for i, cout in enumerate(channels):
+            stages.append(nn.Sequential(_conv_gn_relu(cin, cout, 1 if i == 0 else 2), _conv_gn_relu(cout, cout, 1)))
+            cin = cout
+        self.stages = nn.ModuleList(stages)
+        self.channels = tuple(channels)
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        x = self.stem(x)
+        out: OrderedDict[str, Tensor] = OrderedDict()
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            out[str(i)] = x
+        return out
+
+
+class _SelectStages(nn.Module):
+    """Keeps the body's stages from ``first`` on, renumbered from '0'."""
+
+    def __init__(self, body: nn.Module, first: int):
+        super().__init__()
+        self.body = body
+        self.first = first
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        stages = list(self.body(x).values())[self.first :]
+        return OrderedDict((str(i), s) for i, s in enumerate(stages))
+
+
+class PyramidBackbone(nn.Module):
+    """body -> FPN -> neck; ``out_channels`` as torchvision's detectors expect."""
+
+    def __init__(self, body: nn.Module, fpn: FeaturePyramidNetwork, neck: nn.Module, out_channels: int):
+        super().__init__()
+        self.body = body
+        self.fpn = fpn
+        self.neck = neck
+        self.out_channels = out_channels
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        return self.neck(self.fpn(self.body(x)))
+
+
+def _resnet50_body(cfg: BackboneConfig) -> tuple[nn.Module, tuple[int, ...]]:
+    net = resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
+    if cfg.weights is not None:
+        path = Path(cfg.weights)
+        if not path.is_file():
+            raise ConfigError(
+                f"model.backbone.weights: {path} does not exist. Put ImageNet ResNet-50 weights there "
+                "(e.g. torchvision's resnet50-0676ba61.pth from its cache) or set it to null to train from scratch."
+            )
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if [k for k in missing if not k.startswith("fc.")] or unexpected:
+            raise ConfigError(f"model.backbone.weights: {path} is not a ResNet-50 state_dict "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    layers = ["layer4", "layer3", "layer2", "layer1", "conv1"][: cfg.trainable_layers]
+    for name, param in net.named_parameters():
+        if not any(name.startswith(layer) for layer in layers):
+            param.requires_grad_(False)
+    body = IntermediateLayerGetter(net, {f"layer{i}": str(i - 1) for i in range(1, 5)})
+    return body, (256, 512, 1024, 2048)
+
+
+def build_body(cfg: BackboneConfig) -> tuple[nn.Module, tuple[int, ...]]:
+    if cfg.name == "tiny":
+        body = TinyBackbone(cfg.channels)
+        return body, body.channels
+    return _resnet50_body(cfg)
+
+
+def build_neck(cfg: BFPConfig, channels: int, num_levels: int) -> nn.Module:
+    if not cfg.enabled:
+        return nn.Identity()
+    if cfg.refine_level >= num_levels:
+        raise ConfigError(f"components.bfp.refine_level={cfg.refine_level} but the pyramid has {num_levels} levels")
+    return BalancedFeaturePyramid(channels, num_levels, cfg.refine_level, cfg.refine_type)
+
+
+def build_pyramid_backbone(model: ModelConfig, bfp: BFPConfig, first_stage: int, extra: ExtraFPNBlock) -> PyramidBackbone:
+    """Stages ``first_stage``.. of the body feed the FPN; ``extra`` adds the coarser levels."""
+    body, channels = build_body(model.backbone)
+    if first_stage:
+        body = _SelectStages(body, first_stage)
+    fpn = FeaturePyramidNetwork(list(channels[first_stage:]), model.fpn_channels, extra_blocks=extra)
+    num_levels = len(channels) - first_stage + (2 if isinstance(extra, LastLevelP6P7) else 1)
+    if len(model.anchor_sizes) != num_levels:
+        raise ConfigError(f"model.anchor_sizes has {len(model.anchor_sizes)} entries but the "
+                          f"{model.detector} pyramid has {num_levels} levels")
+    return PyramidBackbone(body, fpn, build_neck(bfp, model.fpn_channels, num_levels), model.fpn_channels)
+
+
+def faster_rcnn_backbone(model: ModelConfig, bfp: BFPConfig) -> PyramidBackbone:
+    """P2-P5 from the four stages plus a max-pooled P6 (torchvision's 'pool')."""
+    return build_pyramid_backbone(model, bfp, first_stage=0, extra=LastLevelMaxPool())
+
+
+def retinanet_backbone(model: ModelConfig, bfp: BFPConfig) -> PyramidBackbone:
+    """P3-P5 from the last three stages plus P6, P7 computed from P5."""
+    return build_pyramid_backbone(model, bfp, first_stage=1, extra=LastLevelP6P7(model.fpn_channels, model.fpn_channels))

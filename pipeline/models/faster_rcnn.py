@@ -1,0 +1,148 @@
+"""Faster R-CNN (FPN) on torchvision with Libra R-CNN's components plugged in.
+
+``LibraRoIHeads`` replaces torchvision's R-CNN head training path: proposals are sampled by a
+positive and a negative sampler that see each proposal's IoU (random sampling is the
+``num_bins=1``, no-floor case of the IoU-balanced sampler), and the box loss is configurable.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import AnchorGenerator
+from torchvision.ops import box_iou
+
+from pipeline.components import (
+    InstanceBalancedPositiveSampler,
+    IoUBalancedNegativeSampler,
+    IoUHistogram,
+    RandomPositiveSampler,
+)
+from pipeline.config import ExperimentConfig, IoUBalancedSamplingConfig
+from pipeline.models.backbone import faster_rcnn_backbone
+from pipeline.models.box_loss import BoxLoss, build_box_loss
+
+
+def pad_rows(rows: list[Tensor], fill: float) -> Tensor:
+    """Stack 1-D tensors of different lengths into [B, max_len], padding with ``fill``."""
+    width = max(r.numel() for r in rows)
+    out = rows[0].new_full((len(rows), width), fill)
+    for i, r in enumerate(rows):
+        out[i, : r.numel()] = r
+    return out
+
+
+class LibraRoIHeads(RoIHeads):
+    """torchvision ``RoIHeads`` with IoU-aware proposal sampling and a configurable box loss.
+
+    Records the IoU histogram of the negatives it sampled (``sampled_negative_iou``) for the report.
+    """
+
+    def __init__(self, *args, negative_sampler: IoUBalancedNegativeSampler,
+                 positive_sampler: RandomPositiveSampler | InstanceBalancedPositiveSampler,
+                 box_loss: BoxLoss, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.negative_sampler = negative_sampler
+        self.positive_sampler = positive_sampler
+        self.box_loss = box_loss
+        self.sampled_negative_iou = IoUHistogram()
+
+    def _match(self, proposals: Tensor, gt_boxes: Tensor, gt_labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Max IoU to any GT, index of that GT, and label (class, 0 background, -1 ignored)."""
+        if gt_boxes.numel() == 0:
+            zeros = proposals.new_zeros(proposals.shape[0])
+            return zeros, zeros.long(), zeros.long()
+        max_iou, matched = box_iou(gt_boxes, proposals).max(dim=0)
+        labels = gt_labels[matched].clone()
+        labels[max_iou < self.proposal_matcher.high_threshold] = -1
+        labels[max_iou < self.proposal_matcher.low_threshold] = 0
+        return max_iou, matched, labels
+
+    def select_training_samples(self, proposals: list[Tensor], targets: list[dict[str, Tensor]]):
+        proposals = [torch.cat([p, t["boxes"].to(p.dtype)]) for p, t in zip(proposals, targets)]
+        matches = [self._match(p, t["boxes"], t["labels"]) for p, t in zip(proposals, targets)]
+        max_iou = pad_rows([m[0] for m in matches], -1.0)
+        matched = pad_rows([m[1] for m in matches], 0)
+        labels = pad_rows([m[2] for m in matches], -1)
+
+        positives, negatives = labels > 0, labels == 0
+        per_image = self.fg_bg_sampler.batch_size_per_image
+        num_pos = positives.sum(1).clamp(max=int(per_image * self.fg_bg_sampler.positive_fraction))
+        num_neg = negatives.sum(1).clamp(max=per_image - num_pos)
+        keep = self.positive_sampler(matched, positives, num_pos) | self.negative_sampler(max_iou, negatives, num_neg)
+        self.sampled_negative_iou.update(max_iou[keep & negatives].detach())
+
+        sampled_proposals, sampled_labels, regression_targets = [], [], []
+        for b, (props, target) in enumerate(zip(proposals, targets)):
+            idx = keep[b, : props.shape[0]].nonzero().squeeze(1)
+            gt_boxes = target["boxes"].to(props.dtype)
+            matched_boxes = gt_boxes[matched[b, idx]] if gt_boxes.numel() else props[idx]
+            sampled_proposals.append(props[idx])
+            sampled_labels.append(labels[b, idx])
+            regression_targets.append(self.box_coder.encode_single(matched_boxes, props[idx]))
+        return sampled_proposals, None, sampled_labels, regression_targets
+
+    def rcnn_loss(self, class_logits: Tensor, box_regression: Tensor, labels: list[Tensor],
+                  regression_targets: list[Tensor]) -> dict[str, Tensor]:
+        """Cross-entropy over sampled RoIs + box loss on positives, normalised by the RoI count."""
+        labels_t = torch.cat(labels)
+        targets_t = torch.cat(regression_targets)
+        pos = torch.where(labels_t > 0)[0]
+        pred = box_regression.reshape(labels_t.shape[0], -1, 4)[pos, labels_t[pos]]
+        box_loss = self.box_loss(pred, targets_t[pos]).sum() / max(1, labels_t.numel())
+        return {"loss_classifier": F.cross_entropy(class_logits, labels_t), "loss_box_reg": box_loss}
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        if self.training:
+            proposals, _, labels, regression_targets = self.select_training_samples(proposals, targets)
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)
+        if self.training:
+            return [], self.rcnn_loss(class_logits, box_regression, labels, regression_targets)
+        boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
+        return [{"boxes": b, "labels": l, "scores": s} for b, s, l in zip(boxes, scores, labels)], {}
+
+
+def build_samplers(cfg: IoUBalancedSamplingConfig):
+    """IoU-balanced samplers when enabled; otherwise uniform random (one bin, no floor)."""
+    if not cfg.enabled:
+        return IoUBalancedNegativeSampler(num_bins=1, floor_thr=-1.0), RandomPositiveSampler()
+    negative = IoUBalancedNegativeSampler(cfg.num_bins, cfg.floor_thr, cfg.floor_fraction, cfg.bin_range)
+    positive = InstanceBalancedPositiveSampler() if cfg.instance_balanced_pos else RandomPositiveSampler()
+    return negative, positive
+
+
+def build_faster_rcnn(cfg: ExperimentConfig, num_classes: int) -> FasterRCNN:
+    """Faster R-CNN with FPN; ``num_classes`` excludes the background."""
+    m, c = cfg.model, cfg.components
+    backbone = faster_rcnn_backbone(m, c.bfp)
+    anchors = AnchorGenerator(tuple((s,) for s in m.anchor_sizes), (m.aspect_ratios,) * len(m.anchor_sizes))
+    width = m.roi_heads.representation_size
+    model = FasterRCNN(
+        backbone, None, min_size=m.min_size, max_size=m.max_size,
+        rpn_anchor_generator=anchors,
+        box_head=TwoMLPHead(backbone.out_channels * 7 * 7, width),
+        box_predictor=FastRCNNPredictor(width, num_classes + 1),
+        rpn_pre_nms_top_n_train=m.rpn.pre_nms_top_n_train, rpn_post_nms_top_n_train=m.rpn.post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=m.rpn.pre_nms_top_n_test, rpn_post_nms_top_n_test=m.rpn.post_nms_top_n_test,
+        rpn_batch_size_per_image=m.rpn.batch_size_per_image, rpn_positive_fraction=m.rpn.positive_fraction,
+        box_score_thresh=m.score_thresh, box_nms_thresh=m.nms_thresh, box_detections_per_img=m.detections_per_img,
+        box_fg_iou_thresh=m.roi_heads.fg_iou_thresh, box_bg_iou_thresh=m.roi_heads.bg_iou_thresh,
+        box_batch_size_per_image=m.roi_heads.batch_size_per_image,
+        box_positive_fraction=m.roi_heads.positive_fraction,
+    )
+    heads = model.roi_heads
+    negative, positive = build_samplers(c.iou_balanced_sampling)
+    model.roi_heads = LibraRoIHeads(
+        heads.box_roi_pool, heads.box_head, heads.box_predictor,
+        m.roi_heads.fg_iou_thresh, m.roi_heads.bg_iou_thresh,
+        m.roi_heads.batch_size_per_image, m.roi_heads.positive_fraction,
+        None, m.score_thresh, m.nms_thresh, m.detections_per_img,
+        negative_sampler=negative, positive_sampler=positive,
+        box_loss=build_box_loss(m.box_loss, c.balanced_l1),
+    )
+    return model

@@ -1,0 +1,97 @@
+"""RetinaNet (FPN) on torchvision with the IoU-balanced losses and Balanced L1 plugged in.
+
+``BalancedRetinaNetHead`` computes the classification and box losses together, because the
+IoU-balanced classification loss (Wu et al. 2019) weights each positive's focal loss by the IoU
+of its decoded predicted box, which torchvision's classification head never sees.
+"""
+
+from __future__ import annotations
+
+
+import torch
+from torch import Tensor
+from torchvision.models.detection import RetinaNet
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.ops import sigmoid_focal_loss
+
+from pipeline.components import IoUBalancedLocWeight, iou_balanced_cls_weights
+from pipeline.config import ExperimentConfig, IoUBalancedClsConfig, IoUBalancedLocConfig
+from pipeline.models.backbone import retinanet_backbone
+from pipeline.models.box_loss import BoxLoss, build_box_loss
+
+
+def paired_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of a[i] with b[i] for xyxy boxes [P, 4]."""
+    lt = torch.max(a[:, :2], b[:, :2])
+    rb = torch.min(a[:, 2:], b[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=1)
+    area_a = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(dim=1)
+    area_b = (b[:, 2:] - b[:, :2]).clamp(min=0).prod(dim=1)
+    return inter / (area_a + area_b - inter).clamp(min=1e-6)
+
+
+class BalancedRetinaNetHead(RetinaNetHead):
+    """RetinaNet head whose loss is sigmoid focal + a configurable box loss, with optional
+    IoU-balanced weights on the positives' classification (eta) and localization (lambda) terms.
+
+    Per image both terms are summed and divided by the number of positives, then averaged over
+    images, exactly as torchvision does; with eta = lambda = 0 and w_loc = 1 it is torchvision's loss.
+    """
+
+    def __init__(self, in_channels: int, num_anchors: int, num_classes: int, *, box_loss: BoxLoss,
+                 iou_cls: IoUBalancedClsConfig, iou_loc: IoUBalancedLocConfig):
+        super().__init__(in_channels, num_anchors, num_classes)
+        self.box_loss = box_loss
+        self.eta = iou_cls.eta if iou_cls.enabled else 0.0
+        self.loc_weight = IoUBalancedLocWeight(iou_loc.lam, iou_loc.w_loc) if iou_loc.enabled else None
+        self.box_coder = det_utils.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+
+    def compute_loss(self, targets, head_outputs, anchors, matched_idxs) -> dict[str, Tensor]:
+        cls_neg, cls_pos, box_pos, ious, image_of_pos, num_pos = [], [], [], [], [], []
+        for b, (target, logits, regression, anchor, matched) in enumerate(zip(
+                targets, head_outputs["cls_logits"], head_outputs["bbox_regression"], anchors, matched_idxs)):
+            fg = torch.where(matched >= 0)[0]
+            bg = torch.where(matched == det_utils.Matcher.BELOW_LOW_THRESHOLD)[0]
+            gt_boxes = target["boxes"][matched[fg]]
+            onehot = torch.zeros_like(logits[fg])
+            onehot[torch.arange(fg.numel()), target["labels"][matched[fg]]] = 1.0
+            cls_pos.append(sigmoid_focal_loss(logits[fg], onehot, reduction="none").sum(1))
+            cls_neg.append(sigmoid_focal_loss(logits[bg], torch.zeros_like(logits[bg]), reduction="sum"))
+            box_target = self.box_coder.encode_single(gt_boxes, anchor[fg])
+            box_pos.append(self.box_loss(regression[fg], box_target).sum(1))
+            with torch.no_grad():
+                ious.append(paired_iou(self.box_coder.decode_single(regression[fg], anchor[fg]), gt_boxes))
+            image_of_pos.append(torch.full_like(fg, b))
+            num_pos.append(max(1, fg.numel()))
+
+        iou, image = torch.cat(ious), torch.cat(image_of_pos)
+        cls_pos_t, box_pos_t = torch.cat(cls_pos), torch.cat(box_pos)
+        cls_pos_t = cls_pos_t * iou_balanced_cls_weights(iou, cls_pos_t, self.eta)
+        if self.loc_weight is not None:
+            box_pos_t = self.loc_weight(iou, box_pos_t)
+        normaliser = torch.tensor(num_pos, dtype=cls_pos_t.dtype, device=cls_pos_t.device)
+        batch = len(targets)
+        cls_per_image = torch.stack(cls_neg) + cls_pos_t.new_zeros(batch).index_add(0, image, cls_pos_t)
+        box_per_image = box_pos_t.new_zeros(batch).index_add(0, image, box_pos_t)
+        return {
+            "classification": (cls_per_image / normaliser).mean(),
+            "bbox_regression": (box_per_image / normaliser).mean(),
+        }
+
+
+def build_retinanet(cfg: ExperimentConfig, num_classes: int) -> RetinaNet:
+    """RetinaNet with FPN P3-P7 and three anchor scales per octave; ``num_classes`` excludes background."""
+    m, c = cfg.model, cfg.components
+    backbone = retinanet_backbone(m, c.bfp)
+    sizes = tuple(tuple(int(round(s * 2 ** (i / 3))) for i in range(3)) for s in m.anchor_sizes)
+    anchors = AnchorGenerator(sizes, (m.aspect_ratios,) * len(sizes))
+    head = BalancedRetinaNetHead(
+        backbone.out_channels, anchors.num_anchors_per_location()[0], num_classes + 1,
+        box_loss=build_box_loss(m.box_loss, c.balanced_l1),
+        iou_cls=c.iou_balanced_cls, iou_loc=c.iou_balanced_loc,
+    )
+    return RetinaNet(backbone, num_classes + 1, min_size=m.min_size, max_size=m.max_size,
+                     anchor_generator=anchors, head=head, score_thresh=m.score_thresh,
+                     nms_thresh=m.nms_thresh, detections_per_img=m.detections_per_img)

@@ -1,0 +1,24 @@
+"""`libra evaluate`: COCO-evaluate a trained run on its validation split."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from pipeline.engine.evaluate import evaluate_run
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", type=Path, required=True, help="run directory written by `libra train --out`")
+    parser.add_argument("--checkpoint", default="last", choices=["last", "best"],
+                        help="which checkpoint to evaluate (best: highest val AP during training)")
+    parser.add_argument("--backend", choices=["faster_coco_eval", "pycocotools"], default=None,
+                        help="COCO evaluation library (default: eval.backend of the run's config)")
+    parser.add_argument("--device", default="cpu", help="torch device for inference, e.g. cpu or cuda")
+
+
+def run(args: argparse.Namespace) -> None:
+    metrics = evaluate_run(args.run, args.checkpoint, args.backend, args.device)
+    print(json.dumps({"bbox": metrics["bbox"], "detections": metrics["num_detections"]}))
+    print(f"wrote {args.run / 'metrics.json'} and {args.run / 'detections.json'}")

@@ -1,0 +1,41 @@
+"""Shared fixtures: one small built-in data set per test session, and helpers to run the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.data import write_synthetic_coco
+
+ROOT = Path(__file__).resolve().parents[1]
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data") / "synthetic"
+    write_synthetic_coco(root, seed=0, num_train=64, num_val=16, image_size=128)
+    return root
+
+
+def tiny_overrides(root: Path, **extra: object) -> list[str]:
+    """Overrides that turn a tiny config into a seconds-long run on ``root``."""
+    sets = {"data.root": str(root), "train.epochs": 1, "train.batch_size": 4, "train.warmup_steps": 2,
+            "train.log_every_n_steps": 1, "eval.batch_size": 8, "data.max_images": 16}
+    sets.update(extra)
+    return [f"{k}={v}" for k, v in sets.items()]
+
+
+def libra(*args: str, check: bool = True, timeout: float = 600, **popen) -> subprocess.CompletedProcess:
+    """Run the `libra` CLI in a fresh process (as a user would; required for DDP)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "stages.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout, **popen)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"libra {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc

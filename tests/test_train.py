@@ -1,0 +1,107 @@
+"""Training end to end through the CLI: run directory, evaluation, resume after a kill, DDP, NaN stop."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, libra, tiny_overrides
+from pipeline.engine.coco_eval import IOU_THRESHOLDS
+
+pytestmark = pytest.mark.slow
+
+
+def _sets(root, **extra) -> list[str]:
+    return [arg for s in tiny_overrides(root, **extra) for arg in ("--set", s)]
+
+
+def _weights(run) -> dict[str, torch.Tensor]:
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    return {k: v for k, v in state.items() if v.is_floating_point()}
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_train_then_evaluate_writes_schema(synthetic_root, tmp_path):
+    run = tmp_path / "run"
+    libra("train", "--config", "configs/faster_rcnn_tiny.yaml", "--out", str(run), *_sets(synthetic_root))
+    assert (run / "config.yaml").exists() and (run / "checkpoints" / "last.ckpt").exists()
+    log = (run / "metrics.csv").read_text().splitlines()
+    assert "train/loss_step" in log[0] and "val/AP" in log[0] and len(log) > 4
+
+    libra("evaluate", "--run", str(run))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert set(metrics["ap_per_iou"]) == set(IOU_THRESHOLDS) and "0.50" in metrics["ap_per_iou"]
+    values = list(metrics["bbox"].values()) + list(metrics["ap_per_iou"].values())
+    assert all(0.0 <= v <= 1.0 for v in values)
+    detections = json.loads((run / "detections.json").read_text())
+    assert detections, "a trained detector returns some boxes above the score threshold"
+    gt_images = {im["id"] for im in json.loads((synthetic_root / "annotations/instances_val.json").read_text())["images"]}
+    for det in detections[:50]:
+        assert set(det) == {"image_id", "category_id", "bbox", "score"}
+        assert det["image_id"] in gt_images and len(det["bbox"]) == 4 and 0 <= det["score"] <= 1
+        assert det["bbox"][2] >= 0 and det["bbox"][3] >= 0
+
+    again = libra("train", "--config", "configs/faster_rcnn_tiny.yaml", "--out", str(run), *_sets(synthetic_root),
+                  check=False)
+    assert again.returncode != 0 and "--resume" in again.stderr
+    assert json.loads((run / "metrics.json").read_text()) == metrics
+
+
+def test_resume_after_kill_matches_uninterrupted(synthetic_root, tmp_path):
+    sets = _sets(synthetic_root, **{"train.epochs": 3, "data.max_images": 12})
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    libra("train", "--config", "configs/faster_rcnn_tiny.yaml", "--out", str(full), *sets)
+
+    proc = subprocess.Popen([sys.executable, "-m", "stages.cli", "train", "--config", "configs/faster_rcnn_tiny.yaml",
+                             "--out", str(killed), *sets], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "last.ckpt").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = torch.load(killed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert first["epoch"] < 3, "killed before the end"
+
+    libra("train", "--config", "configs/faster_rcnn_tiny.yaml", "--out", str(killed), "--resume", *sets)
+    assert _max_diff(_weights(full), _weights(killed)) < 1e-5
+
+
+def test_ddp_two_processes_match_one(synthetic_root, tmp_path):
+    """2 gloo processes x 2 images reach the weights of 1 process x 4 images (same global batch)."""
+    common = {"train.optimizer": "sgd", "train.lr": 0.01, "train.max_steps": 3, "train.warmup_steps": 0}
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    libra("train", "--config", "configs/retinanet_tiny.yaml", "--out", str(single),
+          *_sets(synthetic_root, **common, **{"train.batch_size": 4}))
+    libra("train", "--config", "configs/retinanet_tiny.yaml", "--out", str(ddp),
+          *_sets(synthetic_root, **common, **{"train.batch_size": 2, "trainer.devices": 2, "trainer.strategy": "ddp",
+                                              "trainer.num_threads": 1}))
+    one, two = _weights(single), _weights(ddp)
+    init = torch.load(single / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert init["global_step"] == 3
+    moved = _max_diff(one, {k: torch.zeros_like(v) for k, v in one.items()})
+    assert moved > 0
+    assert _max_diff(one, two) < 1e-4
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(synthetic_root, tmp_path):
+    run = tmp_path / "nan"
+    sets = _sets(synthetic_root, **{"train.epochs": 3, "train.optimizer": "sgd", "train.milestones": "[1]",
+                                    "train.lr_gamma": 1e12})
+    proc = libra("train", "--config", "configs/faster_rcnn_tiny.yaml", "--out", str(run), *sets, check=False)
+    assert proc.returncode != 0
+    assert "non-finite training loss at epoch 1" in proc.stderr
+    good = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert good["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in good["state_dict"].values() if v.is_floating_point())
