@@ -1,0 +1,28 @@
+"""Balanced-learning components: pure PyTorch, importing nothing else from ``pipeline``."""
+
+from pipeline.components.bfp import BalancedFeaturePyramid, NonLocalBlock2d
+from pipeline.components.losses import (
+    IoUBalancedLocWeight,
+    balanced_l1_loss,
+    iou_balanced_cls_weights,
+    iou_balanced_loc_weights,
+)
+from pipeline.components.sampler import (
+    InstanceBalancedPositiveSampler,
+    IoUBalancedNegativeSampler,
+    IoUHistogram,
+    RandomPositiveSampler,
+)
+
+__all__ = [
+    "BalancedFeaturePyramid",
+    "NonLocalBlock2d",
+    "balanced_l1_loss",
+    "iou_balanced_cls_weights",
+    "iou_balanced_loc_weights",
+    "IoUBalancedLocWeight",
+    "IoUBalancedNegativeSampler",
+    "InstanceBalancedPositiveSampler",
+    "RandomPositiveSampler",
+    "IoUHistogram",
+]
