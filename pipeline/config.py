@@ -48,6 +48,8 @@ class RoIHeadsConfig(_Strict):
     bg_iou_thresh: float = 0.5
     representation_size: int = Field(1024, ge=1)
     """Width of the two-layer MLP box head."""
+    sampling_ratio: int = Field(2, ge=0)
+    """RoIAlign sampling points per bin side (0: adaptive)."""
 
 
 class BoxLossConfig(_Strict):

@@ -14,7 +14,7 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import AnchorGenerator
-from torchvision.ops import box_iou
+from torchvision.ops import MultiScaleRoIAlign, box_iou
 
 from pipeline.components import (
     InstanceBalancedPositiveSampler,
@@ -73,7 +73,8 @@ class LibraRoIHeads(RoIHeads):
         per_image = self.fg_bg_sampler.batch_size_per_image
         num_pos = positives.sum(1).clamp(max=int(per_image * self.fg_bg_sampler.positive_fraction))
         num_neg = negatives.sum(1).clamp(max=per_image - num_pos)
-        keep = self.positive_sampler(matched, positives, num_pos) | self.negative_sampler(max_iou, negatives, num_neg)
+        keep = self.positive_sampler(matched, positives, num_pos)
+        keep |= self.negative_sampler(max_iou, negatives, num_neg, valid=max_iou >= 0)
         self.sampled_negative_iou.update(max_iou[keep & negatives].detach())
 
         sampled_proposals, sampled_labels, regression_targets = [], [], []
@@ -125,6 +126,7 @@ def build_faster_rcnn(cfg: ExperimentConfig, num_classes: int) -> FasterRCNN:
     model = FasterRCNN(
         backbone, None, min_size=m.min_size, max_size=m.max_size,
         rpn_anchor_generator=anchors,
+        box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 7, m.roi_heads.sampling_ratio),
         box_head=TwoMLPHead(backbone.out_channels * 7 * 7, width),
         box_predictor=FastRCNNPredictor(width, num_classes + 1),
         rpn_pre_nms_top_n_train=m.rpn.pre_nms_top_n_train, rpn_post_nms_top_n_train=m.rpn.post_nms_top_n_train,
