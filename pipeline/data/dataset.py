@@ -1,0 +1,99 @@
+"""A torch ``Dataset`` over a validated COCO-format split, in torchvision's detection format."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .validate import CocoSplit, load_coco_json
+
+__all__ = ["CocoDetectionDataset", "collate_detection"]
+
+
+class CocoDetectionDataset(Dataset):
+    """Images and box targets of a :class:`CocoSplit`.
+
+    Each item is ``(image, target)``: ``image`` float32 ``[3, H, W]`` in [0, 1] (grayscale and
+    RGBA files are converted to RGB) and ``target`` with ``boxes`` float32 ``[n, 4]`` in absolute
+    ``x1, y1, x2, y2`` clamped to the image, ``labels`` int64 ``[n]`` in ``1..num_classes``
+    (categories in sorted id order; 0 is background) and ``image_id``. Crowd annotations are left
+    out of the targets.
+
+    With ``train=True`` the image is flipped horizontally with probability ``hflip_prob``, decided
+    by a generator seeded from ``(seed, epoch, index)``: the same image in the same epoch is
+    augmented identically whatever the worker, shard or restart. Call :meth:`set_epoch` before
+    each epoch (before the loader's workers are created, as with ``DistributedSampler``).
+    """
+
+    def __init__(self, split: CocoSplit, train: bool = False, hflip_prob: float = 0.5, seed: int = 0) -> None:
+        if not 0.0 <= hflip_prob <= 1.0:
+            raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.split = split
+        self.train = train
+        self.hflip_prob = hflip_prob
+        self.seed = seed
+        self.epoch = 0
+        self.category_id_to_label = {
+            category_id: label for label, category_id in enumerate(sorted(split.categories), start=1)
+        }
+        self.label_to_category_id = {label: cid for cid, label in self.category_id_to_label.items()}
+        self.num_classes = len(self.category_id_to_label)
+
+        coco = load_coco_json(split.annotation_file)
+        images = {record["id"]: record for record in coco["images"]}
+        boxes: dict[int, list[list[float]]] = defaultdict(list)
+        labels: dict[int, list[int]] = defaultdict(list)
+        for record in coco["annotations"]:
+            if record.get("iscrowd", 0):
+                continue
+            x, y, w, h = record["bbox"]
+            boxes[record["image_id"]].append([x, y, x + w, y + h])
+            labels[record["image_id"]].append(self.category_id_to_label[record["category_id"]])
+        self._paths = [split.image_dir / images[image_id]["file_name"] for image_id in split.image_ids]
+        self._boxes = [
+            torch.tensor(boxes[image_id], dtype=torch.float32).reshape(-1, 4) for image_id in split.image_ids
+        ]
+        self._labels = [torch.tensor(labels[image_id], dtype=torch.int64) for image_id in split.image_ids]
+
+    def __len__(self) -> int:
+        return len(self.split.image_ids)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
+        with Image.open(self._paths[index]) as handle:
+            pixels = np.asarray(handle.convert("RGB"))
+        image = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)
+        height, width = image.shape[-2:]
+        boxes = self._boxes[index].clone()
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0.0, width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0.0, height)
+        if self.train and self._flips(index):
+            image = image.flip(-1)
+            boxes[:, 0::2] = width - boxes[:, [2, 0]]
+        labels = self._labels[index].clone()
+        return image, {"boxes": boxes, "labels": labels, "image_id": self.split.image_ids[index]}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation of ``epoch`` (>= 0)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = epoch
+
+    def _flips(self, index: int) -> bool:
+        state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(2, np.uint32)
+        generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        return bool(torch.rand((), generator=generator) < self.hflip_prob)
+
+
+def collate_detection(
+    batch: list[tuple[Tensor, dict[str, Any]]],
+) -> tuple[list[Tensor], list[dict[str, Any]]]:
+    """Collate into lists, the input format of torchvision's detection models."""
+    return [image for image, _ in batch], [target for _, target in batch]
