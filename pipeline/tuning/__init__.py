@@ -1,0 +1,19 @@
+"""Optuna studies over the components' knobs (Balanced L1 α/γ, IoU-balanced sampling K/floor, IoU-balanced η/λ).
+
+- ``space``: the study files (search space, fixed overrides, sampler, pruner), validated;
+- ``profiles``: smoke / tiny / coco_1x training budgets;
+- ``plan``: study + profile + overrides -> each trial's config;
+- ``storage``: sqlite / journal / RDB storages, the workers' lock;
+- ``liveness``: trial ownership, failing the trials of dead workers;
+- ``objective``: one trial (Lightning training, per-epoch reports, pruning);
+- ``mlflow_runs``: the study's parent run and nested trial runs;
+- ``outputs``: best overrides, figures, summary;
+- ``runner``: ``run_tuning``, what ``libra tune`` calls.
+"""
+
+from pipeline.tuning.runner import TuneOptions, TuningError, run_tuning
+from pipeline.tuning.space import StudyError, StudySpec, available_studies, load_study_spec
+from pipeline.tuning.storage import StorageError, resolve_storage
+
+__all__ = ["StorageError", "StudyError", "StudySpec", "TuneOptions", "TuningError", "available_studies",
+           "load_study_spec", "resolve_storage", "run_tuning"]
