@@ -1,29 +1,60 @@
-"""The `libra` command: one sub-command per pipeline stage."""
+"""The `libra` command: one sub-command per pipeline stage.
+
+Stage modules are imported only when their sub-command runs (their one-line help is read from the
+module docstring without importing it), so a cheap stage, such as a DVC matrix entry that the
+ablation design skips, does not pay for importing torch, Lightning or Optuna.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib
+import importlib.util
 import sys
+from pathlib import Path
 from types import ModuleType
 
-from stages import evaluate, prepare, train
+STAGES: dict[str, str] = {
+    "prepare": "stages.prepare",
+    "plan": "stages.plan",
+    "train": "stages.train",
+    "evaluate": "stages.evaluate",
+    "report": "stages.report",
+    "track": "stages.track",
+    "tune": "stages.tune",
+}
+"""Sub-command -> module with ``add_arguments(parser)`` and ``run(args)``."""
 
-STAGES: dict[str, ModuleType] = {"prepare": prepare, "train": train, "evaluate": evaluate}
+
+def stage_module(name: str) -> ModuleType:
+    return importlib.import_module(STAGES[name])
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _docstring(name: str) -> str:
+    spec = importlib.util.find_spec(STAGES[name])
+    return ast.get_docstring(ast.parse(Path(spec.origin).read_text())) or ""
+
+
+def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
+    """The parser; the options of ``stage`` (or of every stage, if None) are added by importing it."""
     parser = argparse.ArgumentParser(prog="libra", description="Balanced-learning ablations for object detectors.")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="{" + ",".join(STAGES) + "}")
-    for name, module in STAGES.items():
-        stage_parser = sub.add_parser(name, help=module.__doc__.split(":", 1)[1].strip(), description=module.__doc__)
-        module.add_arguments(stage_parser)
+    for name in STAGES:
+        doc = _docstring(name)
+        summary = doc.splitlines()[0].split(":", 1)[1].strip() if doc else ""
+        stage_parser = sub.add_parser(name, help=summary, description=doc)
+        if stage is None or stage == name:
+            stage_module(name).add_arguments(stage_parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(chosen if chosen in STAGES else None).parse_args(argv)
     try:
-        STAGES[args.stage].run(args)
+        stage_module(args.stage).run(args)
     except (ValueError, FileExistsError, RuntimeError) as exc:
         print(f"libra {args.stage}: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ValueError) else 1

@@ -6,8 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from pipeline.engine.evaluate import evaluate_run
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", type=Path, required=True, help="run directory written by `libra train --out`")
@@ -15,10 +13,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which checkpoint to evaluate (best: highest val AP during training)")
     parser.add_argument("--backend", choices=["faster_coco_eval", "pycocotools"], default=None,
                         help="COCO evaluation library (default: eval.backend of the run's config)")
-    parser.add_argument("--device", default="cpu", help="torch device for inference, e.g. cpu or cuda")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device for inference, e.g. cpu or cuda; auto: cuda if available, else cpu")
 
 
 def run(args: argparse.Namespace) -> None:
-    metrics = evaluate_run(args.run, args.checkpoint, args.backend, args.device)
+    from pipeline.runplan import is_skipped, write_skipped_evaluation
+
+    if is_skipped(args.run):  # an ablation run outside the design (see `libra train --plan`)
+        write_skipped_evaluation(args.run)
+        print(f"{args.run}: skipped run, wrote its placeholder metrics.json and detections.json")
+        return
+    from pipeline.engine.evaluate import evaluate_run
+
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    metrics = evaluate_run(args.run, args.checkpoint, args.backend, device)
     print(json.dumps({"bbox": metrics["bbox"], "detections": metrics["num_detections"]}))
     print(f"wrote {args.run / 'metrics.json'} and {args.run / 'detections.json'}")

@@ -1,14 +1,14 @@
-"""`libra prepare`: write the built-in synthetic set, or validate a COCO-format set, before training."""
+"""`libra prepare`: write the built-in synthetic set, or validate a COCO-format set, before training.
+
+With --params (the DVC prepare stage) the data settings come from params.yaml (profile + data)
+and a manifest with the set's size and digest is written for the stages that train on it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
-
-from pipeline.config import load_config
-from pipeline.data import write_synthetic_coco
-from pipeline.engine.datamodule import load_splits
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,11 +21,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="experiment YAML; with data.source=coco, validate that set instead")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. data.max_images=100 (repeatable)")
+    parser.add_argument("--params", type=Path, default=None,
+                        help="take the data settings from this params.yaml (its profile and data sections) "
+                             "instead of --config/--set, as the DVC prepare stage does")
+    parser.add_argument("--manifest", type=Path, default=None,
+                        help="also write a JSON manifest of the set (source, sizes, digest) here")
 
 
 def run(args: argparse.Namespace) -> None:
-    cfg = load_config(args.config, args.overrides)
-    data = cfg.data
+    from pipeline.config import load_config
+    from pipeline.data import write_synthetic_coco
+    from pipeline.engine.splits import load_splits
+
+    if args.params is not None:
+        from pipeline.ablation import SYNTHETIC_ROOT, data_config, read_params
+        from pipeline.runplan import write_text_atomic
+
+        data = data_config(read_params(args.params))
+        if data.source != "synthetic":  # the DVC stage always has the built-in set's directory as an output
+            write_text_atomic(SYNTHETIC_ROOT / "NOT_USED.txt", f"data.source={data.source}: the ablation trains on "
+                              f"{data.root}; the built-in synthetic set is not written.\n")
+    else:
+        data = load_config(args.config, args.overrides).data
+    summary = None
     if data.source == "synthetic":
         out = args.out or data.root
         summary = write_synthetic_coco(
@@ -36,6 +54,28 @@ def run(args: argparse.Namespace) -> None:
             image_size=args.image_size or data.image_size,
         )
         print(f"wrote the synthetic set to {out}: {json.dumps(summary)}")
-    train, val = load_splits(data if data.source == "coco" or args.out is None else data.model_copy(update={"root": args.out}))
+        if args.out is not None:
+            data = data.model_copy(update={"root": args.out})
+    train, val = load_splits(data)
     print(f"valid: train {len(train.image_ids)} images / {train.num_annotations} boxes, "
           f"val {len(val.image_ids)} images / {val.num_annotations} boxes, {len(train.categories)} categories")
+    if args.manifest is not None:
+        from pipeline.ablation import file_digest
+        from pipeline.runplan import write_text_atomic
+
+        manifest = {
+            "source": data.source,
+            "root": data.root.as_posix(),
+            "max_images": data.max_images,
+            "splits": {name: {"annotation_file": split.annotation_file.as_posix(), "images": len(split.image_ids),
+                              "annotations": split.num_annotations}
+                       for name, split in (("train", train), ("val", val))},
+            "categories": {str(k): v for k, v in sorted(train.categories.items())},
+            # the synthetic writer hashes every file; for a COCO set the annotation files stand for it
+            "digest": summary["digest"] if summary else file_digest([train.annotation_file, val.annotation_file]),
+            "digest_covers": "every file of the set" if summary else "the train and val annotation files",
+        }
+        if summary:
+            manifest["synthetic"] = {k: summary[k] for k in ("seed", "image_size")}
+        write_text_atomic(args.manifest, json.dumps(manifest, indent=1) + "\n")
+        print(f"wrote {args.manifest}")

@@ -1,23 +1,46 @@
-"""`libra train`: fit one detector from a YAML config into a run directory."""
+"""`libra train`: fit one detector from a YAML config (or an ablation run plan) into a run directory."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from pipeline.config import load_config
-from pipeline.engine.train import train
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, required=True, help="experiment YAML, e.g. configs/faster_rcnn_tiny.yaml")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", type=Path, help="experiment YAML, e.g. configs/faster_rcnn_tiny.yaml")
+    source.add_argument("--plan", type=Path,
+                        help="run plan written by `libra plan` (runs/plan/<detector>/<combo>/seed<k>.yaml): "
+                             "train its resolved config, or, for a run its ablation design does not select, "
+                             "write the skipped-run markers (what the DVC train stages do)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. components.bfp.enabled=true or trainer.devices=2 (repeatable)")
     parser.add_argument("--out", type=Path, required=True,
-                        help="run directory: config.yaml, checkpoints/{last,best}.ckpt, metrics.csv")
+                        help="run directory: config.yaml, checkpoints/{last,best}.ckpt, metrics.csv, "
+                             "curves/{train_loss,val_AP}.csv")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from checkpoints/last.ckpt (same config required)")
 
 
 def run(args: argparse.Namespace) -> None:
-    train(load_config(args.config, args.overrides), args.out, resume=args.resume)
+    from pipeline.config import apply_overrides, validate_config
+
+    if args.plan is not None:
+        from pipeline.runplan import read_run_plan, write_skipped_training
+
+        plan = read_run_plan(args.plan)
+        if not plan.selected:
+            write_skipped_training(plan, args.out, "not in the selected ablation.design; not trained")
+            print(f"{plan.name}: not in the ablation design, skipped")
+            return
+        cfg = validate_config(apply_overrides(plan.config, args.overrides), f"{args.plan} with overrides")
+    else:
+        from pipeline.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+
+    from pipeline.engine.curves import write_curve_files
+    from pipeline.engine.train import train
+
+    train(cfg, args.out, resume=args.resume)
+    write_curve_files(args.out)

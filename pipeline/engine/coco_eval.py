@@ -54,7 +54,7 @@ def evaluate_coco(gt: dict[str, Any], detections: list[dict[str, Any]], backend:
         coco_gt = coco_cls()
         coco_gt.dataset = gt
         coco_gt.createIndex()
-        coco_dt = coco_gt.loadRes(detections)
+        coco_dt = coco_gt.loadRes([dict(d) for d in detections])  # loadRes adds keys to the dicts it gets
         evaluator = eval_cls(coco_gt, coco_dt, "bbox")
         if image_ids is not None:
             evaluator.params.imgIds = sorted(image_ids)

@@ -7,16 +7,17 @@ process ``r`` of ``w`` takes every ``w``-th index starting at ``r``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from pipeline.config import DataConfig, ExperimentConfig
-from pipeline.data import CocoDetectionDataset, CocoSplit, DatasetError, collate_detection, validate_coco
+from pipeline.config import ExperimentConfig
+from pipeline.data import CocoDetectionDataset, collate_detection
+from pipeline.engine.splits import coco_subset, load_splits
+
+__all__ = ["DetectionDataModule", "ShardedSampler", "coco_subset", "load_splits"]
 
 
 class ShardedSampler(Sampler[int]):
@@ -46,28 +47,6 @@ class ShardedSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self._indices())
-
-
-def load_splits(cfg: DataConfig) -> tuple[CocoSplit, CocoSplit]:
-    """Validate the train and val splits (same categories in both) before anything trains."""
-    train_ann = cfg.resolve(cfg.train_annotations)
-    if cfg.source == "synthetic" and not train_ann.exists():
-        raise DatasetError(f"{train_ann}: the built-in data set is not there; run `libra prepare --out {cfg.root}` first")
-    train = validate_coco(train_ann, cfg.resolve(cfg.train_images), cfg.max_images)
-    val = validate_coco(cfg.resolve(cfg.val_annotations), cfg.resolve(cfg.val_images), cfg.max_images,
-                        categories=train.categories)
-    return train, val
-
-
-def coco_subset(split: CocoSplit) -> dict[str, Any]:
-    """The split's annotation file restricted to its selected images (the evaluation ground truth)."""
-    gt = json.loads(split.annotation_file.read_text())
-    keep = set(split.image_ids)
-    return {
-        "images": [im for im in gt["images"] if im["id"] in keep],
-        "annotations": [a for a in gt["annotations"] if a["image_id"] in keep],
-        "categories": gt["categories"],
-    }
 
 
 class DetectionDataModule(L.LightningDataModule):

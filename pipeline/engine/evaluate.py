@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from pipeline.config import ConfigError, ExperimentConfig, load_config
+from pipeline.data import CocoDetectionDataset, collate_detection
 from pipeline.engine.coco_eval import Backend, evaluate_coco
-from pipeline.engine.datamodule import DetectionDataModule
 from pipeline.engine.detections import predict
+from pipeline.engine.splits import coco_subset, validation_split
 from pipeline.models import build_detector
 
 
@@ -22,8 +24,24 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
-def load_trained_model(run: Path, checkpoint: str = "last") -> tuple[ExperimentConfig, torch.nn.Module, DetectionDataModule]:
-    """The run's config, its detector with the ``checkpoint`` weights, and its data."""
+class ValidationData:
+    """The validation split of a config: dataset, loader, ground truth, label mapping (no Lightning)."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+        self.val_split = validation_split(cfg.data)
+        self.val_dataset = CocoDetectionDataset(self.val_split, train=False)
+        self.val_gt = coco_subset(self.val_split)
+        self.num_classes = self.val_dataset.num_classes
+        self.label_to_category_id = self.val_dataset.label_to_category_id
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_dataset, batch_size=self.cfg.eval.batch_size, shuffle=False,
+                          collate_fn=collate_detection, num_workers=self.cfg.data.num_workers)
+
+
+def load_trained_model(run: Path, checkpoint: str = "last") -> tuple[ExperimentConfig, torch.nn.Module, ValidationData]:
+    """The run's config, its detector with the ``checkpoint`` weights, and its validation data."""
     config_file = run / "config.yaml"
     ckpt = run / "checkpoints" / f"{checkpoint}.ckpt"
     if not config_file.exists():
@@ -31,7 +49,7 @@ def load_trained_model(run: Path, checkpoint: str = "last") -> tuple[ExperimentC
     if not ckpt.exists():
         raise ConfigError(f"{ckpt}: no such checkpoint; has `libra train --out {run}` finished an epoch?")
     cfg = load_config(config_file)
-    data = DetectionDataModule(cfg)
+    data = ValidationData(cfg)
     model = build_detector(cfg, data.num_classes)
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})

@@ -1,0 +1,56 @@
+"""Per-epoch training curves from the ``metrics.csv`` that Lightning's CSVLogger writes in a run directory.
+
+The logger writes one row per logging event: step rows (``train/*_step``, ``lr``), an epoch-end
+row of training means (``train/*_epoch``) and a validation row (``val/*``), each with ``epoch``
+and ``step`` and empty cells elsewhere. :func:`epoch_curves` folds them into one row per epoch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+
+def read_metrics_csv(path: Path) -> pd.DataFrame:
+    """The raw log (empty frame with ``epoch`` and ``step`` columns for a missing or empty file)."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return pd.DataFrame(columns=["epoch", "step"])
+    return pd.read_csv(path)
+
+
+def epoch_curves(log: pd.DataFrame) -> pd.DataFrame:
+    """One row per epoch (1-based ``epoch``): ``step`` (last optimizer step), the epoch means of the
+    training losses without the ``_epoch`` suffix (``train/loss``, ``train/loss_classifier``, ...),
+    the last ``lr`` of the epoch and the ``val/*`` metrics (NaN for epochs without validation)."""
+    if log.empty:
+        return pd.DataFrame(columns=["epoch", "step"])
+    epoch_cols = [c for c in log.columns if c.endswith("_epoch")]
+    val_cols = [c for c in log.columns if c.startswith("val/")]
+    grouped = log.groupby("epoch", sort=True)
+    out = pd.DataFrame({"step": grouped["step"].max()})
+    for col in epoch_cols:
+        out[col.removesuffix("_epoch")] = grouped[col].last()
+    if "lr" in log.columns:
+        out["lr"] = grouped["lr"].last()
+    for col in val_cols:
+        out[col] = grouped[col].last()
+    out = out.reset_index()
+    out["epoch"] = out["epoch"].astype(int) + 1
+    return out
+
+
+def write_curve_files(run_dir: Path) -> None:
+    """``<run>/curves/train_loss.csv`` and ``<run>/curves/val_AP.csv``: ``epoch`` and one value per
+    epoch, the files DVC renders as plots (the last column is the plotted one)."""
+    curves = epoch_curves(read_metrics_csv(Path(run_dir) / "metrics.csv"))
+    for name, column in (("train_loss", "train/loss"), ("val_AP", "val/AP")):
+        frame = pd.DataFrame({"epoch": curves["epoch"],
+                              name: curves[column] if column in curves else pd.Series(dtype=float)})
+        path = Path(run_dir) / "curves" / f"{name}.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(frame.dropna().to_csv(index=False))
+        os.replace(tmp, path)

@@ -1,0 +1,49 @@
+"""How well detection scores rank localization quality: each detection's IoU with its best-matching
+ground truth of the same class, and the score-IoU correlation (what IoU-balanced losses target)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+
+def _iou_xywh(boxes: np.ndarray, gts: np.ndarray) -> np.ndarray:
+    """[N, 4] x [G, 4] xywh boxes -> [N, G] IoU."""
+    ax1, ay1 = boxes[:, 0:1], boxes[:, 1:2]
+    ax2, ay2 = ax1 + boxes[:, 2:3], ay1 + boxes[:, 3:4]
+    bx1, by1 = gts[None, :, 0], gts[None, :, 1]
+    bx2, by2 = bx1 + gts[None, :, 2], by1 + gts[None, :, 3]
+    inter = np.clip(np.minimum(ax2, bx2) - np.maximum(ax1, bx1), 0, None) * \
+        np.clip(np.minimum(ay2, by2) - np.maximum(ay1, by1), 0, None)
+    union = boxes[:, 2:3] * boxes[:, 3:4] + (gts[:, 2] * gts[:, 3])[None] - inter
+    return inter / np.maximum(union, 1e-12)
+
+
+def detection_ious(gt: dict[str, Any], detections: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores, ious)``: for every detection its score and its largest IoU with a ground-truth box of
+    the same image and category (0 where there is none). Crowd boxes are not matched."""
+    by_key: dict[tuple[int, int], list[list[float]]] = defaultdict(list)
+    for ann in gt["annotations"]:
+        if not ann.get("iscrowd", 0):
+            by_key[(ann["image_id"], ann["category_id"])].append(ann["bbox"])
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, det in enumerate(detections):
+        groups[(det["image_id"], det["category_id"])].append(i)
+    scores = np.array([d["score"] for d in detections], dtype=float)
+    ious = np.zeros(len(detections))
+    for key, index in groups.items():
+        if key in by_key:
+            boxes = np.array([detections[i]["bbox"] for i in index], dtype=float)
+            ious[index] = _iou_xywh(boxes, np.array(by_key[key], dtype=float)).max(axis=1)
+    return scores, ious
+
+
+def score_iou_correlation(scores: np.ndarray, ious: np.ndarray) -> dict[str, float]:
+    """Pearson and Spearman correlation of scores and IoUs (NaN with fewer than 3 detections or no spread)."""
+    from scipy.stats import pearsonr, spearmanr
+
+    if len(scores) < 3 or np.ptp(scores) == 0 or np.ptp(ious) == 0:
+        return {"pearson": float("nan"), "spearman": float("nan")}
+    return {"pearson": float(pearsonr(scores, ious)[0]), "spearman": float(spearmanr(scores, ious)[0])}

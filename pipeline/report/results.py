@@ -1,0 +1,79 @@
+"""The evaluated runs of an ablation, read back from their run directories."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from pipeline.engine.curves import epoch_curves, read_metrics_csv
+from pipeline.runplan import RunPlan, read_run_plan
+
+NEGATIVE_IOU_BUFFER = "model.roi_heads.sampled_negative_iou"
+"""Prefix, in a Faster R-CNN checkpoint's state_dict, of the IoUHistogram the R-CNN sampler fills."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    plan: RunPlan
+    metrics: dict[str, Any]
+    """``metrics.json``: bbox (AP..APl), stats (12 COCO numbers), ap_per_iou, counts."""
+    detections: list[dict[str, Any]]
+    curves: pd.DataFrame
+    """Per-epoch training curves (see :func:`pipeline.engine.curves.epoch_curves`)."""
+    negative_iou: tuple[np.ndarray, np.ndarray] | None
+    """(bin edges [K+1], counts [K]) of the IoUs of the negatives sampled during training (Faster R-CNN)."""
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+
+def read_summary(plan_dir: Path) -> dict[str, Any]:
+    path = Path(plan_dir) / "ablation.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no ablation plan; run `libra plan` (or `dvc repro`) first")
+    return yaml.safe_load(path.read_text())
+
+
+def negative_iou_histogram(checkpoint: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    edges, counts = state.get(f"{NEGATIVE_IOU_BUFFER}.edges"), state.get(f"{NEGATIVE_IOU_BUFFER}.counts")
+    if edges is None or counts is None:
+        return None
+    return edges.numpy().astype(float), counts.numpy().astype(np.int64)
+
+
+def load_run(plan: RunPlan, root: Path = Path(".")) -> RunResult:
+    run = root / plan.run_dir
+    metrics_file = run / "metrics.json"
+    if not metrics_file.exists():
+        raise FileNotFoundError(f"{metrics_file}: {plan.name} is not evaluated; run `libra evaluate --run {run}`")
+    metrics = json.loads(metrics_file.read_text())
+    if metrics.get("skipped"):
+        raise ValueError(f"{run}: {plan.name} was skipped, but the plan selects it; rerun its train stage")
+    detections = json.loads((run / "detections.json").read_text())
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    histogram = negative_iou_histogram(checkpoint) if plan.detector == "faster_rcnn" and checkpoint.exists() else None
+    return RunResult(plan, metrics, detections, epoch_curves(read_metrics_csv(run / "metrics.csv")), histogram)
+
+
+def load_results(plan_dir: Path, root: Path = Path(".")) -> tuple[dict[str, Any], list[RunResult]]:
+    """The ablation summary and every selected run's results, in plan order."""
+    summary = read_summary(plan_dir)
+    results = [load_run(read_run_plan(root / entry["plan"]), root) for entry in summary["runs"]]
+    return summary, results
+
+
+def validation_ground_truth(plan: RunPlan) -> dict[str, Any]:
+    """The validation annotations a run was evaluated on (its ``data`` settings, ``max_images`` applied)."""
+    from pipeline.engine.splits import coco_subset, validation_split
+
+    return coco_subset(validation_split(plan.experiment_config().data))

@@ -1,0 +1,122 @@
+"""The ablation table: one row per (detector, variant) of ours, the paper's row beside it, in percent."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.ablation import COMPONENTS, DETECTOR_COMPONENTS
+from pipeline.engine.coco_eval import IOU_THRESHOLDS
+from pipeline.report.bootstrap import PairedDelta
+from pipeline.report.reference import PAPER_SOURCES, paper_row
+from pipeline.report.results import RunResult
+
+BOX_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+IOU_COLUMNS = tuple(f"AP@{t}" for t in IOU_THRESHOLDS)
+DELTA_COLUMNS = ("dAP", "dAP_sd", "dAP_ci_low", "dAP_ci_high")
+COLUMNS = ("detector", "variant", "source", *COMPONENTS, "seeds", *BOX_METRICS, "AP_sd", *IOU_COLUMNS,
+           *DELTA_COLUMNS, "score_iou_pearson", "score_iou_spearman")
+"""Columns of ``ablation.csv``. Components: True/False (empty where the detector has no such
+component); metrics in percent; ``AP_sd`` and ``dAP_sd`` over seeds; ``dAP_ci_*`` the paired
+bootstrap interval; score-IoU correlations of the detections pooled over seeds."""
+
+
+def _percent(value: float) -> float:
+    return 100.0 * value if value is not None and math.isfinite(value) else float("nan")
+
+
+def _sd(values: list[float]) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+
+
+def _components(detector: str, combo: str) -> dict[str, Any]:
+    parts = set(combo.split("+")) if combo != "baseline" else set()
+    return {c: (c in parts) if c in DETECTOR_COMPONENTS[detector] else pd.NA for c in COMPONENTS}
+
+
+def ablation_table(summary: dict[str, Any], results: list[RunResult],
+                   deltas: dict[tuple[str, str], PairedDelta],
+                   correlations: dict[tuple[str, str], dict[str, float]]) -> pd.DataFrame:
+    """Rows in design order: ours for every variant, then the paper's row where the paper has one."""
+    rows = []
+    for detector, spec in summary["detectors"].items():
+        for combo in spec["variants"]:
+            runs = [r for r in results if r.plan.detector == detector and r.plan.combo == combo]
+            if not runs:
+                continue
+            row: dict[str, Any] = {"detector": detector, "variant": combo, "source": "ours",
+                                   **_components(detector, combo), "seeds": len(runs)}
+            for metric in BOX_METRICS:
+                row[metric] = float(np.mean([_percent(r.metrics["bbox"][metric]) for r in runs]))
+            row["AP_sd"] = _sd([_percent(r.metrics["bbox"]["AP"]) for r in runs])
+            for t, column in zip(IOU_THRESHOLDS, IOU_COLUMNS):
+                row[column] = float(np.mean([_percent(r.metrics["ap_per_iou"][t]) for r in runs]))
+            delta = deltas.get((detector, combo))
+            if delta is not None:
+                row.update(dAP=_percent(delta.delta), dAP_sd=_percent(delta.seed_sd),
+                           dAP_ci_low=_percent(delta.ci_low), dAP_ci_high=_percent(delta.ci_high))
+            corr = correlations.get((detector, combo), {})
+            row.update(score_iou_pearson=corr.get("pearson", float("nan")),
+                       score_iou_spearman=corr.get("spearman", float("nan")))
+            rows.append(row)
+            paper = paper_row(detector, combo)
+            if paper:
+                rows.append({"detector": detector, "variant": combo, "source": "paper",
+                             **_components(detector, combo), **paper})
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def summary_metrics(table: pd.DataFrame) -> dict[str, Any]:
+    """``{detector: {variant: {AP, AP_sd, AP50, AP75, dAP, dAP_ci_low, dAP_ci_high}}}`` of our rows
+    (the DVC metrics file of the report; NaN values left out)."""
+    out: dict[str, Any] = {}
+    for row in table[table["source"] == "ours"].to_dict("records"):
+        values = {k: round(float(row[k]), 3) for k in ("AP", "AP_sd", "AP50", "AP75", "dAP", "dAP_ci_low", "dAP_ci_high")
+                  if row[k] is not None and not pd.isna(row[k])}
+        out.setdefault(row["detector"], {})[row["variant"]] = values
+    return out
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    return "" if value is None or pd.isna(value) else f"{value:.{digits}f}"
+
+
+def _pm(mean: Any, sd: Any) -> str:
+    text = _fmt(mean)
+    return f"{text} ± {_fmt(sd)}" if text and not pd.isna(sd) else text
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def detector_markdown(table: pd.DataFrame, detector: str, confidence: float) -> list[str]:
+    """The detector's sections of ``ablation.md``: main table, AP per IoU threshold, score-IoU correlation."""
+    part = table[table["detector"] == detector]
+    comps = list(DETECTOR_COMPONENTS[detector])
+    level = f"{round(100 * confidence)}%"
+    header = ["variant", *comps, "source", "AP", "AP50", "AP75", "APs", "APm", "APl", "ΔAP", f"ΔAP {level} CI"]
+    rows = []
+    for r in part.to_dict("records"):
+        ours = r["source"] == "ours"
+        ci = f"[{_fmt(r['dAP_ci_low'])}, {_fmt(r['dAP_ci_high'])}]" if ours and not pd.isna(r["dAP_ci_low"]) else ""
+        rows.append([r["variant"] if ours else "", *("✓" if r[c] is True else "" for c in comps), r["source"],
+                     _pm(r["AP"], r["AP_sd"]) if ours else _fmt(r["AP"]),
+                     *(_fmt(r[m]) for m in BOX_METRICS[1:]),
+                     _pm(r["dAP"], r["dAP_sd"]) if ours else _fmt(r["dAP"]), ci])
+    lines = _md_table(header, rows)
+    lines += ["", f"Paper rows: {PAPER_SOURCES.get(detector, '')}", ""]
+    ours = part[part["source"] == "ours"]
+    lines += ["AP (%) at each IoU threshold, mean over seeds:", ""]
+    lines += _md_table(["variant", *(t for t in IOU_THRESHOLDS)],
+                       [[r["variant"], *(_fmt(r[c]) for c in IOU_COLUMNS)] for r in ours.to_dict("records")])
+    lines += ["", ("Correlation of detection score and IoU with the best-matching ground truth of the same class "
+                   "(all detections, seeds pooled):"), ""]
+    lines += _md_table(["variant", "Pearson r", "Spearman ρ"],
+                       [[r["variant"], _fmt(r["score_iou_pearson"], 3), _fmt(r["score_iou_spearman"], 3)]
+                        for r in ours.to_dict("records")])
+    return lines

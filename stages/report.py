@@ -1,0 +1,35 @@
+"""`libra report`: the ablation report: AP tables with bootstrap intervals and figures (the DVC report stage).
+
+Reads the plan (runs/plan/ablation.yaml) and every selected run's metrics.json, detections.json,
+metrics.csv and checkpoint, and writes <out>/ablation.md, ablation.csv, metrics.json, figures/*.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
+                        help="parameters file (its report section: bootstrap_resamples, confidence, seed)")
+    parser.add_argument("--plan", type=Path, default=Path("runs/plan"), help="plan directory written by `libra plan`")
+    parser.add_argument("--manifest", type=Path, default=Path("data/manifest.json"),
+                        help="data manifest written by `libra prepare --manifest` (optional)")
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="report directory")
+
+
+def run(args: argparse.Namespace) -> None:
+    from pipeline.ablation import read_params
+    from pipeline.report.build import ReportSettings, write_report
+
+    settings = ReportSettings.from_params(read_params(args.params).get("report"))
+    manifest = json.loads(args.manifest.read_text()) if args.manifest.exists() else None
+    metrics = write_report(args.plan, args.out, settings, manifest)
+    for detector, variants in metrics.items():
+        for variant, values in variants.items():
+            delta = (f", ΔAP {values['dAP']:+.1f} [{values.get('dAP_ci_low', float('nan')):+.1f}, "
+                     f"{values.get('dAP_ci_high', float('nan')):+.1f}]") if "dAP" in values else ""
+            print(f"{detector:12s} {variant:24s} AP {values['AP']:5.1f}{delta}")
+    print(f"wrote {args.out / 'ablation.md'}, {args.out / 'ablation.csv'} and {args.out / 'figures'}")

@@ -1,0 +1,38 @@
+"""`libra track`: log the ablation to MLflow: a parent run with the report, a child run per training run.
+
+Store: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db (the main repository's, also from a
+`dvc exp` temporary copy). Re-running reuses unchanged runs and replaces changed ones; see
+pipeline/tracking.py. Writes a JSON record of the parent and child run ids (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
+                        help="parameters file (mlflow.experiment, and the ablation's parameters)")
+    parser.add_argument("--plan", type=Path, default=Path("runs/plan"), help="plan directory written by `libra plan`")
+    parser.add_argument("--manifest", type=Path, default=Path("data/manifest.json"),
+                        help="data manifest written by `libra prepare --manifest` (its digest tags the runs)")
+    parser.add_argument("--report", type=Path, default=Path("reports"), help="report directory written by `libra report`")
+    parser.add_argument("--out", type=Path, default=Path("reports/mlflow.json"), help="record of the logged runs")
+
+
+def run(args: argparse.Namespace) -> None:
+    from pipeline.ablation import read_params
+    from pipeline.runplan import write_text_atomic
+    from pipeline.tracking import log_ablation
+
+    params = read_params(args.params)
+    experiment = (params.get("mlflow") or {}).get("experiment") or "libra-ablation"
+    manifest = json.loads(args.manifest.read_text())
+    record = log_ablation(args.plan, args.report, manifest, params, experiment)
+    write_text_atomic(args.out, json.dumps(record, indent=1) + "\n")
+    actions = [r["action"] for r in record["runs"].values()]
+    counts = ", ".join(f"{actions.count(a)} {a}" for a in ("created", "replaced", "reused") if a in actions)
+    print(f"MLflow {record['tracking_uri']}, experiment {experiment!r}: parent run {record['parent_run_id']} "
+          f"({'created' if record['parent_created'] else 'reused'}), child runs: {counts}")

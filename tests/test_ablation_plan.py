@@ -1,0 +1,114 @@
+"""params.yaml -> one resolved config per ablation run (pipeline/ablation.py); no training."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from pipeline.ablation import factorial, parse_combo, plan_ablation, read_params, resolve_config, run_key
+from pipeline.config import ConfigError
+
+CONFIGS = ROOT / "configs"
+
+
+@pytest.fixture
+def params() -> dict:
+    return read_params(ROOT / "params.yaml")
+
+
+def _configs(ablation) -> dict[str, dict]:
+    return {run.name: run.config for run in ablation.runs}
+
+
+def test_default_ablation_is_the_papers_rows_times_two_seeds(params):
+    ablation = plan_ablation(params, CONFIGS)
+    assert (ablation.profile, ablation.design, ablation.seeds) == ("tiny", "table", (0, 1))
+    assert ablation.detectors["faster_rcnn"].selected == ("baseline", "IS", "IS+BFP", "IS+BFP+BL")
+    assert ablation.detectors["retinanet"].selected == ("baseline", "BFP+BL", "IoU-cls", "IoU-loc", "IoU-cls+IoU-loc")
+    assert len(ablation.selected_runs) == 18 and len(ablation.runs) == (8 + 16) * 2
+    by_name = {r.name: r for r in ablation.runs}
+    full = by_name["faster_rcnn/IS+BFP+BL/seed1"].experiment_config()
+    c = full.components
+    assert c.iou_balanced_sampling.enabled and c.bfp.enabled and c.balanced_l1.enabled
+    assert c.iou_balanced_sampling.instance_balanced_pos and not c.iou_balanced_cls.enabled
+    assert full.train.seed == 1 and full.train.epochs == 6 and full.data.num_train == 480
+    retina = by_name["retinanet/IoU-cls+IoU-loc/seed0"].experiment_config()
+    assert retina.model.detector == "retinanet" and retina.components.iou_balanced_loc.lam == 1.5
+    assert not by_name["faster_rcnn/BFP/seed0"].selected
+
+
+def test_knobs_reach_only_the_runs_that_enable_their_component(params):
+    before = _configs(plan_ablation(params, CONFIGS))
+    changed = copy.deepcopy(params)
+    changed["faster_rcnn"]["balanced_l1"]["alpha"] = 0.3
+    after = _configs(plan_ablation(changed, CONFIGS))
+    differ = {name for name in before if before[name] != after[name]}
+    assert differ == {f"faster_rcnn/{c}/seed{s}" for c in ("BL", "IS+BL", "BFP+BL", "IS+BFP+BL") for s in (0, 1)}
+    assert after["faster_rcnn/IS+BFP+BL/seed0"]["components"]["balanced_l1"]["alpha"] == 0.3
+
+    retina = copy.deepcopy(params)
+    retina["retinanet"]["iou_balanced_cls"]["eta"] = 1.0
+    after = _configs(plan_ablation(retina, CONFIGS))
+    differ = {name for name in before if before[name] != after[name]}
+    assert differ and all(n.startswith("retinanet/") and "IoU-cls" in n for n in differ)
+
+
+def test_factorial_design_trains_every_combination(params):
+    params["ablation"]["design"] = "factorial"
+    ablation = plan_ablation(params, CONFIGS)
+    assert len(ablation.selected_runs) == (8 + 16) * 2
+    assert factorial(("IS", "BFP", "BL")) == ["baseline", "IS", "BFP", "BL", "IS+BFP", "IS+BL", "BFP+BL", "IS+BFP+BL"]
+    params["ablation"]["faster_rcnn"]["combos"] = ["baseline", "IS"]
+    with pytest.raises(ConfigError, match=r"design 'factorial' trains .*'BFP'.*does not list"):
+        plan_ablation(params, CONFIGS)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("BFP+IS", "in the order IS\\+BFP\\+BL"),
+    ("IS+IoU-cls", "unknown component"),
+    ("IS+IS", "write each component once"),
+])
+def test_bad_combination_names_are_refused(name, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_combo(name, ("IS", "BFP", "BL"))
+
+
+def test_params_errors_name_the_key(params):
+    bad = copy.deepcopy(params)
+    bad["profile"] = "huge"
+    with pytest.raises(ConfigError, match="profile 'huge' is not one of"):
+        plan_ablation(bad, CONFIGS)
+    bad = copy.deepcopy(params)
+    bad["ablation"]["retinanet"]["components"] = ["IS", "BFP"]
+    with pytest.raises(ConfigError, match="not wired into retinanet"):
+        plan_ablation(bad, CONFIGS)
+    bad = copy.deepcopy(params)
+    bad["data"]["root"] = "elsewhere"
+    with pytest.raises(ConfigError, match="data.root='elsewhere' with data.source=synthetic"):
+        plan_ablation(bad, CONFIGS)
+    bad = copy.deepcopy(params)
+    bad["profiles"]["tiny"]["set"]["train"]["epochz"] = 3
+    with pytest.raises(ConfigError, match="epochz"):
+        plan_ablation(bad, CONFIGS)
+
+
+def test_paper_scale_path_resolves_the_coco_recipe(params):
+    params.update(profile="coco_1x")
+    params["data"].update(source="coco", root="/data/coco")
+    params["trainer"].update(devices=8, num_nodes=2)
+    cfg = resolve_config(params, "faster_rcnn", ("IS", "BFP", "BL"), 0, CONFIGS)
+    assert cfg.model.backbone.name == "resnet50" and cfg.train.epochs == 12
+    assert cfg.data.root == Path("/data/coco") and cfg.data.val_annotations.name == "instances_val2017.json"
+    assert (cfg.trainer.devices, cfg.trainer.num_nodes, cfg.trainer.strategy) == (8, 2, "ddp")
+    assert cfg.components.bfp.refine_level == 2
+
+
+def test_run_key_changes_with_config_and_data(params):
+    run = plan_ablation(params, CONFIGS).runs[0]
+    key = run_key(run.config, "digest-a")
+    assert key == run_key(copy.deepcopy(run.config), "digest-a")
+    assert key != run_key(run.config, "digest-b")
+    assert key != run_key({**run.config, "train": {**run.config["train"], "seed": 7}}, "digest-a")
