@@ -71,6 +71,10 @@ class ModelConfig(_Strict):
     rpn: RPNConfig = RPNConfig()
     roi_heads: RoIHeadsConfig = RoIHeadsConfig()
     box_loss: BoxLossConfig = BoxLossConfig()
+    retinanet_min_level: Literal[2, 3] = 3
+    """Finest RetinaNet level: P3 (the paper's P3-P7) or P2 (P2-P6, for small images)."""
+    head_norm: Literal["none", "group"] = "none"
+    """RetinaNet head convs: plain (the paper's) or with GroupNorm (torchvision's v2; converges faster)."""
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_img: int = 100

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT
 from pipeline.ablation import factorial, parse_combo, plan_ablation, read_params, resolve_config, run_key
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, load_config
 
 CONFIGS = ROOT / "configs"
 
@@ -34,7 +34,8 @@ def test_default_ablation_is_the_papers_rows_times_two_seeds(params):
     c = full.components
     assert c.iou_balanced_sampling.enabled and c.bfp.enabled and c.balanced_l1.enabled
     assert c.iou_balanced_sampling.instance_balanced_pos and not c.iou_balanced_cls.enabled
-    assert full.train.seed == 1 and full.train.epochs == 6 and full.data.num_train == 480
+    assert full.train.seed == 1 and full.data.num_train == 480
+    assert full.train.epochs == load_config(Path("configs/faster_rcnn_tiny.yaml")).train.epochs
     retina = by_name["retinanet/IoU-cls+IoU-loc/seed0"].experiment_config()
     assert retina.model.detector == "retinanet" and retina.components.iou_balanced_loc.lam == 1.5
     assert not by_name["faster_rcnn/BFP/seed0"].selected
@@ -90,7 +91,7 @@ def test_params_errors_name_the_key(params):
     with pytest.raises(ConfigError, match="data.root='elsewhere' with data.source=synthetic"):
         plan_ablation(bad, CONFIGS)
     bad = copy.deepcopy(params)
-    bad["profiles"]["tiny"]["set"]["train"]["epochz"] = 3
+    bad["profiles"]["tiny"]["set"] = {"train": {"epochz": 3}}
     with pytest.raises(ConfigError, match="epochz"):
         plan_ablation(bad, CONFIGS)
 

@@ -56,15 +56,15 @@ class TinyBackbone(nn.Module):
 
 
 class _SelectStages(nn.Module):
-    """Keeps the body's stages from ``first`` on, renumbered from '0'."""
+    """Keeps the body's stages ``first`` to ``stop - 1``, renumbered from '0'."""
 
-    def __init__(self, body: nn.Module, first: int):
+    def __init__(self, body: nn.Module, first: int, stop: int):
         super().__init__()
         self.body = body
-        self.first = first
+        self.first, self.stop = first, stop
 
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
-        stages = list(self.body(x).values())[self.first :]
+        stages = list(self.body(x).values())[self.first : self.stop]
         return OrderedDict((str(i), s) for i, s in enumerate(stages))
 
 
@@ -82,7 +82,7 @@ class PyramidBackbone(nn.Module):
         return self.neck(self.fpn(self.body(x)))
 
 
-def _resnet50_body(cfg: BackboneConfig) -> tuple[nn.Module, tuple[int, ...]]:
+def _resnet50_body(cfg: BackboneConfig, num_stages: int) -> tuple[nn.Module, tuple[int, ...]]:
     net = resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
     if cfg.weights is not None:
         path = Path(cfg.weights)
@@ -100,15 +100,16 @@ def _resnet50_body(cfg: BackboneConfig) -> tuple[nn.Module, tuple[int, ...]]:
     for name, param in net.named_parameters():
         if not any(name.startswith(layer) for layer in layers):
             param.requires_grad_(False)
-    body = IntermediateLayerGetter(net, {f"layer{i}": str(i - 1) for i in range(1, 5)})
-    return body, (256, 512, 1024, 2048)
+    body = IntermediateLayerGetter(net, {f"layer{i}": str(i - 1) for i in range(1, num_stages + 1)})
+    return body, (256, 512, 1024, 2048)[:num_stages]
 
 
-def build_body(cfg: BackboneConfig) -> tuple[nn.Module, tuple[int, ...]]:
+def build_body(cfg: BackboneConfig, num_stages: int) -> tuple[nn.Module, tuple[int, ...]]:
+    """The body's first ``num_stages`` stages (later ones are not built, so no parameter goes unused)."""
     if cfg.name == "tiny":
-        body = TinyBackbone(cfg.channels)
+        body = TinyBackbone(cfg.channels[:num_stages])
         return body, body.channels
-    return _resnet50_body(cfg)
+    return _resnet50_body(cfg, num_stages)
 
 
 def build_neck(cfg: BFPConfig, channels: int, num_levels: int) -> nn.Module:
@@ -119,13 +120,14 @@ def build_neck(cfg: BFPConfig, channels: int, num_levels: int) -> nn.Module:
     return BalancedFeaturePyramid(channels, num_levels, cfg.refine_level, cfg.refine_type)
 
 
-def build_pyramid_backbone(model: ModelConfig, bfp: BFPConfig, first_stage: int, extra: ExtraFPNBlock) -> PyramidBackbone:
-    """Stages ``first_stage``.. of the body feed the FPN; ``extra`` adds the coarser levels."""
-    body, channels = build_body(model.backbone)
-    if first_stage:
-        body = _SelectStages(body, first_stage)
-    fpn = FeaturePyramidNetwork(list(channels[first_stage:]), model.fpn_channels, extra_blocks=extra)
-    num_levels = len(channels) - first_stage + (2 if isinstance(extra, LastLevelP6P7) else 1)
+def build_pyramid_backbone(model: ModelConfig, bfp: BFPConfig, stages: slice, extra: ExtraFPNBlock) -> PyramidBackbone:
+    """The body's ``stages`` feed the FPN; ``extra`` adds the coarser levels."""
+    body, channels = build_body(model.backbone, stages.stop)
+    selected = channels[stages]
+    if len(selected) != len(channels):
+        body = _SelectStages(body, stages.start, stages.stop)
+    fpn = FeaturePyramidNetwork(list(selected), model.fpn_channels, extra_blocks=extra)
+    num_levels = len(selected) + (2 if isinstance(extra, LastLevelP6P7) else 1)
     if len(model.anchor_sizes) != num_levels:
         raise ConfigError(f"model.anchor_sizes has {len(model.anchor_sizes)} entries but the "
                           f"{model.detector} pyramid has {num_levels} levels")
@@ -134,9 +136,12 @@ def build_pyramid_backbone(model: ModelConfig, bfp: BFPConfig, first_stage: int,
 
 def faster_rcnn_backbone(model: ModelConfig, bfp: BFPConfig) -> PyramidBackbone:
     """P2-P5 from the four stages plus a max-pooled P6 (torchvision's 'pool')."""
-    return build_pyramid_backbone(model, bfp, first_stage=0, extra=LastLevelMaxPool())
+    return build_pyramid_backbone(model, bfp, slice(0, 4), extra=LastLevelMaxPool())
 
 
 def retinanet_backbone(model: ModelConfig, bfp: BFPConfig) -> PyramidBackbone:
-    """P3-P5 from the last three stages plus P6, P7 computed from P5."""
-    return build_pyramid_backbone(model, bfp, first_stage=1, extra=LastLevelP6P7(model.fpn_channels, model.fpn_channels))
+    """P3-P5 from stages 2-4 plus two levels computed from P5 (P6, P7); with
+    ``retinanet_min_level: 2``, P2-P4 from stages 1-3 plus P5, P6 computed from P4."""
+    first = model.retinanet_min_level - 2
+    return build_pyramid_backbone(model, bfp, slice(first, first + 3),
+                                  extra=LastLevelP6P7(model.fpn_channels, model.fpn_channels))

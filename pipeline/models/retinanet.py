@@ -8,8 +8,10 @@ of its decoded predicted box, which torchvision's classification head never sees
 from __future__ import annotations
 
 
+from functools import partial
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -41,8 +43,9 @@ class BalancedRetinaNetHead(RetinaNetHead):
     """
 
     def __init__(self, in_channels: int, num_anchors: int, num_classes: int, *, box_loss: BoxLoss,
-                 iou_cls: IoUBalancedClsConfig, iou_loc: IoUBalancedLocConfig):
-        super().__init__(in_channels, num_anchors, num_classes)
+                 iou_cls: IoUBalancedClsConfig, iou_loc: IoUBalancedLocConfig, group_norm: bool = False):
+        norm = partial(nn.GroupNorm, min(32, in_channels // 4)) if group_norm else None
+        super().__init__(in_channels, num_anchors, num_classes, norm_layer=norm)
         self.box_loss = box_loss
         self.eta = iou_cls.eta if iou_cls.enabled else 0.0
         self.loc_weight = IoUBalancedLocWeight(iou_loc.lam, iou_loc.w_loc) if iou_loc.enabled else None
@@ -90,7 +93,7 @@ def build_retinanet(cfg: ExperimentConfig, num_classes: int) -> RetinaNet:
     head = BalancedRetinaNetHead(
         backbone.out_channels, anchors.num_anchors_per_location()[0], num_classes + 1,
         box_loss=build_box_loss(m.box_loss, c.balanced_l1),
-        iou_cls=c.iou_balanced_cls, iou_loc=c.iou_balanced_loc,
+        iou_cls=c.iou_balanced_cls, iou_loc=c.iou_balanced_loc, group_norm=m.head_norm == "group",
     )
     return RetinaNet(backbone, num_classes + 1, min_size=m.min_size, max_size=m.max_size,
                      anchor_generator=anchors, head=head, score_thresh=m.score_thresh,
