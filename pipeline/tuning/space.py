@@ -38,6 +38,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _check_range(low: float, high: float, log: bool, step: float | None) -> None:
+    """A numeric search range must be non-empty, ordered, log-able if log, and wider than its step."""
+    if low > high:
+        raise ValueError(f"inverted range: low {low} > high {high}")
+    if low == high:
+        raise ValueError(f"empty range: low = high = {low} (put a single value in `fixed`)")
+    if log and low <= 0:
+        raise ValueError(f"log scale needs low > 0, got {low}")
+    if log and step is not None:
+        raise ValueError("step and log cannot be combined")
+    if step is not None and step > high - low:
+        raise ValueError(f"step {step} is wider than the range [{low}, {high}]")
+
+
 class _Param(_Strict):
     key: str = Field(min_length=1)
     """Dotted config field the sampled value is written to, e.g. ``components.balanced_l1.alpha``."""
@@ -54,16 +68,7 @@ class FloatParam(_Param):
     def _range(self) -> FloatParam:
         if not (math.isfinite(self.low) and math.isfinite(self.high)):
             raise ValueError(f"low and high must be finite numbers, got [{self.low}, {self.high}]")
-        if self.low > self.high:
-            raise ValueError(f"inverted range: low {self.low} > high {self.high}")
-        if self.low == self.high:
-            raise ValueError(f"empty range: low = high = {self.low} (put a single value in `fixed`)")
-        if self.log and self.low <= 0:
-            raise ValueError(f"log scale needs low > 0, got {self.low}")
-        if self.log and self.step is not None:
-            raise ValueError("step and log cannot be combined")
-        if self.step is not None and self.step > self.high - self.low:
-            raise ValueError(f"step {self.step} is wider than the range [{self.low}, {self.high}]")
+        _check_range(self.low, self.high, self.log, self.step)
         return self
 
     def suggest(self, trial: optuna.Trial, name: str) -> float:
@@ -85,16 +90,7 @@ class IntParam(_Param):
 
     @model_validator(mode="after")
     def _range(self) -> IntParam:
-        if self.low > self.high:
-            raise ValueError(f"inverted range: low {self.low} > high {self.high}")
-        if self.low == self.high:
-            raise ValueError(f"empty range: low = high = {self.low} (put a single value in `fixed`)")
-        if self.log and self.low <= 0:
-            raise ValueError(f"log scale needs low > 0, got {self.low}")
-        if self.log and self.step != 1:
-            raise ValueError("step and log cannot be combined")
-        if self.step > self.high - self.low:
-            raise ValueError(f"step {self.step} is wider than the range [{self.low}, {self.high}]")
+        _check_range(self.low, self.high, self.log, None if self.step == 1 else self.step)
         return self
 
     def suggest(self, trial: optuna.Trial, name: str) -> int:
