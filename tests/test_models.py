@@ -1,0 +1,41 @@
+"""Detector builders: pyramids per detector, and backbone weights only from a local file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.models import resnet50
+
+from pipeline.config import ConfigError, load_config
+from pipeline.models import build_detector
+
+
+@pytest.mark.parametrize("detector, levels", [("faster_rcnn", ["0", "1", "2", "3", "pool"]),
+                                               ("retinanet", ["0", "1", "2", "p6", "p7"])])
+def test_tiny_pyramids(detector, levels):
+    model = build_detector(load_config(Path(f"configs/{detector}_tiny.yaml")), num_classes=4).eval()
+    features = model.backbone(torch.rand(1, 3, 128, 128))
+    assert list(features) == levels
+    assert [f.shape[-1] for f in features.values()] == [32, 16, 8, 4, 2]
+
+
+def test_missing_backbone_weights_is_a_clear_error_not_a_download(tmp_path):
+    cfg = load_config(Path("configs/faster_rcnn_r50_coco_1x.yaml"),
+                      [f"model.backbone.weights={tmp_path / 'resnet50.pth'}"])
+    with pytest.raises(ConfigError, match="model.backbone.weights: .*resnet50.pth does not exist"):
+        build_detector(cfg, num_classes=80)
+
+
+def test_backbone_weights_load_from_a_local_file(tmp_path):
+    reference = resnet50(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "resnet50.pth")
+    cfg = load_config(Path("configs/retinanet_r50_coco_1x.yaml"), [f"model.backbone.weights={tmp_path / 'resnet50.pth'}"])
+    model = build_detector(cfg, num_classes=80)
+    loaded = model.backbone.body.body.layer2[0].conv1.weight
+    assert torch.equal(loaded, reference.layer2[0].conv1.weight)
+    torch.save({"not": torch.zeros(1)}, tmp_path / "other.pth")
+    bad = load_config(Path("configs/retinanet_r50_coco_1x.yaml"), [f"model.backbone.weights={tmp_path / 'other.pth'}"])
+    with pytest.raises(ConfigError, match="not a ResNet-50 state_dict"):
+        build_detector(bad, num_classes=80)
