@@ -95,11 +95,16 @@ def loss_and_gradient(losses: dict[str, callable], path: Path, x_max: float = 3.
         right.plot(x.detach(), grad, label=label)
     left.set_title("loss")
     right.set_title("gradient dL/dx")
+    _side_by_side(left, right, "regression error |x|")
+    return _save(fig, path)
+
+
+def _side_by_side(left, right, xlabel: str) -> None:
+    """Shared x label, grid and legend of a two-panel figure."""
     for ax in (left, right):
-        ax.set_xlabel("regression error |x|")
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(fig, path)
 
 
 def training_curves(curves: dict[str, pd.DataFrame], path: Path, title: str) -> Path:
@@ -114,9 +119,6 @@ def training_curves(curves: dict[str, pd.DataFrame], path: Path, title: str) -> 
             right.plot(part["epoch"], 100 * part["val/AP"], marker="o", markersize=3, label=label)
     left.set_title("training loss (epoch mean)")
     right.set_title("validation AP (%)")
-    for ax in (left, right):
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    _side_by_side(left, right, "epoch")
     fig.suptitle(title)
     return _save(fig, path)
