@@ -19,7 +19,11 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from pipeline.components import InstanceBalancedPositiveSampler, IoUBalancedNegativeSampler
+from pipeline.components import (
+    CombinedSampler,
+    InstanceBalancedPositiveSampler,
+    IoUBalancedNegativeSampler,
+)
 
 POSITIVE_IOU = 0.5
 
@@ -61,13 +65,11 @@ def ours(
     negative_sampler: IoUBalancedNegativeSampler,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole batch in one call per sampler; returns (positive mask, negative mask)."""
+    """The whole batch in one call; returns (positive mask, negative mask)."""
     positives = max_iou >= POSITIVE_IOU
-    pos_mask = InstanceBalancedPositiveSampler()(
-        gt_index, positives, int(samples * positive_fraction), generator
-    )
-    neg_mask = negative_sampler(max_iou, ~positives, samples - pos_mask.sum(dim=1), generator)
-    return pos_mask, neg_mask
+    num_pos = positives.sum(dim=1).clamp(max=int(samples * positive_fraction))
+    sampler = CombinedSampler(InstanceBalancedPositiveSampler(), negative_sampler)
+    return sampler(max_iou, gt_index, positives, ~positives, num_pos, samples - num_pos, generator)
 
 
 def _indices(values: set[int]) -> np.ndarray:

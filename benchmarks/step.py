@@ -74,9 +74,8 @@ def bench_detector(name: str, data_root: Path, steps: int, warmup: int, device: 
     full, full_opt, _ = _model(config, components, data_root, device)
     samplers = []
     if name == "faster_rcnn":
-        heads = full.roi_heads
-        heads.positive_sampler, heads.negative_sampler = TimedCall(heads.positive_sampler), TimedCall(heads.negative_sampler)
-        samplers = [heads.positive_sampler, heads.negative_sampler]
+        full.roi_heads.sampler = TimedCall(full.roi_heads.sampler)
+        samplers = [full.roi_heads.sampler]
     batches = list(data.train_dataloader())
     times = {"baseline": [], "components": []}
     for i in range(warmup + steps):

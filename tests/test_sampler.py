@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pipeline.components import (
+    CombinedSampler,
     InstanceBalancedPositiveSampler,
     IoUBalancedNegativeSampler,
     IoUHistogram,
@@ -295,6 +296,63 @@ def test_instance_balanced_small_ground_truth_gives_all_then_top_up():
         assert per_gt[2] == 5 and per_gt[0] >= 21 and per_gt[1] >= 21 and per_gt.sum() == 60
 
 
+def combined_image(short_top_bin: bool = False):
+    """One image: 300 positives on 4 GTs (200/50/30/20), then negatives as in the bin tests."""
+    negatives = torch.cat(
+        [
+            spread([(100, 0.01, 0.14), (50, 0.16, 0.29), (4 if short_top_bin else 40, 0.31, 0.44)]),
+            torch.tensor([0.45]),
+        ]
+    )
+    iou = torch.cat([torch.full((300,), 0.8), negatives])[None]
+    gt_index = torch.cat(
+        [torch.full((size,), gt) for gt, size in enumerate([200, 50, 30, 20])]
+        + [torch.zeros(negatives.numel(), dtype=torch.long)]
+    )[None]
+    positives = iou >= 0.5
+    return iou, gt_index, positives, ~positives
+
+
+def test_combined_sampler_draws_both_sets_like_the_separate_samplers():
+    iou, gt_index, positives, negatives = combined_image()
+    sampler = CombinedSampler(InstanceBalancedPositiveSampler(), IoUBalancedNegativeSampler(3))
+    for generator in generators():
+        pos, neg = sampler(iou, gt_index, positives, negatives, 40, 60, generator)
+        assert not (pos & ~positives).any() and not (neg & ~negatives).any()
+        assert histogram(iou[0], neg[0], EDGES) == [20, 20, 20]
+        per_gt = torch.bincount(gt_index[pos], minlength=4)
+        # round(40 / 4) + 1 = 11 each, trimmed at random from 44 to 40.
+        assert per_gt.sum() == 40 and per_gt.max() <= 11 and per_gt.min() >= 7
+
+
+def test_combined_sampler_fills_each_set_from_its_own_unused_candidates():
+    iou, gt_index, positives, negatives = combined_image(short_top_bin=True)
+    sampler = CombinedSampler(RandomPositiveSampler(), IoUBalancedNegativeSampler(3))
+    fills, first_gt = [], []
+    for generator in generators(30):
+        pos, neg = sampler(iou, gt_index, positives, negatives, torch.tensor([40]), 60, generator)
+        counts = histogram(iou[0], neg[0], EDGES)
+        assert counts[2] == 5 and sum(counts) == 60 and int(pos.sum()) == 40
+        fills.append(counts[0] - 20)
+        first_gt.append(int((gt_index[pos] == 0).sum()))
+    # As in the single-sampler test: 15 filled from 80 unused in bin 0 and 30 in bin 1.
+    assert sum(fills) / len(fills) == pytest.approx(15 * 80 / 110, abs=1.5)
+    # Uniform positives: 200 of the 300 belong to the first ground truth.
+    assert sum(first_gt) / len(first_gt) == pytest.approx(40 * 200 / 300, abs=1.5)
+
+
+def test_combined_sampler_is_stateless_and_checks_its_inputs():
+    iou, gt_index, positives, negatives = combined_image()
+    sampler = CombinedSampler(InstanceBalancedPositiveSampler(), IoUBalancedNegativeSampler(3))
+    first = sampler(iou, gt_index, positives, negatives, 40, 60, torch.Generator().manual_seed(4))
+    again = sampler(iou, gt_index, positives, negatives, 40, 60, torch.Generator().manual_seed(4))
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    with pytest.raises(ValueError, match="disjoint"):
+        sampler(iou, gt_index, positives, positives | negatives, 40, 60)
+    with pytest.raises(ValueError, match="gt_index"):
+        sampler(iou, gt_index.float(), positives, negatives, 40, 60)
+
+
 def test_source_uses_no_python_sets_and_output_stays_on_device():
     tree = ast.parse(inspect.getsource(sampler_module))
     for node in ast.walk(tree):
@@ -320,6 +378,10 @@ def test_runs_on_cuda():
         assert mask.is_cuda and torch.equal(mask.sum(1), torch.minimum(num, candidates.sum(1)))
     mask = InstanceBalancedPositiveSampler()(gt_index, candidates, 40, generator)
     assert mask.is_cuda and not (mask & ~candidates).any()
+    pos, neg = CombinedSampler(InstanceBalancedPositiveSampler(), IoUBalancedNegativeSampler())(
+        iou, gt_index, candidates & (iou >= 0.5), candidates & (iou < 0.5), 10, num, generator
+    )
+    assert pos.is_cuda and neg.is_cuda and not (pos & neg).any()
     first = IoUBalancedNegativeSampler()(
         iou, candidates, 40, torch.Generator(device="cuda").manual_seed(3)
     )

@@ -8,6 +8,7 @@ from pipeline.components.losses import (
     iou_balanced_loc_weights,
 )
 from pipeline.components.sampler import (
+    CombinedSampler,
     InstanceBalancedPositiveSampler,
     IoUBalancedNegativeSampler,
     IoUHistogram,
@@ -21,6 +22,7 @@ __all__ = [
     "iou_balanced_cls_weights",
     "iou_balanced_loc_weights",
     "IoUBalancedLocWeight",
+    "CombinedSampler",
     "IoUBalancedNegativeSampler",
     "InstanceBalancedPositiveSampler",
     "RandomPositiveSampler",

@@ -1,8 +1,9 @@
 """Faster R-CNN (FPN) on torchvision with Libra R-CNN's components plugged in.
 
 ``LibraRoIHeads`` replaces torchvision's R-CNN head training path: proposals are sampled by a
-positive and a negative sampler that see each proposal's IoU (random sampling is the
-``num_bins=1``, no-floor case of the IoU-balanced sampler), and the box loss is configurable.
+positive and a negative sampler that see each proposal's IoU, drawn together in one
+``CombinedSampler`` call (random sampling is the ``num_bins=1``, no-floor case of the
+IoU-balanced sampler), and the box loss is configurable.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torchvision.models.detection.rpn import AnchorGenerator
 from torchvision.ops import MultiScaleRoIAlign, box_iou
 
 from pipeline.components import (
+    CombinedSampler,
     InstanceBalancedPositiveSampler,
     IoUBalancedNegativeSampler,
     IoUHistogram,
@@ -42,12 +44,9 @@ class LibraRoIHeads(RoIHeads):
     Records the IoU histogram of the negatives it sampled (``sampled_negative_iou``) for the report.
     """
 
-    def __init__(self, *args, negative_sampler: IoUBalancedNegativeSampler,
-                 positive_sampler: RandomPositiveSampler | InstanceBalancedPositiveSampler,
-                 box_loss: BoxLoss, **kwargs):
+    def __init__(self, *args, sampler: CombinedSampler, box_loss: BoxLoss, **kwargs):
         super().__init__(*args, **kwargs)
-        self.negative_sampler = negative_sampler
-        self.positive_sampler = positive_sampler
+        self.sampler = sampler
         self.box_loss = box_loss
         self.sampled_negative_iou = IoUHistogram()
 
@@ -73,9 +72,11 @@ class LibraRoIHeads(RoIHeads):
         per_image = self.fg_bg_sampler.batch_size_per_image
         num_pos = positives.sum(1).clamp(max=int(per_image * self.fg_bg_sampler.positive_fraction))
         num_neg = negatives.sum(1).clamp(max=per_image - num_pos)
-        keep = self.positive_sampler(matched, positives, num_pos)
-        keep |= self.negative_sampler(max_iou, negatives, num_neg, valid=max_iou >= 0)
-        self.sampled_negative_iou.update(max_iou[keep & negatives].detach())
+        keep_pos, keep_neg = self.sampler(
+            max_iou, matched, positives, negatives, num_pos, num_neg, valid=max_iou >= 0
+        )
+        keep = keep_pos | keep_neg
+        self.sampled_negative_iou.update(max_iou[keep_neg].detach())
 
         sampled_proposals, sampled_labels, regression_targets = [], [], []
         for b, (props, target) in enumerate(zip(proposals, targets)):
@@ -108,13 +109,13 @@ class LibraRoIHeads(RoIHeads):
         return [{"boxes": b, "labels": l, "scores": s} for b, s, l in zip(boxes, scores, labels)], {}
 
 
-def build_samplers(cfg: IoUBalancedSamplingConfig):
+def build_sampler(cfg: IoUBalancedSamplingConfig) -> CombinedSampler:
     """IoU-balanced samplers when enabled; otherwise uniform random (one bin, no floor)."""
     if not cfg.enabled:
-        return IoUBalancedNegativeSampler(num_bins=1, floor_thr=-1.0), RandomPositiveSampler()
+        return CombinedSampler(RandomPositiveSampler(), IoUBalancedNegativeSampler(num_bins=1, floor_thr=-1.0))
     negative = IoUBalancedNegativeSampler(cfg.num_bins, cfg.floor_thr, cfg.floor_fraction, cfg.bin_range)
     positive = InstanceBalancedPositiveSampler() if cfg.instance_balanced_pos else RandomPositiveSampler()
-    return negative, positive
+    return CombinedSampler(positive, negative)
 
 
 def build_faster_rcnn(cfg: ExperimentConfig, num_classes: int) -> FasterRCNN:
@@ -138,13 +139,12 @@ def build_faster_rcnn(cfg: ExperimentConfig, num_classes: int) -> FasterRCNN:
         box_positive_fraction=m.roi_heads.positive_fraction,
     )
     heads = model.roi_heads
-    negative, positive = build_samplers(c.iou_balanced_sampling)
     model.roi_heads = LibraRoIHeads(
         heads.box_roi_pool, heads.box_head, heads.box_predictor,
         m.roi_heads.fg_iou_thresh, m.roi_heads.bg_iou_thresh,
         m.roi_heads.batch_size_per_image, m.roi_heads.positive_fraction,
         None, m.score_thresh, m.nms_thresh, m.detections_per_img,
-        negative_sampler=negative, positive_sampler=positive,
+        sampler=build_sampler(c.iou_balanced_sampling),
         box_loss=build_box_loss(m.box_loss, c.balanced_l1),
     )
     return model
