@@ -59,6 +59,33 @@ class BoxLossConfig(_Strict):
     beta: float = Field(1.0 / 9.0, ge=0)
 
 
+class RetinaNetConfig(_Strict):
+    """RetinaNet-only settings; the defaults are the paper's (Lin et al. 2017)."""
+
+    min_level: Literal[2, 3] = 3
+    """Finest level: P3 (the paper's P3-P7) or P2 (Faster R-CNN's P2-P6, for small images)."""
+    scales_per_octave: int = Field(3, ge=1)
+    """Anchor sizes per level: ``size · 2^(i/n)`` for ``i < n``."""
+    head_convs: int = Field(4, ge=1, le=4)
+    """3x3 conv layers in each subnet before its predictor."""
+    head_norm: Literal["none", "group"] = "none"
+    """Subnet convs plain (the paper's) or with GroupNorm (torchvision's v2; converges faster)."""
+    fg_iou_thresh: float = Field(0.5, gt=0, le=1)
+    """Anchors with IoU >= this to a ground truth are its positives."""
+    bg_iou_thresh: float = Field(0.4, ge=0, le=1)
+    """Anchors with IoU < this to every ground truth are negatives (in between: ignored)."""
+    focal_alpha: float = Field(0.25, ge=0, le=1)
+    focal_gamma: float = Field(2.0, ge=0)
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> "RetinaNetConfig":
+        if self.bg_iou_thresh > self.fg_iou_thresh:
+            raise ValueError(
+                f"bg_iou_thresh ({self.bg_iou_thresh}) must not exceed fg_iou_thresh ({self.fg_iou_thresh})"
+            )
+        return self
+
+
 class ModelConfig(_Strict):
     detector: Literal["faster_rcnn", "retinanet"] = "faster_rcnn"
     backbone: BackboneConfig = BackboneConfig()
@@ -71,10 +98,7 @@ class ModelConfig(_Strict):
     rpn: RPNConfig = RPNConfig()
     roi_heads: RoIHeadsConfig = RoIHeadsConfig()
     box_loss: BoxLossConfig = BoxLossConfig()
-    retinanet_min_level: Literal[2, 3] = 3
-    """Finest RetinaNet level: P3 (the paper's P3-P7) or P2 (P2-P6, for small images)."""
-    head_norm: Literal["none", "group"] = "none"
-    """RetinaNet head convs: plain (the paper's) or with GroupNorm (torchvision's v2; converges faster)."""
+    retinanet: RetinaNetConfig = RetinaNetConfig()
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_img: int = 100

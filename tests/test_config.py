@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, ExperimentConfig, load_config
+from pipeline.config import ConfigError, ExperimentConfig, RetinaNetConfig, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -18,6 +18,7 @@ def test_paper_recipes():
     retina = load_config(Path("configs/retinanet_r50_coco_1x.yaml"))
     for cfg, lr in ((frcnn, 0.02), (retina, 0.01)):
         assert cfg.train.epochs == 12 and cfg.train.milestones == (8, 11)
+        assert cfg.model.retinanet == RetinaNetConfig()
         assert cfg.train.lr == lr and cfg.train.lr_scaling_batch == 16
         assert (cfg.model.min_size, cfg.model.max_size) == (800, 1333)
         assert cfg.model.backbone.name == "resnet50"
@@ -37,6 +38,8 @@ def test_overrides_are_typed_and_nested():
     ("train.lr=-1", "train.lr"),
     ("components.iou_balanced_sampling.floor_thr=1.5", "components.iou_balanced_sampling"),
     ("model.detector=yolo", "model.detector"),
+    ("model.retinanet.bg_iou_thresh=0.6", "model.retinanet"),
+    ("model.retinanet.head_convs=0", "model.retinanet.head_convs"),
 ])
 def test_bad_values_name_the_field(override, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):

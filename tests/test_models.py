@@ -12,13 +12,17 @@ from pipeline.config import ConfigError, load_config
 from pipeline.models import build_detector
 
 
-@pytest.mark.parametrize("detector, levels", [("faster_rcnn", ["0", "1", "2", "3", "pool"]),
-                                               ("retinanet", ["0", "1", "2", "p6", "p7"])])
-def test_tiny_pyramids(detector, levels):
-    model = build_detector(load_config(Path(f"configs/{detector}_tiny.yaml")), num_classes=4).eval()
-    features = model.backbone(torch.rand(1, 3, 128, 128))
+@pytest.mark.parametrize("detector, overrides, levels, sides", [
+    ("faster_rcnn", [], ["0", "1", "2", "3", "pool"], [32, 16, 8, 4, 2]),
+    ("retinanet", [], ["0", "1", "2", "3", "pool"], [32, 16, 8, 4, 2]),
+    ("retinanet", ["model.retinanet.min_level=3", "model.anchor_sizes=[16,32,64,128,256]"],
+     ["0", "1", "2", "p6", "p7"], [16, 8, 4, 2, 1]),
+])
+def test_tiny_pyramids(detector, overrides, levels, sides):
+    cfg = load_config(Path(f"configs/{detector}_tiny.yaml"), overrides)
+    features = build_detector(cfg, num_classes=4).eval().backbone(torch.rand(1, 3, 128, 128))
     assert list(features) == levels
-    assert [f.shape[-1] for f in features.values()] == [32, 16, 8, 4, 2]
+    assert [f.shape[-1] for f in features.values()] == sides
 
 
 def test_missing_backbone_weights_is_a_clear_error_not_a_download(tmp_path):

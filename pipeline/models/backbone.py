@@ -141,7 +141,8 @@ def faster_rcnn_backbone(model: ModelConfig, bfp: BFPConfig) -> PyramidBackbone:
 
 def retinanet_backbone(model: ModelConfig, bfp: BFPConfig) -> PyramidBackbone:
     """P3-P5 from stages 2-4 plus two levels computed from P5 (P6, P7); with
-    ``retinanet_min_level: 2``, P2-P4 from stages 1-3 plus P5, P6 computed from P4."""
-    first = model.retinanet_min_level - 2
-    return build_pyramid_backbone(model, bfp, slice(first, first + 3),
+    ``retinanet.min_level: 2``, the Faster R-CNN pyramid: P2-P5 from stages 1-4 plus a max-pooled P6."""
+    if model.retinanet.min_level == 2:
+        return faster_rcnn_backbone(model, bfp)
+    return build_pyramid_backbone(model, bfp, slice(1, 4),
                                   extra=LastLevelP6P7(model.fpn_channels, model.fpn_channels))

@@ -19,7 +19,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import sigmoid_focal_loss
 
 from pipeline.components import IoUBalancedLocWeight, iou_balanced_cls_weights
-from pipeline.config import ExperimentConfig, IoUBalancedClsConfig, IoUBalancedLocConfig
+from pipeline.config import ExperimentConfig, IoUBalancedClsConfig, IoUBalancedLocConfig, RetinaNetConfig
 from pipeline.models.backbone import retinanet_backbone
 from pipeline.models.box_loss import BoxLoss, build_box_loss
 
@@ -39,13 +39,18 @@ class BalancedRetinaNetHead(RetinaNetHead):
     IoU-balanced weights on the positives' classification (eta) and localization (lambda) terms.
 
     Per image both terms are summed and divided by the number of positives, then averaged over
-    images, exactly as torchvision does; with eta = lambda = 0 and w_loc = 1 it is torchvision's loss.
+    images, exactly as torchvision does; with eta = lambda = 0, w_loc = 1 and the default focal
+    alpha, gamma it is torchvision's loss.
     """
 
     def __init__(self, in_channels: int, num_anchors: int, num_classes: int, *, box_loss: BoxLoss,
-                 iou_cls: IoUBalancedClsConfig, iou_loc: IoUBalancedLocConfig, group_norm: bool = False):
-        norm = partial(nn.GroupNorm, min(32, in_channels // 4)) if group_norm else None
+                 iou_cls: IoUBalancedClsConfig, iou_loc: IoUBalancedLocConfig,
+                 cfg: RetinaNetConfig = RetinaNetConfig()):
+        norm = partial(nn.GroupNorm, min(32, in_channels // 4)) if cfg.head_norm == "group" else None
         super().__init__(in_channels, num_anchors, num_classes, norm_layer=norm)
+        self.classification_head.conv = self.classification_head.conv[: cfg.head_convs]
+        self.regression_head.conv = self.regression_head.conv[: cfg.head_convs]
+        self.focal = partial(sigmoid_focal_loss, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
         self.box_loss = box_loss
         self.eta = iou_cls.eta if iou_cls.enabled else 0.0
         self.loc_weight = IoUBalancedLocWeight(iou_loc.lam, iou_loc.w_loc) if iou_loc.enabled else None
@@ -60,8 +65,8 @@ class BalancedRetinaNetHead(RetinaNetHead):
             gt_boxes = target["boxes"][matched[fg]]
             onehot = torch.zeros_like(logits[fg])
             onehot[torch.arange(fg.numel()), target["labels"][matched[fg]]] = 1.0
-            cls_pos.append(sigmoid_focal_loss(logits[fg], onehot, reduction="none").sum(1))
-            cls_neg.append(sigmoid_focal_loss(logits[bg], torch.zeros_like(logits[bg]), reduction="sum"))
+            cls_pos.append(self.focal(logits[fg], onehot, reduction="none").sum(1))
+            cls_neg.append(self.focal(logits[bg], torch.zeros_like(logits[bg]), reduction="sum"))
             box_target = self.box_coder.encode_single(gt_boxes, anchor[fg])
             box_pos.append(self.box_loss(regression[fg], box_target).sum(1))
             with torch.no_grad():
@@ -85,16 +90,18 @@ class BalancedRetinaNetHead(RetinaNetHead):
 
 
 def build_retinanet(cfg: ExperimentConfig, num_classes: int) -> RetinaNet:
-    """RetinaNet with FPN P3-P7 and three anchor scales per octave; ``num_classes`` excludes background."""
+    """RetinaNet with an FPN, set up by ``model.retinanet``; ``num_classes`` excludes background."""
     m, c = cfg.model, cfg.components
     backbone = retinanet_backbone(m, c.bfp)
-    sizes = tuple(tuple(int(round(s * 2 ** (i / 3))) for i in range(3)) for s in m.anchor_sizes)
+    n = m.retinanet.scales_per_octave
+    sizes = tuple(tuple(int(round(s * 2 ** (i / n))) for i in range(n)) for s in m.anchor_sizes)
     anchors = AnchorGenerator(sizes, (m.aspect_ratios,) * len(sizes))
     head = BalancedRetinaNetHead(
         backbone.out_channels, anchors.num_anchors_per_location()[0], num_classes + 1,
         box_loss=build_box_loss(m.box_loss, c.balanced_l1),
-        iou_cls=c.iou_balanced_cls, iou_loc=c.iou_balanced_loc, group_norm=m.head_norm == "group",
+        iou_cls=c.iou_balanced_cls, iou_loc=c.iou_balanced_loc, cfg=m.retinanet,
     )
     return RetinaNet(backbone, num_classes + 1, min_size=m.min_size, max_size=m.max_size,
                      anchor_generator=anchors, head=head, score_thresh=m.score_thresh,
-                     nms_thresh=m.nms_thresh, detections_per_img=m.detections_per_img)
+                     nms_thresh=m.nms_thresh, detections_per_img=m.detections_per_img,
+                     fg_iou_thresh=m.retinanet.fg_iou_thresh, bg_iou_thresh=m.retinanet.bg_iou_thresh)
