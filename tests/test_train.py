@@ -33,7 +33,9 @@ def _max_diff(a: dict, b: dict) -> float:
 
 def test_train_then_evaluate_writes_schema(synthetic_root, tmp_path):
     run = tmp_path / "run"
-    libra("train", "--config", "configs/faster_rcnn_tiny.yaml", "--out", str(run), *_sets(synthetic_root))
+    # Score threshold 0: a few steps of training decide nothing about learning, and every box is kept.
+    sets = _sets(synthetic_root, **{"model.score_thresh": 0.0})
+    libra("train", "--config", "configs/faster_rcnn_tiny.yaml", "--out", str(run), *sets)
     assert (run / "config.yaml").exists() and (run / "checkpoints" / "last.ckpt").exists()
     log = (run / "metrics.csv").read_text().splitlines()
     assert "train/loss_step" in log[0] and "val/AP" in log[0] and len(log) > 4
@@ -45,15 +47,14 @@ def test_train_then_evaluate_writes_schema(synthetic_root, tmp_path):
     values = list(metrics["bbox"].values()) + list(metrics["ap_per_iou"].values())
     assert all(0.0 <= v <= 1.0 for v in values)
     detections = json.loads((run / "detections.json").read_text())
-    assert detections, "a trained detector returns some boxes above the score threshold"
+    assert detections, "with score threshold 0 the detector returns boxes"
     gt_images = {im["id"] for im in json.loads((synthetic_root / "annotations/instances_val.json").read_text())["images"]}
     for det in detections[:50]:
         assert set(det) == {"image_id", "category_id", "bbox", "score"}
         assert det["image_id"] in gt_images and len(det["bbox"]) == 4 and 0 <= det["score"] <= 1
         assert det["bbox"][2] >= 0 and det["bbox"][3] >= 0
 
-    again = libra("train", "--config", "configs/faster_rcnn_tiny.yaml", "--out", str(run), *_sets(synthetic_root),
-                  check=False)
+    again = libra("train", "--config", "configs/faster_rcnn_tiny.yaml", "--out", str(run), *sets, check=False)
     assert again.returncode != 0 and "--resume" in again.stderr
     assert json.loads((run / "metrics.json").read_text()) == metrics
 
