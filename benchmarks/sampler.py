@@ -167,20 +167,13 @@ def reference(
 def bin_counts(
     max_iou: torch.Tensor, neg_mask: torch.Tensor, sampler: IoUBalancedNegativeSampler
 ) -> list[int]:
-    """Sampled negatives per [floor, bin 1, ..., bin K] over the batch, binned like the sampler."""
-    negatives = max_iou < POSITIVE_IOU
-    if sampler.floor_thr > 0:
-        in_floor = max_iou < sampler.floor_thr
-    elif sampler.floor_thr == 0:
-        in_floor = max_iou == 0
-    else:
-        in_floor = torch.zeros_like(negatives)
-    low = max(sampler.floor_thr, 0.0)
-    high = torch.where(negatives & ~in_floor, max_iou, -torch.inf).amax(dim=1, keepdim=True)
-    k = sampler.num_bins
-    index = ((max_iou - low) / (high - low) * k).floor().clamp(0, k - 1).long() + 1
-    index = torch.where(in_floor, 0, index)
-    return torch.bincount(index[neg_mask], minlength=k + 1).tolist()
+    """Sampled negatives per [floor, bin 1, ..., bin K] over the batch.
+
+    Both selections are binned by the sampler's own grouping, so they are measured with one ruler;
+    the reference's selection itself shares no code with ours.
+    """
+    index = sampler.groups(max_iou, max_iou < POSITIVE_IOU, None)
+    return torch.bincount(index[neg_mask], minlength=sampler.num_bins + 1).tolist()
 
 
 def median_ms(
