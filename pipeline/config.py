@@ -70,6 +70,9 @@ class RetinaNetConfig(_Strict):
     """3x3 conv layers in each subnet before its predictor."""
     head_norm: Literal["none", "group"] = "none"
     """Subnet convs plain (the paper's) or with GroupNorm (torchvision's v2; converges faster)."""
+    head_init: Literal["normal", "kaiming"] = "normal"
+    """Subnet conv weights: N(0, 0.01) (the paper's) or Kaiming-normal (fan-out, ReLU). The
+    predictors keep N(0, 0.01) and the prior-probability bias either way."""
     fg_iou_thresh: float = Field(0.5, gt=0, le=1)
     """Anchors with IoU >= this to a ground truth are its positives."""
     bg_iou_thresh: float = Field(0.4, ge=0, le=1)

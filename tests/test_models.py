@@ -43,3 +43,18 @@ def test_backbone_weights_load_from_a_local_file(tmp_path):
     bad = load_config(Path("configs/retinanet_r50_coco_1x.yaml"), [f"model.backbone.weights={tmp_path / 'other.pth'}"])
     with pytest.raises(ConfigError, match="not a ResNet-50 state_dict"):
         build_detector(bad, num_classes=80)
+
+
+@pytest.mark.parametrize("head_init, tower_std", [("normal", 0.01), ("kaiming", (2 / (64 * 9)) ** 0.5)])
+def test_retinanet_subnet_init(head_init, tower_std):
+    torch.manual_seed(0)
+    cfg = load_config(Path("configs/retinanet_tiny.yaml"), [f"model.retinanet.head_init={head_init}"])
+    head = build_detector(cfg, num_classes=4).head
+    for subnet in (head.classification_head, head.regression_head):
+        towers = [m.weight for m in subnet.conv.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert len(towers) == cfg.model.retinanet.head_convs
+        for weight in towers:  # 36 864 draws: the sample std is within 2 % of the target
+            assert weight.std().item() == pytest.approx(tower_std, rel=0.02)
+    predictor = head.classification_head.cls_logits
+    assert predictor.weight.std().item() == pytest.approx(0.01, rel=0.05)
+    assert torch.allclose(predictor.bias, torch.tensor(-torch.log(torch.tensor(99.0)).item()))

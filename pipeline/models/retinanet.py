@@ -50,6 +50,11 @@ class BalancedRetinaNetHead(RetinaNetHead):
         super().__init__(in_channels, num_anchors, num_classes, norm_layer=norm)
         self.classification_head.conv = self.classification_head.conv[: cfg.head_convs]
         self.regression_head.conv = self.regression_head.conv[: cfg.head_convs]
+        if cfg.head_init == "kaiming":
+            for subnet in (self.classification_head.conv, self.regression_head.conv):
+                for conv in subnet.modules():
+                    if isinstance(conv, nn.Conv2d):
+                        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
         self.focal = partial(sigmoid_focal_loss, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
         self.box_loss = box_loss
         self.eta = iou_cls.eta if iou_cls.enabled else 0.0
