@@ -40,6 +40,7 @@ def test_overrides_are_typed_and_nested():
     ("model.detector=yolo", "model.detector"),
     ("model.retinanet.bg_iou_thresh=0.6", "model.retinanet"),
     ("model.retinanet.head_convs=0", "model.retinanet.head_convs"),
+    ("model.retinanet.head_init=xavier", "model.retinanet.head_init"),
 ])
 def test_bad_values_name_the_field(override, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
