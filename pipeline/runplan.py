@@ -18,7 +18,6 @@ a second instead of training. This module imports nothing heavy, so such a stage
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import ConfigError, ExperimentConfig, validate_config
+from pipeline.io import write_text_atomic
 
 SKIP_MARKER = "SKIPPED"
 """File in ``<run>/checkpoints/`` that marks a run the design does not select."""
@@ -62,13 +62,6 @@ class RunPlan:
                        selected=bool(raw["selected"]), run_dir=Path(raw["run_dir"]), config=dict(raw["config"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"{source}: not a run plan written by `libra plan` ({exc!r})") from None
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_run_plan(plan: RunPlan, path: Path) -> None:

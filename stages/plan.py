@@ -23,7 +23,8 @@ def run(args: argparse.Namespace) -> None:
     import yaml
 
     from pipeline.ablation import plan_ablation, plan_path, read_params
-    from pipeline.runplan import write_run_plan, write_text_atomic
+    from pipeline.io import write_text_atomic
+    from pipeline.runplan import write_run_plan
 
     ablation = plan_ablation(read_params(args.params), args.configs)
     staging = args.out.with_name(args.out.name + ".tmp")

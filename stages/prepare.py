@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> None:
 
     if args.params is not None:
         from pipeline.ablation import SYNTHETIC_ROOT, data_config, read_params
-        from pipeline.runplan import write_text_atomic
+        from pipeline.io import write_text_atomic
 
         data = data_config(read_params(args.params))
         if data.source != "synthetic":  # the DVC stage always has the built-in set's directory as an output
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> None:
           f"val {len(val.image_ids)} images / {val.num_annotations} boxes, {len(train.categories)} categories")
     if args.manifest is not None:
         from pipeline.ablation import file_digest
-        from pipeline.runplan import write_text_atomic
+        from pipeline.io import write_text_atomic
 
         manifest = {
             "source": data.source,

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from pipeline.ablation import read_params
-    from pipeline.runplan import write_text_atomic
+    from pipeline.io import write_text_atomic
     from pipeline.tracking import log_ablation
 
     params = read_params(args.params)

@@ -17,7 +17,7 @@ from pipeline.report.localization import detection_ious, score_iou_correlation
 from pipeline.report.per_image import match_images
 from pipeline.report.results import RunResult, load_results, validation_ground_truth
 from pipeline.report.tables import ablation_table, detector_markdown, summary_metrics
-from pipeline.runplan import write_text_atomic
+from pipeline.io import write_text_atomic
 
 DETECTOR_TITLES = {"faster_rcnn": "Faster R-CNN", "retinanet": "RetinaNet"}
 
