@@ -7,7 +7,6 @@ of its decoded predicted box, which torchvision's classification head never sees
 
 from __future__ import annotations
 
-
 from functools import partial
 
 import torch
@@ -38,9 +37,12 @@ class BalancedRetinaNetHead(RetinaNetHead):
     """RetinaNet head whose loss is sigmoid focal + a configurable box loss, with optional
     IoU-balanced weights on the positives' classification (eta) and localization (lambda) terms.
 
-    Per image both terms are summed and divided by the number of positives, then averaged over
-    images, exactly as torchvision does; with eta = lambda = 0, w_loc = 1 and the default focal
-    alpha, gamma it is torchvision's loss.
+    Both terms are summed over every image of the batch and divided by the batch's number of
+    positive anchors (at least 1), as the papers' implementation (mmdet's ``num_total_pos``) does.
+    The IoU-balanced classification weight ``w_i = u_i^eta * Z`` multiplies a positive anchor's
+    whole sigmoid focal loss, summed over all classes (the paper's per-anchor loss, Eq. 2), and
+    ``Z`` is taken over the same positives, so the positives' summed classification loss is
+    exactly kept; negatives keep weight 1.
     """
 
     def __init__(self, in_channels: int, num_anchors: int, num_classes: int, *, box_loss: BoxLoss,
@@ -62,9 +64,9 @@ class BalancedRetinaNetHead(RetinaNetHead):
         self.box_coder = det_utils.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
 
     def compute_loss(self, targets, head_outputs, anchors, matched_idxs) -> dict[str, Tensor]:
-        cls_neg, cls_pos, box_pos, ious, image_of_pos, num_pos = [], [], [], [], [], []
-        for b, (target, logits, regression, anchor, matched) in enumerate(zip(
-                targets, head_outputs["cls_logits"], head_outputs["bbox_regression"], anchors, matched_idxs)):
+        cls_neg, cls_pos, box_pos, ious = [], [], [], []
+        for target, logits, regression, anchor, matched in zip(
+                targets, head_outputs["cls_logits"], head_outputs["bbox_regression"], anchors, matched_idxs):
             fg = torch.where(matched >= 0)[0]
             bg = torch.where(matched == det_utils.Matcher.BELOW_LOW_THRESHOLD)[0]
             gt_boxes = target["boxes"][matched[fg]]
@@ -76,21 +78,15 @@ class BalancedRetinaNetHead(RetinaNetHead):
             box_pos.append(self.box_loss(regression[fg], box_target).sum(1))
             with torch.no_grad():
                 ious.append(paired_iou(self.box_coder.decode_single(regression[fg], anchor[fg]), gt_boxes))
-            image_of_pos.append(torch.full_like(fg, b))
-            num_pos.append(max(1, fg.numel()))
 
-        iou, image = torch.cat(ious), torch.cat(image_of_pos)
-        cls_pos_t, box_pos_t = torch.cat(cls_pos), torch.cat(box_pos)
+        iou, cls_pos_t, box_pos_t = torch.cat(ious), torch.cat(cls_pos), torch.cat(box_pos)
         cls_pos_t = cls_pos_t * iou_balanced_cls_weights(iou, cls_pos_t, self.eta)
         if self.loc_weight is not None:
             box_pos_t = self.loc_weight(iou, box_pos_t)
-        normaliser = torch.tensor(num_pos, dtype=cls_pos_t.dtype, device=cls_pos_t.device)
-        batch = len(targets)
-        cls_per_image = torch.stack(cls_neg) + cls_pos_t.new_zeros(batch).index_add(0, image, cls_pos_t)
-        box_per_image = box_pos_t.new_zeros(batch).index_add(0, image, box_pos_t)
+        num_pos = max(1, iou.numel())
         return {
-            "classification": (cls_per_image / normaliser).mean(),
-            "bbox_regression": (box_per_image / normaliser).mean(),
+            "classification": (torch.stack(cls_neg).sum() + cls_pos_t.sum()) / num_pos,
+            "bbox_regression": box_pos_t.sum() / num_pos,
         }
 
 
