@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class ConfigError(ValueError):
@@ -227,6 +230,27 @@ class EvalConfig(_Strict):
     batch_size: int = Field(8, ge=1)
 
 
+class PretrainConfig(_Strict):
+    """Pre-training of the tiny backbone as an image classifier on a synthetic shapes set.
+
+    The tiny profile's stand-in for ImageNet: the set (:func:`pipeline.data.render_shape_example`)
+    is generated from ``seed`` in its own random streams, so it shares no image with the
+    detection set. Saves the backbone's ``state_dict`` for ``model.backbone.weights``.
+    """
+
+    seed: int = 0
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    """Stage widths; must equal ``model.backbone.channels`` of the detectors that load the weights."""
+    num_train: int = Field(12000, ge=1)
+    num_val: int = Field(1000, ge=1)
+    image_size: int = Field(64, ge=32)
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.004, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    num_threads: int | None = Field(None, ge=1)
+
+
 class ExperimentConfig(_Strict):
     model: ModelConfig = ModelConfig()
     components: ComponentsConfig = ComponentsConfig()
@@ -276,14 +300,19 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
-def validate_config(raw: dict[str, Any], source: str = "<config>") -> ExperimentConfig:
+def validate_model(model: type[ModelT], raw: Any, source: str) -> ModelT:
+    """``raw`` validated into ``model``; a ConfigError naming ``source`` and every bad field otherwise."""
     try:
-        return ExperimentConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
         )
         raise ConfigError(f"{source}: {problems}") from None
+
+
+def validate_config(raw: dict[str, Any], source: str = "<config>") -> ExperimentConfig:
+    return validate_model(ExperimentConfig, raw, source)
 
 
 def load_config(path: Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -296,3 +325,12 @@ def load_config(path: Path | None, overrides: list[str] | None = None) -> Experi
 
 def save_config(config: ExperimentConfig, path: Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def load_pretrain_config(params: Path | None, overrides: list[str] | None = None) -> PretrainConfig:
+    """The ``pretrain`` section of a params.yaml (defaults without one), with ``key=value`` overrides."""
+    raw = read_yaml(params).get("pretrain") or {} if params is not None else {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{params}: pretrain must be a mapping, got {type(raw).__name__}")
+    source = f"{params or '<defaults>'}: pretrain" + (" with overrides " + " ".join(overrides) if overrides else "")
+    return validate_model(PretrainConfig, apply_overrides(raw, overrides or []), source)

@@ -17,6 +17,7 @@ from types import ModuleType
 
 STAGES: dict[str, str] = {
     "prepare": "stages.prepare",
+    "pretrain": "stages.pretrain",
     "plan": "stages.plan",
     "train": "stages.train",
     "evaluate": "stages.evaluate",

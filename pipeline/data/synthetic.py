@@ -24,11 +24,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["CLASSES", "DISTRACTORS", "MIN_VISIBLE_FRACTION", "write_synthetic_coco"]
+__all__ = ["CLASSES", "DISTRACTORS", "MIN_VISIBLE_FRACTION", "SHAPE_LABELS", "render_shape_example", "write_synthetic_coco"]
 
 CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 DISTRACTORS: tuple[str, ...] = ("ring", "frame", "ellipse", "star")
 MIN_VISIBLE_FRACTION = 0.3
+SHAPE_LABELS: tuple[str, ...] = CLASSES + DISTRACTORS + ("none",)
+"""Labels of the pre-training classification set: every shape kind, or no shape at all."""
 
 _SPLITS = ("train", "val")
 _OBJECTS_PER_IMAGE_PROBS = (0.10, 0.15, 0.20, 0.20, 0.15, 0.10, 0.10)
@@ -252,7 +254,11 @@ def _place_shape(
 def _sample_extent(rng: np.random.Generator, kind: str, size: int) -> tuple[int, int]:
     bucket = int(rng.choice(len(_SIZE_BUCKETS), p=[b[2] for b in _SIZE_BUCKETS]))
     low, high, _ = _SIZE_BUCKETS[bucket]
-    side = rng.uniform(low, high) * size
+    return _extent_of(rng, kind, rng.uniform(low, high) * size, size)
+
+
+def _extent_of(rng: np.random.Generator, kind: str, side: float, size: int) -> tuple[int, int]:
+    """Width and height of a ``kind`` shape of about ``side`` pixels, with its kind's aspect ratio."""
     if kind in ("circle", "ring"):
         w = h = side
     elif kind == "ellipse":
@@ -342,3 +348,26 @@ def _replace_dir(staging: Path, out: Path) -> None:
         retired.rename(out)
         raise
     shutil.rmtree(retired)
+
+
+_EXAMPLE_SIDE = (0.2, 0.9)
+
+
+def render_shape_example(rng: np.random.Generator, size: int) -> tuple[np.ndarray, int]:
+    """One image of the classification set that pre-trains the tiny backbone.
+
+    Background, clutter, colours and noise are drawn as in the detection set; the image holds one
+    shape of a uniformly drawn kind (objects and distractors alike) of side 20-90 % of ``size``,
+    or none. Returns uint8 pixels [size, size, 3] and the index of its label in :data:`SHAPE_LABELS`.
+    """
+    background = _background(rng, size)
+    canvas = background.copy()
+    _add_clutter(rng, canvas, size)
+    label = int(rng.integers(0, len(SHAPE_LABELS)))
+    kind = SHAPE_LABELS[label]
+    if kind != "none":
+        extent = _extent_of(rng, kind, rng.uniform(*_EXAMPLE_SIDE) * size, size)
+        shape = _place_shape(rng, kind, extent, size, [])
+        canvas[shape.mask] = _contrasting_color(rng, background[shape.mask].mean(axis=0))
+    canvas += rng.normal(0.0, _PIXEL_NOISE_STD, canvas.shape)
+    return np.clip(np.rint(canvas), 0, 255).astype(np.uint8), label

@@ -82,20 +82,37 @@ class PyramidBackbone(nn.Module):
         return self.neck(self.fpn(self.body(x)))
 
 
+def load_weights(net: nn.Module, path: Path, unused: tuple[str, ...] = ()) -> None:
+    """Load a backbone ``state_dict`` from the local file ``path`` into ``net`` (weights only: no
+    code in the file runs). Keys starting with a prefix in ``unused`` (parts the detector does not
+    build, such as a classifier) may be absent or extra; any other missing or unexpected key, or a
+    shape mismatch, is an error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"model.backbone.weights: {path} does not exist; create it (for the tiny backbone: "
+                          "`libra pretrain --out " + str(path) + "`, for resnet50: torchvision's ImageNet "
+                          "resnet50 state_dict) or set model.backbone.weights: null to train from scratch")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"model.backbone.weights: {path} is not a loadable state_dict ({exc})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"model.backbone.weights: {path} does not hold a state_dict of tensors")
+    own = net.state_dict()
+    missing = [k for k in own if not k.startswith(unused) and k not in state]
+    unexpected = [k for k in state if not k.startswith(unused) and k not in own]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                  for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        raise ConfigError(f"model.backbone.weights: {path} does not fit the {type(net).__name__} backbone: "
+                          f"missing {missing[:4]}, unexpected {unexpected[:4]}, shape mismatch {mismatched[:4]}")
+    net.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+
 def _resnet50_body(cfg: BackboneConfig, num_stages: int) -> tuple[nn.Module, tuple[int, ...]]:
     net = resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
     if cfg.weights is not None:
-        path = Path(cfg.weights)
-        if not path.is_file():
-            raise ConfigError(
-                f"model.backbone.weights: {path} does not exist. Put ImageNet ResNet-50 weights there "
-                "(e.g. torchvision's resnet50-0676ba61.pth from its cache) or set it to null to train from scratch."
-            )
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        missing, unexpected = net.load_state_dict(state, strict=False)
-        if [k for k in missing if not k.startswith("fc.")] or unexpected:
-            raise ConfigError(f"model.backbone.weights: {path} is not a ResNet-50 state_dict "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        load_weights(net, cfg.weights, unused=("fc.",))
     layers = ["layer4", "layer3", "layer2", "layer1", "conv1"][: cfg.trainable_layers]
     for name, param in net.named_parameters():
         if not any(name.startswith(layer) for layer in layers):
@@ -108,6 +125,8 @@ def build_body(cfg: BackboneConfig, num_stages: int) -> tuple[nn.Module, tuple[i
     """The body's first ``num_stages`` stages (later ones are not built, so no parameter goes unused)."""
     if cfg.name == "tiny":
         body = TinyBackbone(cfg.channels[:num_stages])
+        if cfg.weights is not None:
+            load_weights(body, cfg.weights, unused=tuple(f"stages.{i}." for i in range(num_stages, len(cfg.channels))))
         return body, body.channels
     return _resnet50_body(cfg, num_stages)
 
