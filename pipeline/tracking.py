@@ -1,5 +1,11 @@
 """MLflow tracking: where the store is, how configs become run parameters, and the ablation's runs.
 
+The store is reached through :func:`open_store`, which fails within a bounded time with a
+:class:`TrackingStoreError` naming the store instead of hanging (a server that does not answer) or
+ending in a traceback (a missing directory, an unwritable file). Creating a store, an experiment or
+a parent run ("get or create") holds :func:`store_lock` for a local SQLite store, so processes that
+start together create each once; other stores rely on a deterministic lookup by tag.
+
 An ablation is one *parent* run with one *child* run per trained (detector, combination, seed).
 Re-logging never duplicates runs silently (see :func:`log_ablation`):
 
@@ -19,12 +25,31 @@ import json
 import math
 import os
 import re
+import sqlite3
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from pipeline.locks import FileLock
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+PROBE_TIMEOUT = 10
+"""Seconds the first contact with an MLflow store may take: one HTTP request without retries (its
+timeout is ``MLFLOW_HTTP_REQUEST_TIMEOUT`` if set), or one database connection."""
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3"}
+"""MLflow's HTTP settings after a successful first contact, where the environment sets none (MLflow's
+own, 120 s and 7 retries with exponential backoff, wait minutes on a server that went away)."""
+DATABASE_SCHEMES = ("postgresql", "mysql", "mariadb")
+"""Database servers whose drivers take ``connect_timeout`` (others are reached without a probe)."""
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 """Experiment tag the MLflow UI reads; ``custom_model_development`` opens the training-runs view
@@ -50,8 +75,8 @@ def tracking_uri(project_dir: Path | None = None) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
-def artifact_location(uri: str) -> str | None:
-    """Artifacts of a local SQLite store go beside the database (``<dir>/mlruns``), not under the cwd."""
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:`` URI (relative to the cwd, as MLflow reads it), else None."""
     if not uri.startswith("sqlite:"):
         return None
     from sqlalchemy.engine import make_url
@@ -59,7 +84,162 @@ def artifact_location(uri: str) -> str | None:
     database = make_url(uri).database
     if not database or database == ":memory:":
         return None
-    return (Path(database).resolve().parent / "mlruns").as_uri()
+    return Path(database)
+
+
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a local SQLite store go beside the database (``<dir>/mlruns``), not under the cwd."""
+    path = sqlite_path(uri)
+    return (path.resolve().parent / "mlruns").as_uri() if path else None
+
+
+class TrackingStoreError(ValueError):
+    """The MLflow store cannot be reached, created or written; the message names it and what to do."""
+
+
+def display_uri(uri: str) -> str:
+    """``uri`` with its password, if any, replaced by ``***``."""
+    parts = urlsplit(uri)
+    if not parts.password:
+        return uri
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
+
+
+def connect_timeout_args(url: str, seconds: float) -> dict:
+    """SQLAlchemy ``connect_args`` that make connecting to a database server give up after ``seconds``."""
+    from sqlalchemy.engine import make_url
+
+    backend = make_url(url).get_backend_name()
+    if backend in DATABASE_SCHEMES:
+        return {"connect_timeout": max(1, int(seconds))}
+    return {}
+
+
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Excludes the other processes of this host from a local SQLite store's get-or-create steps:
+    ``flock`` on ``<database>.lock`` beside it. Nothing for other stores."""
+    path = sqlite_path(uri)
+    lock = FileLock(path.with_name(path.name + ".lock") if path else None)
+    try:
+        lock.acquire()
+    except OSError as exc:
+        raise TrackingStoreError(f"MLflow store {uri}: cannot create the lock file {lock.path} ({exc.strerror}): "
+                                 f"the directory must be writable; set MLFLOW_TRACKING_URI to another store") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def open_store(uri: str) -> MlflowClient:
+    """A client of the MLflow store ``uri``, after a first contact bounded in time.
+
+    SQLite: the directory must exist (it is not created) and the file be writable; a new store's
+    tables are created under :func:`store_lock`. Database server: one connection with a
+    :data:`PROBE_TIMEOUT` connect timeout. HTTP(S) server: one request without retries (see
+    :data:`PROBE_TIMEOUT`), then :data:`HTTP_DEFAULTS` where the environment sets nothing.
+
+    Raises:
+        TrackingStoreError: naming the store (password hidden) and the reason.
+    """
+    from mlflow import MlflowClient
+
+    shown = display_uri(uri)
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    if scheme == "sqlite":
+        _probe_sqlite(uri)
+    elif scheme in DATABASE_SCHEMES:
+        _probe_database(uri, shown)
+    with store_lock(uri), _without_http_retries():
+        try:
+            client = MlflowClient(uri)
+            client.search_experiments(max_results=1)
+        except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds; all mean "cannot use this store"
+            reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+            raise TrackingStoreError(f"cannot reach the MLflow store {shown}: {reason}; start it, or set "
+                                     "MLFLOW_TRACKING_URI to a store that answers") from None
+    if scheme in ("http", "https"):
+        for name, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+    return client
+
+
+def _probe_sqlite(uri: str) -> None:
+    path = sqlite_path(uri)
+    if path is None:
+        return
+    if not path.parent.is_dir():
+        raise TrackingStoreError(f"MLflow store {uri}: directory {path.parent} does not exist; create it, or set "
+                                 "MLFLOW_TRACKING_URI to another store")
+    try:
+        with closing(sqlite3.connect(path, timeout=PROBE_TIMEOUT)) as db:
+            db.execute("BEGIN IMMEDIATE")  # takes the write lock: fails on a read-only file or directory
+            db.rollback()
+    except sqlite3.Error as exc:
+        raise TrackingStoreError(f"MLflow store {uri}: cannot write {path} ({exc}); make it writable, or set "
+                                 "MLFLOW_TRACKING_URI to another store") from None
+
+
+def _probe_database(uri: str, shown: str) -> None:
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.pool import NullPool
+
+    try:
+        engine = create_engine(uri, poolclass=NullPool, connect_args=connect_timeout_args(uri, PROBE_TIMEOUT))
+        with engine.connect():
+            pass
+    except ImportError as exc:
+        raise TrackingStoreError(f"MLflow store {shown}: its database driver is not installed ({exc})") from None
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise TrackingStoreError(f"cannot reach the MLflow store {shown} within {PROBE_TIMEOUT} s: {reason}; "
+                                 "start it, or set MLFLOW_TRACKING_URI to a store that answers") from None
+    engine.dispose()
+
+
+@contextmanager
+def _without_http_retries() -> Iterator[None]:
+    """MLflow's HTTP requests meanwhile: no retry, and a :data:`PROBE_TIMEOUT` timeout unless one is set."""
+    saved = {name: os.environ.get(name) for name in HTTP_DEFAULTS}
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(PROBE_TIMEOUT))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def get_or_create_experiment(client: MlflowClient, uri: str, name: str) -> str:
+    """The id of the active experiment ``name``, created if there is none (under :func:`store_lock`;
+    on another store, a creation that lost a race finds the winner's), tagged as model training.
+
+    Raises:
+        TrackingStoreError: the experiment is deleted (restore it, or choose another name).
+    """
+    from mlflow.exceptions import MlflowException
+
+    with store_lock(uri):
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            try:
+                return client.create_experiment(name, artifact_location=artifact_location(uri),
+                                                tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
+            except MlflowException:
+                found = client.get_experiment_by_name(name)
+                if found is None:
+                    raise
+    if found.lifecycle_stage != "active":
+        raise TrackingStoreError(f"MLflow experiment {name!r} is deleted in {display_uri(uri)}; restore it "
+                                 "or choose another name")
+    if found.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING_KIND:
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    return found.experiment_id
 
 
 def flatten_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -134,27 +314,13 @@ class AblationTracker:
     """Parent/child runs of ablations in one MLflow experiment, found by their key tags."""
 
     def __init__(self, experiment: str, uri: str | None = None):
-        from mlflow import MlflowClient
-
         self.uri = uri or tracking_uri()
-        self.client = MlflowClient(self.uri)
-        self.experiment_id = self._experiment(experiment)
+        self.experiment = experiment
+        self.client = open_store(self.uri)
 
-    def _experiment(self, name: str) -> str:
-        found = self.client.get_experiment_by_name(name)
-        if found is None:
-            try:
-                return self.client.create_experiment(name, artifact_location=artifact_location(self.uri),
-                                                     tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
-            except Exception:
-                found = self.client.get_experiment_by_name(name)
-                if found is None:
-                    raise
-        if found.lifecycle_stage != "active":
-            raise ValueError(f"MLflow experiment {name!r} is deleted in {self.uri}; restore it or choose another name")
-        if found.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING_KIND:
-            self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
-        return found.experiment_id
+    @cached_property
+    def experiment_id(self) -> str:
+        return get_or_create_experiment(self.client, self.uri, self.experiment)
 
     def _search(self, filter_string: str) -> list:
         from mlflow.entities import ViewType
@@ -174,23 +340,27 @@ class AblationTracker:
         self.client.delete_run(run_id)
 
     def parent(self, ablation_key: str, name: str, params: dict[str, str], tags: dict[str, str]) -> tuple[str, bool]:
-        """The parent run of ``ablation_key`` (reused, set RUNNING) or a new one; (run id, created)."""
+        """The parent run of ``ablation_key`` (reused, set RUNNING) or a new one; (run id, created).
+
+        Found by its tags, under :func:`store_lock`: processes logging one ablation at once share one parent.
+        """
         from mlflow.entities import Param
 
-        found = self._search(f"tags.`libra.ablation_key` = '{ablation_key}' and tags.`libra.role` = 'ablation'")
-        for extra in found[1:]:  # newest first; older duplicates (e.g. from a crash) go
-            self.delete_tree(extra.info.run_id)
-        if found:
-            run_id = found[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
-            for key, value in tags.items():
-                self.client.set_tag(run_id, key, value)
-            return run_id, False
-        run = self.client.create_run(self.experiment_id, run_name=name,
-                                     tags={**tags, "libra.ablation_key": ablation_key, "libra.role": "ablation"})
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        self.client.log_batch(run.info.run_id, params=items)
-        return run.info.run_id, True
+        with store_lock(self.uri):
+            found = self._search(f"tags.`libra.ablation_key` = '{ablation_key}' and tags.`libra.role` = 'ablation'")
+            for extra in found[1:]:  # newest first; older duplicates (e.g. from a crash) go
+                self.delete_tree(extra.info.run_id)
+            if found:
+                run_id = found[0].info.run_id
+                self.client.update_run(run_id, status="RUNNING")
+                for key, value in tags.items():
+                    self.client.set_tag(run_id, key, value)
+                return run_id, False
+            run = self.client.create_run(self.experiment_id, run_name=name,
+                                         tags={**tags, "libra.ablation_key": ablation_key, "libra.role": "ablation"})
+            items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+            self.client.log_batch(run.info.run_id, params=items)
+            return run.info.run_id, True
 
     def children(self, parent_id: str) -> list:
         return self._search(f"tags.`mlflow.parentRunId` = '{parent_id}'")
@@ -236,8 +406,9 @@ class AblationTracker:
         return run_id, "replaced" if same_key else "created"
 
     def log_report(self, run_id: str, report_dir: Path, files: list[Path], metrics: dict[str, float],
-                   digest: str) -> bool:
-        """Attach the report to the parent unless this exact report is already there; True if logged."""
+                   digest: str, tags: dict[str, str]) -> bool:
+        """Attach the report (files, metrics, tags) to the parent unless this exact report is already
+        there; True if logged."""
         from mlflow.entities import Metric
 
         run = self.client.get_run(run_id)
@@ -248,6 +419,8 @@ class AblationTracker:
         for path in files:
             relative = Path(path).relative_to(report_dir).parent.as_posix()
             self.client.log_artifact(run_id, str(path), "report" if relative == "." else f"report/{relative}")
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
         self.client.set_tag(run_id, "libra.report_digest", digest)
         return True
 
@@ -271,6 +444,7 @@ def log_ablation(plan_dir: Path, report_dir: Path, manifest: dict[str, Any], par
     from pipeline.report.results import load_run, read_summary, validation_ground_truth
     from pipeline.runplan import read_run_plan
 
+    tracker = AblationTracker(experiment, uri)  # the store first: fail fast when it does not answer
     summary = read_summary(plan_dir)
     plans = [read_run_plan(root / entry["plan"]) for entry in summary["runs"]]
     dataset_digest = manifest["digest"]
@@ -282,7 +456,6 @@ def log_ablation(plan_dir: Path, report_dir: Path, manifest: dict[str, Any], par
               "libra.dataset_digest": dataset_digest, "libra.profile": summary["profile"],
               "libra.design": summary["design"]}
 
-    tracker = AblationTracker(experiment, uri)
     parent_id, created = tracker.parent(key, f"ablation {summary['profile']}/{summary['design']} {key[:8]}",
                                         parent_params, common)
     existing = tracker.children(parent_id)
@@ -318,9 +491,13 @@ def log_ablation(plan_dir: Path, report_dir: Path, manifest: dict[str, Any], par
 
     report_files = sorted(p for p in Path(report_dir).rglob("*") if p.is_file() and p.name != "mlflow.json")
     report_metrics = json.loads((Path(report_dir) / "metrics.json").read_text())
+    claims = report_metrics.pop("claims", {})
     flat = {f"{det}/{variant}/{name}": value for det, variants in report_metrics.items()
             for variant, values in variants.items() for name, value in values.items()}
-    tracker.log_report(parent_id, Path(report_dir), report_files, flat, digest_files(report_files))
+    flat.update({f"claims/{key}/{name}": value for key, values in claims.items()
+                 for name, value in values.items() if name != "verdict"})
+    verdicts = {f"libra.verdict.{key}": values["verdict"] for key, values in claims.items()}
+    tracker.log_report(parent_id, Path(report_dir), report_files, flat, digest_files(report_files), verdicts)
     tracker.client.set_terminated(parent_id, "FINISHED")
     return {"tracking_uri": tracker.uri, "experiment": experiment, "experiment_id": tracker.experiment_id,
             "parent_run_id": parent_id, "parent_created": created, "ablation_key": key, "runs": done}

@@ -27,9 +27,12 @@ def run(args: argparse.Namespace) -> None:
     settings = ReportSettings.from_params(read_params(args.params).get("report"))
     manifest = json.loads(args.manifest.read_text()) if args.manifest.exists() else None
     metrics = write_report(args.plan, args.out, settings, manifest)
+    claims = metrics.pop("claims")
     for detector, variants in metrics.items():
         for variant, values in variants.items():
             delta = (f", ΔAP {values['dAP']:+.1f} [{values.get('dAP_ci_low', float('nan')):+.1f}, "
                      f"{values.get('dAP_ci_high', float('nan')):+.1f}]") if "dAP" in values else ""
             print(f"{detector:12s} {variant:24s} AP {values['AP']:5.1f}{delta}")
+    for key, claim in claims.items():
+        print(f"{key:28s} {claim['delta']:+.2f} [{claim['ci_low']:+.2f}, {claim['ci_high']:+.2f}] {claim['verdict']}")
     print(f"wrote {args.out / 'ablation.md'}, {args.out / 'ablation.csv'} and {args.out / 'figures'}")

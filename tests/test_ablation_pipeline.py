@@ -116,7 +116,9 @@ def test_repro_writes_every_output_with_its_schema(smoke_repo):
     assert paper.set_index(["detector", "variant"]).loc[("faster_rcnn", "IS+BFP+BL"), "AP"] == pytest.approx(38.5)
 
     summary = json.loads((repo / "reports/metrics.json").read_text())
-    assert set(summary) == {"faster_rcnn", "retinanet"} and "dAP" in summary["faster_rcnn"]["IS+BFP+BL"]
+    assert set(summary) == {"faster_rcnn", "retinanet", "claims"} and "dAP" in summary["faster_rcnn"]["IS+BFP+BL"]
+    assert {c["verdict"] for c in summary["claims"].values()} <= {"reproduced", "not resolved", "contradicted"}
+    assert len(summary["claims"]) == 9
     markdown = (repo / "reports/ablation.md").read_text()
     assert "## Faster R-CNN" in markdown and "## RetinaNet" in markdown and "95% CI" in markdown
     figures = {p.name for p in (repo / "reports/figures").glob("*.png")}

@@ -7,7 +7,8 @@ import pytest
 from scipy.stats import binom
 
 from pipeline.engine.coco_eval import IOU_THRESHOLDS, evaluate_coco
-from pipeline.report.bootstrap import ap_samples, paired_delta, resample_counts
+from pipeline.report.bootstrap import PairedDelta, ap_samples, paired_delta, resample_counts, seed_draws
+from pipeline.report.claims import high_iou_gain_over_ap50, verdict
 from pipeline.report.per_image import RECALL_THRESHOLDS, average_precision, match_images
 
 CATEGORIES = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 3, "name": "c"}]
@@ -142,3 +143,49 @@ def test_no_detections_and_resample_counts():
     counts = resample_counts(10, 100, seed=0)
     assert counts.shape == (100, 10) and (counts.sum(axis=1) == 10).all()
     assert (resample_counts(10, 100, seed=0) == counts).all()
+
+
+def _seed_spread_case(recalled: tuple[int, ...], n: int = 60, resamples: int = 2000):
+    """Baseline perfect; variant seed k finds the objects of the first ``recalled[k]`` images."""
+    gt = _one_box_per_image(n)
+    counts = resample_counts(n, resamples, seed=3)
+    baseline = ap_samples(match_images(gt, _perfect(range(1, n + 1))), counts)
+    variants = [ap_samples(match_images(gt, _perfect(range(1, m + 1))), counts) for m in recalled]
+    return variants, [baseline] * len(recalled)
+
+
+def test_two_level_statistic_draws_seed_pairs_within_each_image_resample():
+    variants, baselines = _seed_spread_case((20, 40, 55), resamples=300)
+    delta = paired_delta(variants, baselines, seed=7)
+    by_seed = np.stack([v.resampled.mean(axis=1) - b.resampled.mean(axis=1) for v, b in zip(variants, baselines)])
+    drawn = seed_draws(3, 300, seed=7)
+    expected = np.array([by_seed[drawn[r], r].mean() for r in range(300)])
+    assert delta.resampled == pytest.approx(expected, abs=1e-12)
+    assert sorted(np.unique(drawn)) == [0, 1, 2]
+
+
+def test_seed_spread_widens_the_interval_beyond_the_image_only_one():
+    """Three seeds far apart: the image-only interval is the sampling error of their mean; the
+    two-level interval adds the seed spread, so it contains the image-only one and is wider."""
+    variants, baselines = _seed_spread_case((20, 40, 55))
+    delta = paired_delta(variants, baselines)
+    assert delta.ci_low < delta.image_ci_low < delta.delta < delta.image_ci_high < delta.ci_high
+    assert (delta.ci_high - delta.ci_low) > 1.5 * (delta.image_ci_high - delta.image_ci_low)
+
+
+def test_one_seed_two_level_equals_image_only():
+    variants, baselines = _seed_spread_case((40,))
+    delta = paired_delta(variants, baselines)
+    assert (delta.ci_low, delta.ci_high) == (delta.image_ci_low, delta.image_ci_high)
+
+
+@pytest.mark.parametrize("low, high, expected", [(0.1, 0.5, "reproduced"), (-0.5, -0.1, "contradicted"),
+                                                 (-0.1, 0.5, "not resolved"), (0.0, 0.5, "not resolved")])
+def test_verdicts_read_the_interval(low, high, expected):
+    assert verdict(PairedDelta((low + high) / 2, low, high, low, high, (0.0,), np.zeros(1))) == expected
+
+
+def test_high_iou_statistic():
+    ap = np.array([[0.6, 0.58, 0.55, 0.5, 0.45, 0.4, 0.3, 0.2, 0.1, 0.0]])
+    assert high_iou_gain_over_ap50(ap) == pytest.approx([(0.3 + 0.1) / 2 - 0.6])
+    assert (IOU_THRESHOLDS[6], IOU_THRESHOLDS[8]) == ("0.80", "0.90")

@@ -10,6 +10,7 @@ from conftest import ROOT
 from pipeline.ablation import plan_ablation, read_params
 from pipeline.engine.coco_eval import IOU_THRESHOLDS
 from pipeline.report.bootstrap import PairedDelta
+from pipeline.report.claims import CLAIMS
 from pipeline.report.results import RunResult
 from pipeline.report.tables import COLUMNS, ablation_table, detector_markdown, summary_metrics
 
@@ -27,7 +28,7 @@ def table() -> tuple[pd.DataFrame, dict]:
     ap = {"baseline": 0.30, "IS": 0.32, "IS+BFP": 0.33, "IS+BFP+BL": 0.35}
     results = [RunResult(r, _metrics(ap.get(r.combo, 0.25) + 0.01 * r.seed), [], pd.DataFrame(), None)
                for r in ablation.selected_runs]
-    deltas = {("faster_rcnn", "IS+BFP+BL"): PairedDelta(0.05, 0.03, 0.07, (0.05, 0.05), np.zeros(3))}
+    deltas = {("faster_rcnn", "IS+BFP+BL"): PairedDelta(0.05, 0.03, 0.07, 0.04, 0.06, (0.05, 0.05), np.zeros(3))}
     correlations = {("retinanet", "IoU-cls"): {"pearson": 0.4, "spearman": 0.35}}
     return ablation_table(summary, results, deltas, correlations), summary
 
@@ -40,6 +41,7 @@ def test_schema_rows_and_units(table):
     row = ours.set_index(["detector", "variant"]).loc[("faster_rcnn", "IS+BFP+BL")]
     assert row["AP"] == pytest.approx(35.5) and row["AP_sd"] == pytest.approx(np.std([35, 36], ddof=1))
     assert (row["dAP"], row["dAP_ci_low"], row["dAP_ci_high"]) == pytest.approx((5.0, 3.0, 7.0))
+    assert (row["dAP_image_ci_low"], row["dAP_image_ci_high"]) == pytest.approx((4.0, 6.0))
     assert row["dAP_sd"] == pytest.approx(0.0)
     assert bool(row["IS"]) and bool(row["BFP"]) and bool(row["BL"]) and pd.isna(row["IoU-cls"])
     assert row["AP@0.50"] == pytest.approx(65.5) and row["AP@0.95"] == pytest.approx(65.5 - 54)
@@ -57,12 +59,15 @@ def test_schema_rows_and_units(table):
 
 def test_summary_metrics_and_markdown(table):
     frame, _ = table
-    metrics = summary_metrics(frame)
-    assert set(metrics) == {"faster_rcnn", "retinanet"}
+    claim = CLAIMS[2]
+    metrics = summary_metrics(frame, [(claim, PairedDelta(-0.02, -0.03, -0.01, -0.025, -0.015, (-0.02,), np.zeros(3)))])
+    assert set(metrics) == {"faster_rcnn", "retinanet", "claims"}
+    assert metrics["claims"] == {claim.key: {"delta": -2.0, "ci_low": -3.0, "ci_high": -1.0,
+                                             "verdict": "contradicted", "verdict_code": -1}}
     assert metrics["faster_rcnn"]["IS+BFP+BL"]["dAP"] == pytest.approx(5.0)
     assert "dAP" not in metrics["faster_rcnn"]["baseline"]
     lines = "\n".join(detector_markdown(frame, "faster_rcnn", 0.95))
     assert "| variant | IS | BFP | BL | source | AP |" in lines
     assert "| IS+BFP+BL | ✓ | ✓ | ✓ | ours | 35.5 ± 0.7 |" in lines
-    assert "5.0 ± 0.0 | [3.0, 7.0] |" in lines
-    assert "|  | ✓ | ✓ | ✓ | paper | 38.5 | 59.3 | 42.0 | 22.9 | 42.1 | 50.5 | 2.6 |  |" in lines
+    assert "5.0 ± 0.0 | [3.0, 7.0] | [4.0, 6.0] |" in lines
+    assert "|  | ✓ | ✓ | ✓ | paper | 38.5 | 59.3 | 42.0 | 22.9 | 42.1 | 50.5 | 2.6 |  |  |" in lines

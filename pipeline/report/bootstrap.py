@@ -1,19 +1,25 @@
-"""Paired bootstrap over validation images for the AP difference of a variant and its baseline.
+"""Paired two-level bootstrap for the AP difference of a variant and its baseline.
 
-Every resample draws the validation images with replacement (multinomial counts); the *same*
-resample is applied to the variant's and the baseline's detections, so what varies between
-resamples is only which images are evaluated, and the image-to-image variation both detectors
-share cancels in the difference. With several seeds, the statistic of one resample is the mean
-over seeds of ``AP(variant, seed s) - AP(baseline, seed s)`` (runs paired by seed), so the
-interval covers the image sampling of the seed-averaged difference; the spread over seeds is
-reported separately as a standard deviation. The interval is the percentile interval of the
-resampled statistic.
+Two sources of variation separate a measured ΔAP from the true one: which validation images were
+evaluated, and the training run's luck (its seed). The interval covers both, in one bootstrap:
+
+* images: every resample draws the validation images with replacement (multinomial counts), and
+  the *same* draw is applied to the variant and the baseline of every seed, because all runs are
+  evaluated on the one validation set; image-to-image variation the runs share cancels in ΔAP;
+* seeds: within the same resample the seed pairs are drawn with replacement (variant seed k stays
+  paired with baseline seed k), and the statistic is the mean ΔAP over the drawn pairs.
+
+The interval is the percentile interval of the resampled statistic. The image-only interval (all
+seed pairs in every resample) is kept beside it. With S seeds the seed level has only S distinct
+values per pair, so with few seeds the interval is coarse and, like every bootstrap over S items,
+somewhat narrow (the resampled variance is (S - 1) / S of the sample variance).
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -56,10 +62,14 @@ class PairedDelta:
     """Seed-averaged difference on the full validation set."""
     ci_low: float
     ci_high: float
+    """Two-level (seeds and images) percentile interval."""
+    image_ci_low: float
+    image_ci_high: float
+    """Image-only percentile interval: every seed pair in every resample."""
     per_seed: tuple[float, ...]
     """The difference for each seed pair (full set)."""
     resampled: np.ndarray
-    """[R] the statistic of each resample."""
+    """[R] the two-level statistic of each resample."""
 
     @property
     def seed_sd(self) -> float:
@@ -67,18 +77,36 @@ class PairedDelta:
         return float(np.std(self.per_seed, ddof=1)) if len(self.per_seed) > 1 else float("nan")
 
 
-def _pick(ap: np.ndarray, metric: slice | int) -> np.ndarray:
-    picked = ap[..., metric]
-    return picked if isinstance(metric, int) else picked.mean(axis=-1)
+Statistic = Callable[[np.ndarray], np.ndarray]
+"""AP per IoU threshold [..., T] -> one number per leading index [...]."""
+
+
+def coco_ap(ap: np.ndarray) -> np.ndarray:
+    """COCO AP: the mean over the IoU thresholds 0.50:0.95."""
+    return ap.mean(axis=-1)
+
+
+def _percentile_interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
+    tail = (1 - confidence) / 2
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        return float("nan"), float("nan")
+    low, high = np.quantile(finite, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def seed_draws(num_seeds: int, resamples: int, seed: int) -> np.ndarray:
+    """[R, S] indices of the seed pairs drawn (with replacement) in each resample."""
+    return np.random.default_rng([seed, 1]).integers(0, num_seeds, size=(resamples, num_seeds))
 
 
 def paired_delta(variant: list[APSamples], baseline: list[APSamples], confidence: float = 0.95,
-                 metric: slice | int = slice(None)) -> PairedDelta:
-    """ΔAP of ``variant`` over ``baseline`` with a paired percentile bootstrap interval.
+                 statistic: Statistic = coco_ap, seed: int = 0) -> PairedDelta:
+    """Δ ``statistic`` of ``variant`` over ``baseline`` with the two-level and the image-only interval.
 
     ``variant[s]`` and ``baseline[s]`` are the samples of seed ``s`` of each, all made with the
-    same resample counts. ``metric`` picks IoU thresholds of the AP per threshold: all (COCO AP,
-    the default), ``0`` for AP50, ``5`` for AP75.
+    same image resample counts; ``seed`` seeds the draws of seed pairs. ``statistic`` maps AP per
+    IoU threshold to the compared number: COCO AP by default, e.g. ``lambda ap: ap[..., 0]`` for AP50.
     """
     if len(variant) != len(baseline) or not variant:
         raise ValueError(f"need the same non-zero number of variant and baseline runs, got {len(variant)} and {len(baseline)}")
@@ -86,10 +114,11 @@ def paired_delta(variant: list[APSamples], baseline: list[APSamples], confidence
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     if len({s.resampling for s in (*variant, *baseline)}) != 1:
         raise ValueError("the runs were resampled differently (other images or other counts); cannot pair them")
-    per_seed = tuple(float(_pick(v.full, metric) - _pick(b.full, metric)) for v, b in zip(variant, baseline))
-    resampled = np.mean([_pick(v.resampled, metric) - _pick(b.resampled, metric)
-                         for v, b in zip(variant, baseline)], axis=0)
-    tail = (1 - confidence) / 2
-    finite = resampled[np.isfinite(resampled)]
-    low, high = np.quantile(finite, [tail, 1 - tail]) if finite.size else (np.nan, np.nan)
-    return PairedDelta(float(np.mean(per_seed)), float(low), float(high), per_seed, resampled)
+    per_seed = tuple(float(statistic(v.full) - statistic(b.full)) for v, b in zip(variant, baseline))
+    by_seed = np.stack([statistic(v.resampled) - statistic(b.resampled) for v, b in zip(variant, baseline)])  # [S, R]
+    resamples = by_seed.shape[1]
+    drawn = seed_draws(len(per_seed), resamples, seed)
+    two_level = by_seed[drawn, np.arange(resamples)[:, None]].mean(axis=1)
+    low, high = _percentile_interval(two_level, confidence)
+    image_low, image_high = _percentile_interval(by_seed.mean(axis=0), confidence)
+    return PairedDelta(float(np.mean(per_seed)), low, high, image_low, image_high, per_seed, two_level)

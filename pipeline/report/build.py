@@ -12,11 +12,12 @@ import pandas as pd
 
 from pipeline.engine.coco_eval import IOU_THRESHOLDS
 from pipeline.report import figures
+from pipeline.report.claims import CLAIMS, Claim
 from pipeline.report.bootstrap import APSamples, PairedDelta, ap_samples, paired_delta, resample_counts
 from pipeline.report.localization import detection_ious, score_iou_correlation
 from pipeline.report.per_image import match_images
 from pipeline.report.results import RunResult, load_results, validation_ground_truth
-from pipeline.report.tables import ablation_table, detector_markdown, summary_metrics
+from pipeline.report.tables import ablation_table, claims_markdown, detector_markdown, summary_metrics
 from pipeline.io import write_text_atomic
 
 DETECTOR_TITLES = {"faster_rcnn": "Faster R-CNN", "retinanet": "RetinaNet"}
@@ -47,21 +48,38 @@ def _ground_truths(results: list[RunResult]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _paired_runs(results: list[RunResult], detector: str, combo: str, reference: str
+                 ) -> tuple[list[RunResult], list[RunResult]]:
+    """The runs of ``combo`` and of ``reference`` for the seeds both have, paired by seed."""
+    runs = {(r.plan.combo, r.plan.seed): r for r in results if r.plan.detector == detector}
+    seeds = sorted(s for c, s in runs if c == combo and (reference, s) in runs)
+    return [runs[(combo, s)] for s in seeds], [runs[(reference, s)] for s in seeds]
+
+
 def compute_deltas(summary: dict[str, Any], results: list[RunResult], samples: dict[str, APSamples],
-                   confidence: float) -> dict[tuple[str, str], PairedDelta]:
+                   settings: ReportSettings) -> dict[tuple[str, str], PairedDelta]:
     """ΔAP of every variant over its detector's baseline, runs paired by seed."""
     deltas = {}
     for detector, spec in summary["detectors"].items():
-        runs = {(r.plan.combo, r.plan.seed): r for r in results if r.plan.detector == detector}
         for combo in spec["variants"]:
-            if combo == "baseline":
-                continue
-            seeds = sorted(s for c, s in runs if c == combo and ("baseline", s) in runs)
-            if seeds:
-                deltas[(detector, combo)] = paired_delta([samples[runs[(combo, s)].name] for s in seeds],
-                                                         [samples[runs[("baseline", s)].name] for s in seeds],
-                                                         confidence)
+            variant, baseline = _paired_runs(results, detector, combo, "baseline")
+            if combo != "baseline" and variant:
+                deltas[(detector, combo)] = paired_delta([samples[r.name] for r in variant],
+                                                         [samples[r.name] for r in baseline],
+                                                         settings.confidence, seed=settings.seed)
     return deltas
+
+
+def evaluate_claims(results: list[RunResult], samples: dict[str, APSamples],
+                settings: ReportSettings) -> list[tuple[Claim, PairedDelta]]:
+    """Every claim of :data:`CLAIMS` whose two combinations were both run, with its paired difference."""
+    tested = []
+    for claim in CLAIMS:
+        claimed, reference = _paired_runs(results, claim.detector, claim.combo, claim.reference)
+        if claimed:
+            tested.append((claim, paired_delta([samples[r.name] for r in claimed], [samples[r.name] for r in reference],
+                                               settings.confidence, claim.statistic, settings.seed)))
+    return tested
 
 
 def _box_losses(results: list[RunResult]) -> dict[str, Any]:
@@ -135,7 +153,8 @@ def write_report(plan_dir: Path, out_dir: Path, settings: ReportSettings, manife
         if ids not in counts_by_images:
             counts_by_images[ids] = resample_counts(len(ids), settings.resamples, settings.seed)
         samples[r.name] = ap_samples(matches[r.name], counts_by_images[ids])
-    deltas = compute_deltas(summary, results, samples, settings.confidence)
+    deltas = compute_deltas(summary, results, samples, settings)
+    claims = evaluate_claims(results, samples, settings)
 
     correlations, score_panels = {}, {}
     for detector, spec in summary["detectors"].items():
@@ -150,7 +169,7 @@ def write_report(plan_dir: Path, out_dir: Path, settings: ReportSettings, manife
             score_panels[detector][combo] = (scores, ious, correlations[(detector, combo)])
 
     table = ablation_table(summary, results, deltas, correlations)
-    metrics = summary_metrics(table)
+    metrics = summary_metrics(table, claims)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "ablation.csv", table.to_csv(index=False, float_format="%.3f"))
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=1, sort_keys=True) + "\n")
@@ -181,11 +200,11 @@ def write_report(plan_dir: Path, out_dir: Path, settings: ReportSettings, manife
         title = f"{DETECTOR_TITLES.get(detector, detector)}: training curves (mean over seeds)"
         drawn.append((title, figures.training_curves(curves, fig_dir / f"training_curves_{detector}.png", title)))
 
-    write_text_atomic(out_dir / "ablation.md", _markdown(summary, table, settings, manifest, results, drawn, out_dir))
+    write_text_atomic(out_dir / "ablation.md", _markdown(summary, table, claims, settings, manifest, results, drawn, out_dir))
     return metrics
 
 
-def _markdown(summary: dict[str, Any], table: pd.DataFrame, settings: ReportSettings, manifest: dict[str, Any] | None,
+def _markdown(summary: dict[str, Any], table: pd.DataFrame, claims: list[tuple[Claim, PairedDelta]], settings: ReportSettings, manifest: dict[str, Any] | None,
               results: list[RunResult], drawn: list[tuple[str, Path]], out_dir: Path) -> str:
     val_images = results[0].metrics.get("num_images")
     data = (f"{manifest['source']} data ({manifest['root']}, digest {manifest['digest'][:12]})" if manifest
@@ -196,6 +215,8 @@ def _markdown(summary: dict[str, Any], table: pd.DataFrame, settings: ReportSett
          f"{len(results)} runs, each evaluated on {val_images} validation images. COCO bbox metrics in percent "
          "(ours: mean over seeds, ± sample standard deviation over seeds)."), "",
     ]
+    if claims:
+        lines += ["## Verdicts on the papers' claims", "", *claims_markdown(claims, settings.confidence), ""]
     for detector in summary["detectors"]:
         if (table["detector"] == detector).any():
             lines += [f"## {DETECTOR_TITLES.get(detector, detector)}", ""]
@@ -203,18 +224,27 @@ def _markdown(summary: dict[str, Any], table: pd.DataFrame, settings: ReportSett
     lines += ["## Figures", ""]
     for title, path in drawn:
         lines += [f"### {title}", "", f"![{title}]({path.relative_to(out_dir).as_posix()})", ""]
+    level = f"{round(100 * settings.confidence)}%"
     method = [
         ("**ΔAP** is the AP of a variant minus the AP of its detector's baseline, averaged over the seeds "
          "(variant seed k paired with baseline seed k); `±` is the standard deviation of the per-seed differences."),
-        (f"**{round(100 * settings.confidence)}% CI**: paired percentile bootstrap over validation images, "
-         f"{settings.resamples} resamples (seed {settings.seed}). Each resample draws the validation images with "
-         "replacement; the same draw is applied to the variant and to the baseline of every seed, and the "
-         "statistic is the seed-averaged ΔAP on the drawn multiset. COCO's per-image matching (pycocotools "
-         "`evaluateImg`, area all, 100 detections per image) is computed once per run; for each resample the "
-         "precision/recall accumulation is redone with every detection and ground truth of an image counted as "
-         "often as the image was drawn, which equals evaluating the multiset with duplicated images re-indexed "
-         "(up to the order of equal scores); with every image drawn once it reproduces COCOeval's AP exactly."),
-        "The interval reflects which images were evaluated, not training noise; the seed spread is the ± term.",
+        (f"**{level} CI (seeds + images)**: a two-level paired percentile bootstrap, {settings.resamples} resamples "
+         f"(seed {settings.seed}). Each resample draws the validation images with replacement and, independently, "
+         "the seed pairs with replacement; the statistic is the mean ΔAP over the drawn seed pairs on the drawn "
+         "image multiset. The image draw is shared by every run, because every run is evaluated on the same "
+         "validation set; the seed draw keeps variant seed k with baseline seed k. It assumes that seeds are "
+         "exchangeable draws of the training noise and images exchangeable draws of the data; with "
+         f"{len(summary['seeds'])} seeds the seed level has few distinct values, so the interval is coarse and "
+         "somewhat narrow (a bootstrap over S items has (S - 1)/S of the sample variance)."),
+        (f"**{level} CI (images only)**: the same image resamples with every seed pair in every resample: the "
+         "uncertainty from which images were evaluated, for these trained models."),
+        ("**Weighted COCO AP**: COCO's per-image matching (pycocotools `evaluateImg`, area all, 100 detections "
+         "per image) is computed once per run; for each resample the precision/recall accumulation is redone "
+         "with every detection and ground truth of an image counted as often as the image was drawn, which "
+         "equals evaluating the multiset with duplicated images re-indexed (up to the order of equal scores); "
+         "with every image drawn once it reproduces COCOeval's AP exactly."),
+        ("**Verdicts**: *reproduced* when the seeds + images interval of the claimed difference excludes 0 on "
+         "the paper's side, *contradicted* when it excludes 0 on the other side, *not resolved* when it contains 0."),
         ("**Score vs IoU**: each detection's IoU with the best-overlapping ground truth of the same class in its "
          "image (0 if none); Pearson and Spearman correlation over all detections of the variant's seeds."),
         ("**Sampled negatives**: the IoU histogram the Faster R-CNN sampler accumulates over all training "

@@ -11,17 +11,19 @@ import pandas as pd
 from pipeline.ablation import COMPONENTS, DETECTOR_COMPONENTS
 from pipeline.engine.coco_eval import IOU_THRESHOLDS
 from pipeline.report.bootstrap import PairedDelta
+from pipeline.report.claims import VERDICT_CODES, Claim, verdict
 from pipeline.report.reference import PAPER_SOURCES, paper_row
 from pipeline.report.results import RunResult
 
 BOX_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_COLUMNS = tuple(f"AP@{t}" for t in IOU_THRESHOLDS)
-DELTA_COLUMNS = ("dAP", "dAP_sd", "dAP_ci_low", "dAP_ci_high")
+DELTA_COLUMNS = ("dAP", "dAP_sd", "dAP_ci_low", "dAP_ci_high", "dAP_image_ci_low", "dAP_image_ci_high")
 COLUMNS = ("detector", "variant", "source", *COMPONENTS, "seeds", *BOX_METRICS, "AP_sd", *IOU_COLUMNS,
            *DELTA_COLUMNS, "score_iou_pearson", "score_iou_spearman")
 """Columns of ``ablation.csv``. Components: True/False (empty where the detector has no such
-component); metrics in percent; ``AP_sd`` and ``dAP_sd`` over seeds; ``dAP_ci_*`` the paired
-bootstrap interval; score-IoU correlations of the detections pooled over seeds."""
+component); metrics in percent; ``AP_sd`` and ``dAP_sd`` over seeds; ``dAP_ci_*`` the two-level
+(seeds and images) paired bootstrap interval, ``dAP_image_ci_*`` the image-only one; score-IoU
+correlations of the detections pooled over seeds."""
 
 
 def _percent(value: float) -> float:
@@ -57,7 +59,9 @@ def ablation_table(summary: dict[str, Any], results: list[RunResult],
             delta = deltas.get((detector, combo))
             if delta is not None:
                 row.update(dAP=_percent(delta.delta), dAP_sd=_percent(delta.seed_sd),
-                           dAP_ci_low=_percent(delta.ci_low), dAP_ci_high=_percent(delta.ci_high))
+                           dAP_ci_low=_percent(delta.ci_low), dAP_ci_high=_percent(delta.ci_high),
+                           dAP_image_ci_low=_percent(delta.image_ci_low),
+                           dAP_image_ci_high=_percent(delta.image_ci_high))
             corr = correlations.get((detector, combo), {})
             row.update(score_iou_pearson=corr.get("pearson", float("nan")),
                        score_iou_spearman=corr.get("spearman", float("nan")))
@@ -69,15 +73,30 @@ def ablation_table(summary: dict[str, Any], results: list[RunResult],
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
-def summary_metrics(table: pd.DataFrame) -> dict[str, Any]:
-    """``{detector: {variant: {AP, AP_sd, AP50, AP75, dAP, dAP_ci_low, dAP_ci_high}}}`` of our rows
-    (the DVC metrics file of the report; NaN values left out)."""
+def summary_metrics(table: pd.DataFrame, claims: list[tuple[Claim, PairedDelta]]) -> dict[str, Any]:
+    """The DVC metrics file of the report: ``{detector: {variant: {AP, AP_sd, AP50, AP75, dAP,
+    dAP_ci_low, dAP_ci_high}}}`` of our rows (NaN values left out), and ``claims``: per claim its
+    difference and interval (percent), verdict and verdict code (1 / 0 / -1)."""
     out: dict[str, Any] = {}
     for row in table[table["source"] == "ours"].to_dict("records"):
         values = {k: round(float(row[k]), 3) for k in ("AP", "AP_sd", "AP50", "AP75", "dAP", "dAP_ci_low", "dAP_ci_high")
                   if row[k] is not None and not pd.isna(row[k])}
         out.setdefault(row["detector"], {})[row["variant"]] = values
+    out["claims"] = {claim.key: {"delta": round(_percent(d.delta), 3), "ci_low": round(_percent(d.ci_low), 3),
+                                 "ci_high": round(_percent(d.ci_high), 3), "verdict": verdict(d),
+                                 "verdict_code": VERDICT_CODES[verdict(d)]}
+                     for claim, d in claims}
     return out
+
+
+def claims_markdown(claims: list[tuple[Claim, PairedDelta]], confidence: float) -> list[str]:
+    """The verdict table: claim, comparison, paper, ours with its two-level interval, verdict."""
+    level = f"{round(100 * confidence)}%"
+    rows = [[claim.text, f"{claim.combo} vs {claim.reference} ({claim.detector})", claim.measure, claim.paper,
+             f"{_percent(d.delta):+.2f}", f"[{_percent(d.ci_low):+.2f}, {_percent(d.ci_high):+.2f}]",
+             f"**{verdict(d)}**"] for claim, d in claims]
+    return _md_table(["claim", "comparison", "measure", "paper", "ours (AP points)", f"{level} CI (seeds + images)",
+                      "verdict"], rows)
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
@@ -87,6 +106,11 @@ def _fmt(value: Any, digits: int = 1) -> str:
 def _pm(mean: Any, sd: Any) -> str:
     text = _fmt(mean)
     return f"{text} ± {_fmt(sd)}" if text and not pd.isna(sd) else text
+
+
+def _interval(row: dict[str, Any], prefix: str) -> str:
+    low, high = row[f"{prefix}_low"], row[f"{prefix}_high"]
+    return "" if pd.isna(low) else f"[{_fmt(low)}, {_fmt(high)}]"
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -99,15 +123,16 @@ def detector_markdown(table: pd.DataFrame, detector: str, confidence: float) -> 
     part = table[table["detector"] == detector]
     comps = list(DETECTOR_COMPONENTS[detector])
     level = f"{round(100 * confidence)}%"
-    header = ["variant", *comps, "source", "AP", "AP50", "AP75", "APs", "APm", "APl", "ΔAP", f"ΔAP {level} CI"]
+    header = ["variant", *comps, "source", "AP", "AP50", "AP75", "APs", "APm", "APl", "ΔAP",
+              f"ΔAP {level} CI (seeds + images)", f"ΔAP {level} CI (images only)"]
     rows = []
     for r in part.to_dict("records"):
         ours = r["source"] == "ours"
-        ci = f"[{_fmt(r['dAP_ci_low'])}, {_fmt(r['dAP_ci_high'])}]" if ours and not pd.isna(r["dAP_ci_low"]) else ""
         rows.append([r["variant"] if ours else "", *("✓" if r[c] is True else "" for c in comps), r["source"],
                      _pm(r["AP"], r["AP_sd"]) if ours else _fmt(r["AP"]),
                      *(_fmt(r[m]) for m in BOX_METRICS[1:]),
-                     _pm(r["dAP"], r["dAP_sd"]) if ours else _fmt(r["dAP"]), ci])
+                     _pm(r["dAP"], r["dAP_sd"]) if ours else _fmt(r["dAP"]),
+                     _interval(r, "dAP_ci") if ours else "", _interval(r, "dAP_image_ci") if ours else ""])
     lines = _md_table(header, rows)
     lines += ["", f"Paper rows: {PAPER_SOURCES.get(detector, '')}", ""]
     ours = part[part["source"] == "ours"]
