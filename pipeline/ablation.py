@@ -50,7 +50,7 @@ DESIGNS = ("table", "factorial")
 SYNTHETIC_ROOT = Path("data/synthetic")
 """Where the prepare stage writes the built-in set (its DVC output)."""
 
-PROFILE_KEYS = {"config", "data", "set"}
+PROFILE_KEYS = {"config", "data", "set", "pretrain"}
 DATA_PARAM_KEYS = {"source", "root", "seed", "max_images", "train_annotations", "val_annotations",
                    "train_images", "val_images", "num_workers"}
 SYNTHETIC_SIZE_KEYS = {"num_train", "num_val", "image_size"}

@@ -10,23 +10,38 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.config import PretrainConfig
 from pipeline.data import write_synthetic_coco
+from pipeline.engine.pretrain import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(2)
 
 
+def tiny_weights_path(root: Path) -> Path:
+    """The pre-trained tiny backbone that the ``synthetic_root`` fixture writes beside its set."""
+    return root.parent / "pretrained" / "tiny_backbone.pt"
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
+    """A 64/16-image built-in set and, beside it, a tiny backbone pre-trained for a few seconds."""
     root = tmp_path_factory.mktemp("data") / "synthetic"
     write_synthetic_coco(root, seed=0, num_train=64, num_val=16, image_size=128)
+    pretrain(PretrainConfig(num_train=512, num_val=64, epochs=1), tiny_weights_path(root), progress=False)
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_weights(synthetic_root) -> Path:
+    return tiny_weights_path(synthetic_root)
+
+
 def tiny_overrides(root: Path, **extra: object) -> list[str]:
-    """Overrides that turn a tiny config into a seconds-long run on ``root``."""
-    sets = {"data.root": str(root), "train.epochs": 1, "train.batch_size": 4, "train.warmup_steps": 2,
-            "train.log_every_n_steps": 1, "eval.batch_size": 8, "data.max_images": 16}
+    """Overrides that turn a tiny config into a seconds-long run on ``root`` (from the fixture's backbone)."""
+    sets = {"data.root": str(root), "model.backbone.weights": str(tiny_weights_path(root)), "train.epochs": 1,
+            "train.batch_size": 4, "train.warmup_steps": 2, "train.log_every_n_steps": 1, "eval.batch_size": 8,
+            "data.max_images": 16}
     sets.update(extra)
     return [f"{k}={v}" for k, v in sets.items()]
 

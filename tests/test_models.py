@@ -19,7 +19,7 @@ from pipeline.models import build_detector
      ["0", "1", "2", "p6", "p7"], [16, 8, 4, 2, 1]),
 ])
 def test_tiny_pyramids(detector, overrides, levels, sides):
-    cfg = load_config(Path(f"configs/{detector}_tiny.yaml"), overrides)
+    cfg = load_config(Path(f"configs/{detector}_tiny.yaml"), ["model.backbone.weights=null", *overrides])
     features = build_detector(cfg, num_classes=4).eval().backbone(torch.rand(1, 3, 128, 128))
     assert list(features) == levels
     assert [f.shape[-1] for f in features.values()] == sides
@@ -48,7 +48,8 @@ def test_backbone_weights_load_from_a_local_file(tmp_path):
 @pytest.mark.parametrize("head_init, tower_std", [("normal", 0.01), ("kaiming", (2 / (64 * 9)) ** 0.5)])
 def test_retinanet_subnet_init(head_init, tower_std):
     torch.manual_seed(0)
-    cfg = load_config(Path("configs/retinanet_tiny.yaml"), [f"model.retinanet.head_init={head_init}"])
+    cfg = load_config(Path("configs/retinanet_tiny.yaml"),
+                      ["model.backbone.weights=null", f"model.retinanet.head_init={head_init}"])
     head = build_detector(cfg, num_classes=4).head
     for subnet in (head.classification_head, head.regression_head):
         towers = [m.weight for m in subnet.conv.modules() if isinstance(m, torch.nn.Conv2d)]

@@ -12,7 +12,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, tiny_weights_path
 from optuna.trial import TrialState
 
 from pipeline.config import ConfigError, load_config
@@ -62,7 +62,8 @@ def _write_study(directory: Path, name: str, **changes) -> Path:
 
 def _tune_argv(study: str, storage: str, out: Path, work: Path, data_root: Path, *extra: str) -> list[str]:
     return ["tune", "--study", study, "--profile", "smoke", "--storage", storage, "--out", str(out),
-            "--work-dir", str(work), "--set", f"data.root={data_root}", "--set", "data.max_images=4", *extra]
+            "--work-dir", str(work), "--set", f"data.root={data_root}", "--set", f"model.backbone.weights={tiny_weights_path(data_root)}",
+            "--set", "data.max_images=4", *extra]
 
 
 def _env(mlflow_uri: str) -> dict[str, str]:
@@ -210,7 +211,8 @@ def test_bad_input_fails_early_and_leaves_nothing(case, tmp_path, monkeypatch, c
     start = time.monotonic()
     rc = libra_main(["tune", "--study", args["study"], "--profile", args["profile"], "--storage", args["storage"],
                      "--studies-dir", str(studies), "--out", str(tmp_path / "reports"), "--work-dir",
-                     str(tmp_path / "runs"), "--set", f"data.root={synthetic_root}", *args["extra"]])
+                     str(tmp_path / "runs"), "--set", f"data.root={synthetic_root}",
+                     "--set", f"model.backbone.weights={tiny_weights_path(synthetic_root)}", *args["extra"]])
     err = capsys.readouterr().err
     assert rc == 2 and "libra tune: error:" in err and expected in err, err
     assert time.monotonic() - start < 30, "fails fast"
@@ -235,7 +237,8 @@ def test_pruned_trial_ends_pruned_and_small_study_reports(tmp_path, monkeypatch,
     _write_study(studies, "balanced_l1", pruner={"type": "threshold", "lower": 2.0, "n_warmup_steps": 0})
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     out = tmp_path / "reports"
-    overrides = [f"data.root={synthetic_root}", "data.max_images=4"]
+    overrides = [f"data.root={synthetic_root}", f"model.backbone.weights={tiny_weights_path(synthetic_root)}",
+                 "data.max_images=4"]
     summary = run_tuning(TuneOptions(study="balanced_l1", profile="smoke", n_trials=1, storage=storage,
                                      study_name="pruned", overrides=overrides, out=out, work_dir=tmp_path / "runs",
                                      studies_dir=studies))
