@@ -7,11 +7,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .validate import CocoSplit, load_coco_json
+from .validate import CocoSplit, load_coco_json, read_image
 
 __all__ = ["CocoDetectionDataset", "collate_detection"]
 
@@ -23,7 +22,8 @@ class CocoDetectionDataset(Dataset):
     RGBA files are converted to RGB) and ``target`` with ``boxes`` float32 ``[n, 4]`` in absolute
     ``x1, y1, x2, y2`` clamped to the image, ``labels`` int64 ``[n]`` in ``1..num_classes``
     (categories in sorted id order; 0 is background) and ``image_id``. Crowd annotations are left
-    out of the targets.
+    out of the targets. An image file that cannot be read (changed since validation) raises a
+    :class:`DatasetError` naming the annotation file and the image id.
 
     With ``train=True`` the image is flipped horizontally with probability ``hflip_prob``, decided
     by a generator seeded from ``(seed, epoch, index)``: the same image in the same epoch is
@@ -67,8 +67,8 @@ class CocoDetectionDataset(Dataset):
         return len(self.split.image_ids)
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
-        with Image.open(self._paths[index]) as handle:
-            pixels = np.asarray(handle.convert("RGB"))
+        where = f"{self.split.annotation_file}: image id {self.split.image_ids[index]}"
+        pixels = np.asarray(read_image(self._paths[index], where, self.split.max_image_pixels))
         image = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)
         height, width = image.shape[-2:]
         boxes = self._boxes[index].clone()

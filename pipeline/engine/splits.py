@@ -5,11 +5,13 @@ Free of Lightning, so that evaluation, reporting and data preparation start quic
 
 from __future__ import annotations
 
-import json
+import functools
+import sys
 from typing import Any
 
 from pipeline.config import DataConfig
 from pipeline.data import CocoSplit, DatasetError, validate_coco
+from pipeline.data.validate import load_coco_json, with_coco_defaults
 
 
 def load_splits(cfg: DataConfig) -> tuple[CocoSplit, CocoSplit]:
@@ -20,16 +22,19 @@ def load_splits(cfg: DataConfig) -> tuple[CocoSplit, CocoSplit]:
     train = validate_coco(train_ann, cfg.resolve(cfg.train_images), cfg.max_images)
     val = validate_coco(cfg.resolve(cfg.val_annotations), cfg.resolve(cfg.val_images), cfg.max_images,
                         categories=train.categories)
+    warn_about(train)
+    warn_about(val)
     return train, val
 
 
 def coco_subset(split: CocoSplit) -> dict[str, Any]:
-    """The split's annotation file restricted to its selected images (the evaluation ground truth)."""
-    gt = json.loads(split.annotation_file.read_text())
+    """The split's annotation file restricted to its selected images (the evaluation ground truth),
+    with COCO's defaults for a missing ``area`` or ``iscrowd``."""
+    gt = load_coco_json(split.annotation_file)
     keep = set(split.image_ids)
     return {
         "images": [im for im in gt["images"] if im["id"] in keep],
-        "annotations": [a for a in gt["annotations"] if a["image_id"] in keep],
+        "annotations": [with_coco_defaults(a) for a in gt["annotations"] if a["image_id"] in keep],
         "categories": gt["categories"],
     }
 
@@ -39,4 +44,28 @@ def validation_split(cfg: DataConfig) -> CocoSplit:
     val_ann = cfg.resolve(cfg.val_annotations)
     if cfg.source == "synthetic" and not val_ann.exists():
         raise DatasetError(f"{val_ann}: the built-in data set is not there; run `libra prepare --out {cfg.root}` first")
-    return validate_coco(val_ann, cfg.resolve(cfg.val_images), cfg.max_images)
+    val = validate_coco(val_ann, cfg.resolve(cfg.val_images), cfg.max_images)
+    warn_about(val)
+    return val
+
+
+def warn_about(split: CocoSplit) -> None:
+    """Say on stderr what validation let through but a user should know: no annotations at all, or
+    annotations completed with COCO's defaults."""
+    file, count = split.annotation_file, len(split.image_ids)
+    if split.num_annotations == 0:
+        _warn(f"{file}: no annotations in the {count} selected images: training on them teaches only "
+              "background, and evaluating on them gives AP 0")
+    missing = []
+    if split.missing_area:
+        missing.append(f"{split.missing_area} without 'area' (using bbox w*h)")
+    if split.missing_iscrowd:
+        missing.append(f"{split.missing_iscrowd} without 'iscrowd' (using 0)")
+    if missing:
+        _warn(f"{file}: of {split.num_annotations} annotations, {' and '.join(missing)}, as COCO does")
+
+
+@functools.cache
+def _warn(message: str) -> None:
+    """Print a warning once per process (tuning, for one, validates the splits for every trial)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
