@@ -115,20 +115,29 @@ def connect_timeout_args(url: str, seconds: float) -> dict:
     return {}
 
 
+_HELD_LOCKS: set[Path] = set()
+
+
 @contextmanager
 def store_lock(uri: str) -> Iterator[None]:
     """Excludes the other processes of this host from a local SQLite store's get-or-create steps:
-    ``flock`` on ``<database>.lock`` beside it. Nothing for other stores."""
-    path = sqlite_path(uri)
-    lock = FileLock(path.with_name(path.name + ".lock") if path else None)
+    ``flock`` on ``<database>.lock`` beside it; re-entrant within a process. Nothing for other stores."""
+    database = sqlite_path(uri)
+    path = database.with_name(database.name + ".lock").absolute() if database else None
+    if path is None or path in _HELD_LOCKS:
+        yield
+        return
+    lock = FileLock(path)
     try:
         lock.acquire()
     except OSError as exc:
-        raise TrackingStoreError(f"MLflow store {uri}: cannot create the lock file {lock.path} ({exc.strerror}): "
+        raise TrackingStoreError(f"MLflow store {uri}: cannot create the lock file {path} ({exc.strerror}): "
                                  f"the directory must be writable; set MLFLOW_TRACKING_URI to another store") from None
+    _HELD_LOCKS.add(path)
     try:
         yield
     finally:
+        _HELD_LOCKS.discard(path)
         lock.release()
 
 
@@ -194,8 +203,8 @@ def _probe_database(uri: str, shown: str) -> None:
         raise TrackingStoreError(f"MLflow store {shown}: its database driver is not installed ({exc})") from None
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise TrackingStoreError(f"cannot reach the MLflow store {shown} within {PROBE_TIMEOUT} s: {reason}; "
-                                 "start it, or set MLFLOW_TRACKING_URI to a store that answers") from None
+        raise TrackingStoreError(f"cannot reach the MLflow store {shown}: {reason}; start it, or set "
+                                 "MLFLOW_TRACKING_URI to a store that answers") from None
     engine.dispose()
 
 

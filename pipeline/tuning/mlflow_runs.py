@@ -2,7 +2,9 @@
 
 Written with ``MlflowClient`` (explicit run ids, no global "active run"), so several worker processes
 log into the same store side by side. The parent run's id is kept in the Optuna study's user
-attributes, so every worker, on any host, and every resume nests its trials under the same parent.
+attributes, so every worker, on any host, and every resume nests its trials under the same parent;
+it is looked up or created under the store's lock (see :func:`pipeline.tracking.store_lock`), and
+found by the study's ``uid`` tag if the attribute was never written.
 Trial runs carry the tags ``optuna.study`` and ``optuna.trial_number``, params (the sampled values
 and the flattened trial config), ``val/*`` per epoch (step = epoch), and the trial's final state
 (tag ``optuna.state``; run status FINISHED for COMPLETE, KILLED for PRUNED, FAILED for FAIL).
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from pipeline.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, artifact_location, flatten_params, tracking_uri
+from pipeline.tracking import flatten_params, get_or_create_experiment, open_store, store_lock, tracking_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -58,54 +60,60 @@ class StudyTracker:
 
     @property
     def client(self) -> MlflowClient:
-        """Made on first use: an SQLite store is created when the client opens it."""
+        """Made on first use, by :func:`pipeline.tracking.open_store` (which creates a new SQLite store)."""
         if self._client is None:
-            from mlflow import MlflowClient
-
-            self._client = MlflowClient(self.uri)
+            self._client = open_store(self.uri)
         return self._client
 
     def check(self) -> None:
-        """Reach the store (creating an SQLite database if needed); nothing is written."""
-        try:
-            self.client.search_experiments(max_results=1)
-        except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds; all mean "unreachable"
-            raise ValueError(f"cannot reach the MLflow store {self.uri}: {str(exc).splitlines()[0]}") from None
+        """Reach the store, within a bounded time; raises TrackingStoreError (a ValueError) naming it."""
+        _ = self.client
 
     @property
     def experiment_id(self) -> str:
         if self._experiment_id is None:
-            found = self.client.get_experiment_by_name(self.experiment_name)
-            if found is None:
-                try:
-                    self._experiment_id = self.client.create_experiment(
-                        self.experiment_name, artifact_location=artifact_location(self.uri),
-                        tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
-                except Exception:  # noqa: BLE001 - created meanwhile by another worker
-                    found = self.client.get_experiment_by_name(self.experiment_name)
-                    if found is None:
-                        raise
-            if found is not None:
-                self._experiment_id = found.experiment_id
+            self._experiment_id = get_or_create_experiment(self.client, self.uri, self.experiment_name)
         return self._experiment_id
 
     # ---- the study's parent run -------------------------------------------------------------------
     def parent_run(self, study: optuna.Study, tags: dict[str, str], params: dict[str, Any]) -> str:
-        """The study's parent run (created on first use, reopened as RUNNING on resume)."""
-        run_id = study.user_attrs.get(PARENT_ATTR)
-        if run_id:
-            try:
-                run = self.client.get_run(run_id)
-                if run.info.experiment_id == self.experiment_id and run.info.lifecycle_stage == "active":
-                    if run.info.status != "RUNNING":
-                        self.client.update_run(run_id, status="RUNNING")
-                    return run_id
-            except Exception:  # noqa: BLE001 - deleted, or another store: make a new one
-                pass
-        run = self.client.create_run(self.experiment_id, run_name=study.study_name,
-                                     tags={**tags, "optuna.study": study.study_name, "optuna.role": "study"})
+        """The study's parent run (created on first use, reopened as RUNNING on resume).
+
+        The run named by the study's attribute if it is still there; else the oldest run tagged with the
+        study's uid (one whose attribute was lost); else a new one. Under the store's lock, so processes
+        starting the same study at once share one parent.
+        """
+        with store_lock(self.uri):
+            attrs = study.user_attrs
+            run_id = attrs.get(PARENT_ATTR)
+            if not (run_id and self._usable(run_id)):
+                uid = attrs.get("uid")
+                run_id = (uid and self._tagged_parent(uid)) or self._new_parent(study.study_name, uid, tags, params)
+                study.set_user_attr(PARENT_ATTR, run_id)
+        self.client.update_run(run_id, status="RUNNING")
+        return run_id
+
+    def _usable(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:  # deleted for good, or recorded in another store
+            return False
+        return run.info.experiment_id == self.experiment_id and run.info.lifecycle_stage == "active"
+
+    def _tagged_parent(self, uid: str) -> str | None:
+        runs = self.client.search_runs([self.experiment_id],
+                                       f"tags.`optuna.study_uid` = '{uid}' and tags.`optuna.role` = 'study'",
+                                       max_results=1, order_by=["attributes.start_time ASC"])
+        return runs[0].info.run_id if runs else None
+
+    def _new_parent(self, study_name: str, uid: str | None, tags: dict[str, str], params: dict[str, Any]) -> str:
+        tags = {**tags, "optuna.study": study_name, "optuna.role": "study"}
+        if uid:
+            tags["optuna.study_uid"] = uid
+        run = self.client.create_run(self.experiment_id, run_name=study_name, tags=tags)
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
-        study.set_user_attr(PARENT_ATTR, run.info.run_id)
         return run.info.run_id
 
     def finish_parent(self, run_id: str, done: bool) -> None:

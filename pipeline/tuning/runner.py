@@ -8,9 +8,10 @@ they are replaced. A worker stops after ``max_failures`` failed trials in a row 
 
 Order of work, so that bad input leaves nothing behind: validate the study file, profile and trial
 configs (every corner of the search space) and the data set, resolve and open the storage, reach
-MLflow; only then is the study created (``load_if_exists``: a restart resumes it) and the parent
-MLflow run opened. Trials whose worker process died on this host are marked FAIL before new trials
-start (``liveness.py``).
+MLflow (within a bounded time, see ``pipeline.tracking.open_store``); only then is the study created
+(``load_if_exists``: a restart resumes it) and the parent MLflow run opened. ``--report-only`` on a
+study that does not exist creates neither a storage file nor an MLflow store. Trials whose worker
+process died on this host are marked FAIL before new trials start (``liveness.py``).
 """
 
 from __future__ import annotations
@@ -243,13 +244,20 @@ def run_tuning(opts: TuneOptions) -> dict[str, Any]:
     p = prepare(opts)
     if not opts.worker_process and not opts.report_only:
         check_data(p.base_cfg)
+    create = not (opts.worker_process or opts.report_only)
+    if not create and p.target.path is not None and not p.target.path.exists():  # opening would create it
+        raise StudyError(f"study {p.study_name} does not exist in {p.target.display()} (no such file)")
     storage = p.target.open(opts.connect_timeout,
                             on_stale=lambda study, trial: p.tracker.fail_orphan(p.study_name, trial, "heartbeat lost"))
-    p.tracker.check()
     optuna.logging.set_verbosity(optuna.logging.INFO)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study = open_study(p, storage, create=not (opts.worker_process or opts.report_only))
+        if create:
+            p.tracker.check()  # MLflow reached before the study is created
+            study = open_study(p, storage, create=True)
+        else:
+            study = open_study(p, storage, create=False)  # an unknown study is refused before MLflow is touched
+            p.tracker.check()
     commit, dirty = git_state()
     parent_tags = {**trial_tags(p.plan), "optuna.storage": p.target.display(), "libra.git_commit": commit,
                    "libra.git_dirty": str(dirty).lower()}

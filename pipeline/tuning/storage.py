@@ -14,12 +14,12 @@
   trial whose host died is marked FAIL after the grace period by the next worker.
 
 A lock file beside a local storage (``<file>.tune.lock``) serialises "count the trials, start the
-next one" between the workers of one host, so a study stops at exactly ``--n-trials``.
+next one" between the workers of one host, so a study stops at exactly ``--n-trials``, and opening
+the storage, so processes that create one SQLite file at once do not collide.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +30,8 @@ import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
-from pipeline.tracking import project_root
+from pipeline.locks import FileLock
+from pipeline.tracking import connect_timeout_args, project_root
 
 ENV_STORAGE = "LIBRA_OPTUNA_STORAGE"
 HEARTBEAT_INTERVAL = 60
@@ -61,8 +62,10 @@ class StorageTarget:
 
         return make_url(self.url).render_as_string(hide_password=True)
 
-    def lock(self) -> StudyLock:
-        return StudyLock(self.path.with_name(self.path.name + ".tune.lock") if self.path else None)
+    def lock(self) -> FileLock:
+        """Held while a worker counts the trials and starts the next, and while a local storage is
+        opened (SQLite creates its tables then: two processes doing it at once collide)."""
+        return FileLock(self.path.with_name(self.path.name + ".tune.lock") if self.path else None)
 
     def open(self, connect_timeout: float = 10.0,
              on_stale: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None) -> BaseStorage:
@@ -76,7 +79,7 @@ class StorageTarget:
             _check_dir(self.path, self.url)
             kwargs: dict = {"engine_kwargs": {"connect_args": {"timeout": 60}}}
         else:
-            kwargs = {"engine_kwargs": {"connect_args": _connect_timeout_args(self.url, connect_timeout),
+            kwargs = {"engine_kwargs": {"connect_args": connect_timeout_args(self.url, connect_timeout),
                                         "pool_pre_ping": True},
                       "heartbeat_interval": HEARTBEAT_INTERVAL, "grace_period": HEARTBEAT_GRACE,
                       "heartbeat_stale_trial_callback": on_stale}
@@ -85,7 +88,7 @@ class StorageTarget:
         from sqlalchemy.exc import SQLAlchemyError
 
         try:
-            with warnings.catch_warnings():
+            with self.lock(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return RDBStorage(self.url, **kwargs)
         except ImportError as exc:
@@ -97,18 +100,10 @@ class StorageTarget:
             raise StorageError(f"cannot open storage {self.display()}: {reason}") from None
 
 
-def _connect_timeout_args(url: str, seconds: float) -> dict:
-    from sqlalchemy.engine import make_url
-
-    backend = make_url(url).get_backend_name()
-    if backend in ("postgresql", "mysql", "mariadb"):
-        return {"connect_timeout": max(1, int(seconds))}
-    return {}
-
-
 def _check_dir(path: Path, url: str) -> None:
     if not path.parent.is_dir():
-        raise StorageError(f"storage {url}: directory {path.parent} does not exist")
+        raise StorageError(f"storage {url}: directory {path.parent} does not exist; create it, or give another "
+                           "--storage")
     if not os.access(path.parent, os.W_OK):
         raise StorageError(f"storage {url}: directory {path.parent} is not writable")
 
@@ -163,37 +158,5 @@ def study_exists(target: StorageTarget, study_name: str) -> bool:
         return False
 
 
-class StudyLock:
-    """An exclusive ``flock`` on a file beside a local storage (a no-op for remote databases).
-
-    ``release`` may be called more than once; the kernel drops the lock if the process dies.
-    """
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        if self.path is None or self._fd is not None:
-            return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        fd, self._fd = self._fd, None
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-    def __enter__(self) -> StudyLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-__all__ = ["ENV_STORAGE", "StorageError", "StorageTarget", "StudyLock", "default_storage",
-           "resolve_storage", "study_exists"]
+__all__ = ["ENV_STORAGE", "StorageError", "StorageTarget", "default_storage", "resolve_storage",
+           "study_exists"]
