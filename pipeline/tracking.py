@@ -182,9 +182,10 @@ def _probe_sqlite(uri: str) -> None:
         raise TrackingStoreError(f"MLflow store {uri}: directory {path.parent} does not exist; create it, or set "
                                  "MLFLOW_TRACKING_URI to another store")
     try:
-        with closing(sqlite3.connect(path, timeout=PROBE_TIMEOUT)) as db:
-            db.execute("BEGIN IMMEDIATE")  # takes the write lock: fails on a read-only file or directory
-            db.rollback()
+        with closing(sqlite3.connect(path, timeout=PROBE_TIMEOUT, isolation_level=None)) as db:
+            db.execute("BEGIN IMMEDIATE")  # a write, undone: fails on a read-only file or file system
+            db.execute("CREATE TABLE main.libra_write_probe (x)")
+            db.execute("ROLLBACK")
     except sqlite3.Error as exc:
         raise TrackingStoreError(f"MLflow store {uri}: cannot write {path} ({exc}); make it writable, or set "
                                  "MLFLOW_TRACKING_URI to another store") from None
