@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.config import ConfigError, ExperimentConfig, load_config
 from pipeline.data import CocoDetectionDataset, collate_detection
+from pipeline.engine.checkpoint import read_checkpoint
 from pipeline.engine.coco_eval import Backend, evaluate_coco
 from pipeline.engine.detections import predict
 from pipeline.engine.splits import coco_subset, validation_split
@@ -51,7 +52,7 @@ def load_trained_model(run: Path, checkpoint: str = "last") -> tuple[ExperimentC
     cfg = load_config(config_file)
     data = ValidationData(cfg)
     model = build_detector(cfg, data.num_classes)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    state = read_checkpoint(ckpt)["state_dict"]
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
     return cfg, model, data
 

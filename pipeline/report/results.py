@@ -42,9 +42,9 @@ def read_summary(plan_dir: Path) -> dict[str, Any]:
 
 
 def negative_iou_histogram(checkpoint: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    import torch
+    from pipeline.engine.checkpoint import read_checkpoint
 
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    state = read_checkpoint(checkpoint)["state_dict"]
     edges, counts = state.get(f"{NEGATIVE_IOU_BUFFER}.edges"), state.get(f"{NEGATIVE_IOU_BUFFER}.counts")
     if edges is None or counts is None:
         return None
