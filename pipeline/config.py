@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -22,44 +22,65 @@ class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the file and the field."""
 
 
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got the boolean {value}")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+"""An integer field: YAML's true/false is refused, not taken as 1/0."""
+Float = Annotated[float, BeforeValidator(_not_bool)]
+PositiveInt = Annotated[Int, Field(ge=1)]
+Fraction = Annotated[Float, Field(ge=0, le=1)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class BackboneConfig(_Strict):
     name: Literal["tiny", "resnet50"] = "tiny"
-    channels: tuple[int, ...] = (16, 32, 64, 128)
+    channels: tuple[PositiveInt, ...] = Field((16, 32, 64, 128), min_length=1)
     """Stage widths of the ``tiny`` backbone (ignored by resnet50)."""
     weights: Path | None = None
     """Local file with ImageNet backbone weights (state_dict); ``None`` trains from scratch."""
-    trainable_layers: int = Field(3, ge=0, le=5)
+    trainable_layers: Int = Field(3, ge=0, le=5)
 
 
 class RPNConfig(_Strict):
-    pre_nms_top_n_train: int = 2000
-    post_nms_top_n_train: int = 2000
-    pre_nms_top_n_test: int = 1000
-    post_nms_top_n_test: int = 1000
-    batch_size_per_image: int = 256
-    positive_fraction: float = Field(0.5, gt=0, le=1)
+    pre_nms_top_n_train: PositiveInt = 2000
+    post_nms_top_n_train: PositiveInt = 2000
+    pre_nms_top_n_test: PositiveInt = 1000
+    post_nms_top_n_test: PositiveInt = 1000
+    batch_size_per_image: PositiveInt = 256
+    positive_fraction: Float = Field(0.5, gt=0, le=1)
 
 
 class RoIHeadsConfig(_Strict):
-    batch_size_per_image: int = 512
-    positive_fraction: float = Field(0.25, gt=0, le=1)
-    fg_iou_thresh: float = 0.5
-    bg_iou_thresh: float = 0.5
-    representation_size: int = Field(1024, ge=1)
+    batch_size_per_image: PositiveInt = 512
+    positive_fraction: Float = Field(0.25, gt=0, le=1)
+    fg_iou_thresh: Float = Field(0.5, gt=0, le=1)
+    bg_iou_thresh: Fraction = 0.5
+    representation_size: PositiveInt = 1024
     """Width of the two-layer MLP box head."""
-    sampling_ratio: int = Field(2, ge=0)
+    sampling_ratio: Int = Field(2, ge=0)
     """RoIAlign sampling points per bin side (0: adaptive)."""
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> "RoIHeadsConfig":
+        if self.bg_iou_thresh > self.fg_iou_thresh:
+            raise ValueError(
+                f"bg_iou_thresh ({self.bg_iou_thresh}) must not exceed fg_iou_thresh ({self.fg_iou_thresh})"
+            )
+        return self
 
 
 class BoxLossConfig(_Strict):
     """The detector's own box regression loss, replaced by Balanced L1 when that is enabled."""
 
     type: Literal["smooth_l1", "l1"] = "smooth_l1"
-    beta: float = Field(1.0 / 9.0, ge=0)
+    beta: Float = Field(1.0 / 9.0, ge=0)
 
 
 class RetinaNetConfig(_Strict):
@@ -67,21 +88,21 @@ class RetinaNetConfig(_Strict):
 
     min_level: Literal[2, 3] = 3
     """Finest level: P3 (the paper's P3-P7) or P2 (Faster R-CNN's P2-P6, for small images)."""
-    scales_per_octave: int = Field(3, ge=1)
+    scales_per_octave: PositiveInt = 3
     """Anchor sizes per level: ``size · 2^(i/n)`` for ``i < n``."""
-    head_convs: int = Field(4, ge=1, le=4)
+    head_convs: Int = Field(4, ge=1, le=4)
     """3x3 conv layers in each subnet before its predictor."""
     head_norm: Literal["none", "group"] = "none"
     """Subnet convs plain (the paper's) or with GroupNorm (torchvision's v2; converges faster)."""
     head_init: Literal["normal", "kaiming"] = "normal"
     """Subnet conv weights: N(0, 0.01) (the paper's) or Kaiming-normal (fan-out, ReLU). The
     predictors keep N(0, 0.01) and the prior-probability bias either way."""
-    fg_iou_thresh: float = Field(0.5, gt=0, le=1)
+    fg_iou_thresh: Float = Field(0.5, gt=0, le=1)
     """Anchors with IoU >= this to a ground truth are its positives."""
-    bg_iou_thresh: float = Field(0.4, ge=0, le=1)
+    bg_iou_thresh: Fraction = 0.4
     """Anchors with IoU < this to every ground truth are negatives (in between: ignored)."""
-    focal_alpha: float = Field(0.25, ge=0, le=1)
-    focal_gamma: float = Field(2.0, ge=0)
+    focal_alpha: Fraction = 0.25
+    focal_gamma: Float = Field(2.0, ge=0)
 
     @model_validator(mode="after")
     def _thresholds(self) -> "RetinaNetConfig":
@@ -95,28 +116,34 @@ class RetinaNetConfig(_Strict):
 class ModelConfig(_Strict):
     detector: Literal["faster_rcnn", "retinanet"] = "faster_rcnn"
     backbone: BackboneConfig = BackboneConfig()
-    fpn_channels: int = 64
-    min_size: int = 128
-    max_size: int = 128
-    anchor_sizes: tuple[int, ...] = (16, 32, 64, 128, 256)
+    fpn_channels: PositiveInt = 64
+    min_size: PositiveInt = 128
+    max_size: PositiveInt = 128
+    anchor_sizes: tuple[PositiveInt, ...] = Field((16, 32, 64, 128, 256), min_length=1)
     """Base anchor size per pyramid level, finest first (one per FPN output level)."""
-    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    aspect_ratios: tuple[Annotated[Float, Field(gt=0)], ...] = Field((0.5, 1.0, 2.0), min_length=1)
     rpn: RPNConfig = RPNConfig()
     roi_heads: RoIHeadsConfig = RoIHeadsConfig()
     box_loss: BoxLossConfig = BoxLossConfig()
     retinanet: RetinaNetConfig = RetinaNetConfig()
-    score_thresh: float = 0.05
-    nms_thresh: float = 0.5
-    detections_per_img: int = 100
+    score_thresh: Fraction = 0.05
+    nms_thresh: Fraction = 0.5
+    detections_per_img: PositiveInt = 100
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "ModelConfig":
+        if self.max_size < self.min_size:
+            raise ValueError(f"max_size ({self.max_size}) must not be below min_size ({self.min_size})")
+        return self
 
 
 class IoUBalancedSamplingConfig(_Strict):
     """Libra R-CNN IoU-balanced negative sampling (+ instance-balanced positives) in the R-CNN head."""
 
     enabled: bool = False
-    num_bins: int = Field(3, ge=1)
-    floor_thr: float = -1.0
-    floor_fraction: float = Field(0.0, ge=0, le=1)
+    num_bins: PositiveInt = 3
+    floor_thr: Float = -1.0
+    floor_fraction: Fraction = 0.0
     bin_range: Literal["negatives", "mmdet"] = "negatives"
     instance_balanced_pos: bool = False
 
@@ -131,7 +158,7 @@ class BFPConfig(_Strict):
     """Libra R-CNN Balanced Feature Pyramid after the FPN."""
 
     enabled: bool = False
-    refine_level: int = Field(2, ge=0)
+    refine_level: Int = Field(2, ge=0)
     refine_type: Literal["none", "conv", "non_local"] = "non_local"
 
 
@@ -139,26 +166,26 @@ class BalancedL1Config(_Strict):
     """Libra R-CNN Balanced L1 loss replacing the box regression loss."""
 
     enabled: bool = False
-    alpha: float = Field(0.5, gt=0)
-    gamma: float = Field(1.5, gt=0)
-    beta: float = Field(1.0, gt=0)
+    alpha: Float = Field(0.5, gt=0)
+    gamma: Float = Field(1.5, gt=0)
+    beta: Float = Field(1.0, gt=0)
     variant: Literal["exact", "mmdet"] = "exact"
-    loss_weight: float = Field(1.0, ge=0)
+    loss_weight: Float = Field(1.0, ge=0)
 
 
 class IoUBalancedClsConfig(_Strict):
     """IoU-balanced classification loss (Wu et al. 2019): positive weights u^eta, sum preserved."""
 
     enabled: bool = False
-    eta: float = Field(1.5, ge=0)
+    eta: Float = Field(1.5, ge=0)
 
 
 class IoUBalancedLocConfig(_Strict):
     """IoU-balanced localization loss (Wu et al. 2019): positive box-loss weights w_loc * u^lambda."""
 
     enabled: bool = False
-    lam: float = Field(1.5, ge=0)
-    w_loc: float | Literal["auto"] = "auto"
+    lam: Float = Field(1.5, ge=0)
+    w_loc: Annotated[Float, Field(gt=0)] | Literal["auto"] = "auto"
 
 
 class ComponentsConfig(_Strict):
@@ -177,57 +204,72 @@ class DataConfig(_Strict):
     train_images: Path = Path("images/train")
     val_images: Path = Path("images/val")
     """Paths relative to ``root`` unless absolute."""
-    max_images: int | None = Field(None, ge=1)
+    max_images: PositiveInt | None = None
     """Use only the first N images (sorted ids) of each split."""
-    seed: int = 0
+    seed: Int = Field(0, ge=0)
     """Seed of the synthetic set (``source: synthetic``)."""
-    num_train: int = Field(480, ge=1)
-    num_val: int = Field(96, ge=1)
-    image_size: int = Field(128, ge=32)
-    num_workers: int = Field(0, ge=0)
+    num_train: PositiveInt = 480
+    num_val: PositiveInt = 96
+    image_size: Int = Field(128, ge=32)
+    num_workers: Int = Field(0, ge=0)
 
     def resolve(self, path: Path) -> Path:
         return path if path.is_absolute() else self.root / path
 
 
 class TrainConfig(_Strict):
-    seed: int = 0
-    epochs: int = Field(12, ge=1)
-    max_steps: int = -1
+    seed: Int = Field(0, ge=0, le=2**32 - 1)
+    epochs: PositiveInt = 12
+    max_steps: Int = Field(-1, ge=-1)
     """Stop after this many optimizer steps (-1: run all epochs)."""
-    batch_size: int = Field(8, ge=1)
+    batch_size: PositiveInt = 8
     """Images per device per step; the global batch is batch_size * devices * num_nodes."""
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.02, gt=0)
-    lr_scaling_batch: int | None = Field(None, ge=1)
+    lr: Float = Field(0.02, gt=0)
+    lr_scaling_batch: PositiveInt | None = None
     """If set, ``lr`` is for this global batch and is scaled linearly to the actual global batch."""
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_steps: int = Field(500, ge=0)
-    warmup_ratio: float = Field(0.001, gt=0, le=1)
-    milestones: tuple[int, ...] = (8, 11)
-    """Epochs after which the learning rate is multiplied by ``lr_gamma``."""
-    lr_gamma: float = 0.1
-    grad_clip: float | None = None
-    val_every_n_epochs: int = Field(1, ge=1)
-    log_every_n_steps: int = Field(10, ge=1)
+    momentum: Float = Field(0.9, ge=0, lt=1)
+    weight_decay: Float = Field(1e-4, ge=0)
+    warmup_steps: Int = Field(500, ge=0)
+    warmup_ratio: Float = Field(0.001, gt=0, le=1)
+    milestones: tuple[PositiveInt, ...] = (8, 11)
+    """Epochs after which the learning rate is multiplied by ``lr_gamma`` (increasing)."""
+    lr_gamma: Float = Field(0.1, gt=0)
+    grad_clip: Annotated[Float, Field(gt=0)] | None = None
+    val_every_n_epochs: PositiveInt = 1
+    log_every_n_steps: PositiveInt = 10
+
+    @field_validator("max_steps")
+    @classmethod
+    def _max_steps(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("must be -1 (run all epochs) or a number of steps >= 1, got 0")
+        return value
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(b <= a for a, b in zip(value, value[1:])):
+            raise ValueError(f"must be strictly increasing epochs, got {list(value)}")
+        return value
 
 
 class TrainerConfig(_Strict):
     """Passed to Lightning's Trainer: multi-GPU with ``devices``, multi-node with ``num_nodes``."""
 
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "cpu"
-    devices: int | str = 1
-    num_nodes: int = Field(1, ge=1)
+    devices: PositiveInt | Literal["auto"] = 1
+    """Devices per node (select GPUs with CUDA_VISIBLE_DEVICES)."""
+    num_nodes: PositiveInt = 1
     strategy: str = "auto"
     precision: Literal["32-true", "16-mixed", "bf16-mixed"] = "32-true"
-    num_threads: int | None = Field(None, ge=1)
+    num_threads: PositiveInt | None = None
     """torch intra-op threads per process (None: torch's default)."""
 
 
 class EvalConfig(_Strict):
     backend: Literal["faster_coco_eval", "pycocotools"] = "faster_coco_eval"
-    batch_size: int = Field(8, ge=1)
+    batch_size: PositiveInt = 8
 
 
 class PretrainConfig(_Strict):
@@ -238,17 +280,17 @@ class PretrainConfig(_Strict):
     detection set. Saves the backbone's ``state_dict`` for ``model.backbone.weights``.
     """
 
-    seed: int = 0
-    channels: tuple[int, ...] = (16, 32, 64, 128)
+    seed: Int = Field(0, ge=0)
+    channels: tuple[PositiveInt, ...] = Field((16, 32, 64, 128), min_length=1)
     """Stage widths; must equal ``model.backbone.channels`` of the detectors that load the weights."""
-    num_train: int = Field(12000, ge=1)
-    num_val: int = Field(1000, ge=1)
-    image_size: int = Field(64, ge=32)
-    epochs: int = Field(4, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(0.004, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    num_threads: int | None = Field(None, ge=1)
+    num_train: PositiveInt = 12000
+    num_val: PositiveInt = 1000
+    image_size: Int = Field(64, ge=32)
+    epochs: PositiveInt = 4
+    batch_size: PositiveInt = 128
+    lr: Float = Field(0.004, gt=0)
+    weight_decay: Float = Field(1e-4, ge=0)
+    num_threads: PositiveInt | None = None
 
 
 class ExperimentConfig(_Strict):
@@ -264,11 +306,17 @@ class ExperimentConfig(_Strict):
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"a.b.c=value"`` -> (["a", "b", "c"], yaml-parsed value)."""
+    """``"a.b.c=value"`` -> (["a", "b", "c"], yaml-parsed value: plain values only, no tags)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=0.01")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"override {text!r}: {key.strip()}: not a plain YAML value ({problem}); quote strings, "
+                          "close brackets, e.g. train.milestones=[8, 11]") from None
+    return key.strip().split("."), value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -305,10 +353,13 @@ def validate_model(model: type[ModelT], raw: Any, source: str) -> ModelT:
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
-        raise ConfigError(f"{source}: {problems}") from None
+        problems: dict[str, list[str]] = {}
+        for err in exc.errors():
+            # a union's members appear in the path as e.g. "literal['auto']": the field is the rest
+            path = ".".join(str(p) for p in err["loc"] if "[" not in str(p))
+            problems.setdefault(path, []).append(err["msg"])
+        summary = "; ".join(f"{path}: {' or '.join(msgs)}" for path, msgs in problems.items())
+        raise ConfigError(f"{source}: {summary}") from None
 
 
 def validate_config(raw: dict[str, Any], source: str = "<config>") -> ExperimentConfig:

@@ -41,10 +41,48 @@ def test_overrides_are_typed_and_nested():
     ("model.retinanet.bg_iou_thresh=0.6", "model.retinanet"),
     ("model.retinanet.head_convs=0", "model.retinanet.head_convs"),
     ("model.retinanet.head_init=xavier", "model.retinanet.head_init"),
+    ("trainer.devices=0", "trainer.devices"),
+    ("trainer.num_nodes=0", "trainer.num_nodes"),
+    ("model.score_thresh=2", "model.score_thresh"),
+    ("model.nms_thresh=-0.1", "model.nms_thresh"),
+    ("model.anchor_sizes=[]", "model.anchor_sizes"),
+    ("model.aspect_ratios=[0]", "model.aspect_ratios"),
+    ("model.max_size=64", "max_size"),
+    ("model.roi_heads.bg_iou_thresh=0.7", "model.roi_heads"),
+    ("model.rpn.post_nms_top_n_test=0", "model.rpn.post_nms_top_n_test"),
+    ("train.milestones=[0, 4]", "train.milestones"),
+    ("train.milestones=[-1]", "train.milestones"),
+    ("train.milestones=[4, 4]", "train.milestones"),
+    ("train.lr_gamma=0", "train.lr_gamma"),
+    ("train.lr_gamma=-0.1", "train.lr_gamma"),
+    ("train.warmup_ratio=0", "train.warmup_ratio"),
+    ("train.warmup_steps=-1", "train.warmup_steps"),
+    ("train.momentum=1", "train.momentum"),
+    ("train.weight_decay=-1", "train.weight_decay"),
+    ("train.max_steps=0", "train.max_steps"),
+    ("train.grad_clip=0", "train.grad_clip"),
+    ("train.seed=-1", "train.seed"),
+    ("data.seed=-1", "data.seed"),
+    ("data.num_workers=-1", "data.num_workers"),
+    ("components.iou_balanced_loc.w_loc=0", "components.iou_balanced_loc.w_loc"),
 ])
 def test_bad_values_name_the_field(override, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         load_config(Path("configs/faster_rcnn_tiny.yaml"), [override])
+
+
+@pytest.mark.parametrize("field", ["train.epochs", "train.batch_size", "train.seed", "train.lr", "trainer.devices",
+                                   "model.score_thresh", "data.max_images", "train.lr_scaling_batch"])
+def test_a_boolean_is_not_a_number(field):
+    with pytest.raises(ConfigError, match=f"{field.replace('.', r'[.]')}: .*boolean"):
+        load_config(Path("configs/faster_rcnn_tiny.yaml"), [f"{field}=true"])
+
+
+@pytest.mark.parametrize("override", ["train.lr=[1,", "train.lr={a: 1", "train.lr=!!python/name:os.system",
+                                      "train.lr=!!python/object/apply:os.system ['x']"])
+def test_override_that_is_not_plain_yaml_names_the_key(override):
+    with pytest.raises(ConfigError, match=r"train\.lr: not a plain YAML value"):
+        load_config(None, [override])
 
 
 def test_malformed_override_and_file(tmp_path):
