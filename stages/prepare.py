@@ -8,16 +8,35 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="write the built-in synthetic COCO set here "
-                        "(images/{train,val}/*.png + annotations/instances_{train,val}.json)")
-    parser.add_argument("--seed", type=int, default=None, help="synthetic set seed (default: data.seed of the config, 0)")
-    parser.add_argument("--num-train", type=int, default=None, help="synthetic training images (default: data.num_train)")
-    parser.add_argument("--num-val", type=int, default=None, help="synthetic validation images (default: data.num_val)")
-    parser.add_argument("--image-size", type=int, default=None, help="synthetic image side in pixels (default: data.image_size)")
+                        "(images/{train,val}/*.png + annotations/instances_{train,val}.json); replaces only an "
+                        "empty directory or a set written by libra prepare")
+    parser.add_argument("--seed", type=_at_least(0), default=None,
+                        help="synthetic set seed (default: data.seed of the config, 0)")
+    parser.add_argument("--num-train", type=_at_least(1), default=None,
+                        help="synthetic training images (default: data.num_train)")
+    parser.add_argument("--num-val", type=_at_least(1), default=None,
+                        help="synthetic validation images (default: data.num_val)")
+    parser.add_argument("--image-size", type=_at_least(32), default=None,
+                        help="synthetic image side in pixels, >= 32 (default: data.image_size)")
     parser.add_argument("--config", type=Path, help="experiment YAML; with data.source=coco, validate that set instead")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. data.max_images=100 (repeatable)")
@@ -49,9 +68,9 @@ def run(args: argparse.Namespace) -> None:
         summary = write_synthetic_coco(
             out,
             seed=data.seed if args.seed is None else args.seed,
-            num_train=args.num_train or data.num_train,
-            num_val=args.num_val or data.num_val,
-            image_size=args.image_size or data.image_size,
+            num_train=data.num_train if args.num_train is None else args.num_train,
+            num_val=data.num_val if args.num_val is None else args.num_val,
+            image_size=data.image_size if args.image_size is None else args.image_size,
         )
         print(f"wrote the synthetic set to {out}: {json.dumps(summary)}")
         if args.out is not None:

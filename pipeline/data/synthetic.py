@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -33,6 +34,10 @@ SHAPE_LABELS: tuple[str, ...] = CLASSES + DISTRACTORS + ("none",)
 """Labels of the pre-training classification set: every shape kind, or no shape at all."""
 
 _SPLITS = ("train", "val")
+_DESCRIPTION = "balanced-learning synthetic shapes"
+# what a set written here holds (NOT_USED.txt: `libra prepare --params` when the ablation trains on another set)
+_SET_DIRS = {"images", "images/train", "images/val", "annotations"}
+_SET_FILE = re.compile(r"images/(train|val)/\d{6}\.png|annotations/instances_(train|val)\.json|NOT_USED\.txt")
 _OBJECTS_PER_IMAGE_PROBS = (0.10, 0.15, 0.20, 0.20, 0.15, 0.10, 0.10)
 _MAX_DISTRACTORS = 2
 # (min side, max side, probability), sides as fractions of the image size: 8-16, 16-40, 40-80
@@ -59,12 +64,14 @@ class _Shape:
 def write_synthetic_coco(
     out: Path, seed: int = 0, num_train: int = 480, num_val: int = 96, image_size: int = 128
 ) -> dict:
-    """Generate the synthetic set under ``out``, replacing whatever is there.
+    """Generate the synthetic set under ``out``, replacing a previous one there.
 
     Layout: ``out/images/{train,val}/NNNNNN.png`` (``file_name`` is relative to the split's image
     directory; image and annotation ids start at 1) and ``out/annotations/instances_{train,val}.json``.
     The set is built in a temporary directory beside ``out`` and moved into place only when
-    complete, so a failure never leaves a partial set over a previous one.
+    complete, so a failure never leaves a partial set over a previous one. Only an empty directory
+    or a set written here is replaced: any other ``out`` (a directory with other files, the working
+    directory or one above it) is refused before anything is written.
 
     Returns:
         A JSON-serialisable summary: per split the number of images, objects, empty images,
@@ -75,7 +82,8 @@ def write_synthetic_coco(
         raise ValueError(f"num_train and num_val must be >= 1, got {num_train} and {num_val}")
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32, got {image_size}")
-    out = Path(out)
+    _check_replaceable(Path(out))
+    out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -125,7 +133,7 @@ def _write_split(root: Path, split: str, split_index: int, count: int, seed: int
         stats["occluded_dropped"] += num_dropped
         stats["empty_images"] += not objects
     coco = {
-        "info": {"description": "balanced-learning synthetic shapes", "seed": seed},
+        "info": {"description": _DESCRIPTION, "seed": seed},
         "licenses": [],
         "images": images,
         "annotations": annotations,
@@ -333,6 +341,33 @@ def _digest(root: Path) -> str:
         sha.update(path.relative_to(root).as_posix().encode() + b"\0")
         sha.update(hashlib.sha256(path.read_bytes()).digest())
     return sha.hexdigest()
+
+
+def _check_replaceable(out: Path) -> None:
+    target, cwd = out.resolve(), Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise ValueError(f"{out}: is the working directory or holds it; write the set to a new directory, "
+                         "e.g. --out data/synthetic")
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{out}: exists and is not a directory; choose another --out")
+    if target.is_dir() and any(target.iterdir()) and not _is_synthetic_set(target):
+        raise ValueError(f"{out}: not empty and not a set written by `libra prepare`, so it is not replaced "
+                         "(nothing was deleted); choose another --out, or empty the directory yourself")
+
+
+def _is_synthetic_set(root: Path) -> bool:
+    """Whether ``root`` holds only what this module writes, its annotation files describing this set."""
+    for path in root.rglob("*"):
+        name = path.relative_to(root).as_posix()
+        if not (name in _SET_DIRS if path.is_dir() else _SET_FILE.fullmatch(name)):
+            return False
+    for path in root.glob("annotations/*.json"):
+        try:
+            if json.loads(path.read_text())["info"]["description"] != _DESCRIPTION:
+                return False
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+    return True
 
 
 def _replace_dir(staging: Path, out: Path) -> None:
