@@ -208,10 +208,12 @@ class DataConfig(_Strict):
     """Use only the first N images (sorted ids) of each split."""
     seed: Int = Field(0, ge=0)
     """Seed of the synthetic set (``source: synthetic``)."""
-    num_train: PositiveInt = 480
+    num_train: PositiveInt = 960
     num_val: PositiveInt = 96
     image_size: Int = Field(128, ge=32)
     num_workers: Int = Field(0, ge=0)
+    max_image_pixels: PositiveInt = 89_478_485
+    """Images whose header declares more pixels are refused before decoding (Pillow's bomb limit)."""
 
     def resolve(self, path: Path) -> Path:
         return path if path.is_absolute() else self.root / path
@@ -379,9 +381,15 @@ def save_config(config: ExperimentConfig, path: Path) -> None:
 
 
 def load_pretrain_config(params: Path | None, overrides: list[str] | None = None) -> PretrainConfig:
-    """The ``pretrain`` section of a params.yaml (defaults without one), with ``key=value`` overrides."""
-    raw = read_yaml(params).get("pretrain") or {} if params is not None else {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{params}: pretrain must be a mapping, got {type(raw).__name__}")
+    """The ``pretrain`` section of a params.yaml, updated by its profile's ``pretrain`` section
+    (defaults without a params file), with ``key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if params is not None:
+        tree = read_yaml(params)
+        profile = (tree.get("profiles") or {}).get(tree.get("profile")) or {}
+        for section, name in ((tree.get("pretrain"), "pretrain"), (profile.get("pretrain"), "the profile's pretrain")):
+            if not isinstance(section or {}, dict):
+                raise ConfigError(f"{params}: {name} must be a mapping, got {type(section).__name__}")
+            raw.update(section or {})
     source = f"{params or '<defaults>'}: pretrain" + (" with overrides " + " ".join(overrides) if overrides else "")
     return validate_model(PretrainConfig, apply_overrides(raw, overrides or []), source)

@@ -23,31 +23,32 @@ def _configs(ablation) -> dict[str, dict]:
     return {run.name: run.config for run in ablation.runs}
 
 
-def test_default_ablation_is_the_papers_rows_times_two_seeds(params):
+def test_default_ablation_is_the_papers_rows_times_three_seeds(params):
     ablation = plan_ablation(params, CONFIGS)
-    assert (ablation.profile, ablation.design, ablation.seeds) == ("tiny", "table", (0, 1))
-    assert ablation.detectors["faster_rcnn"].selected == ("baseline", "IS", "IS+BFP", "IS+BFP+BL")
-    assert ablation.detectors["retinanet"].selected == ("baseline", "BFP+BL", "IoU-cls", "IoU-loc", "IoU-cls+IoU-loc")
-    assert len(ablation.selected_runs) == 18 and len(ablation.runs) == (8 + 16) * 2
+    assert (ablation.profile, ablation.design, ablation.seeds) == ("tiny", "table", (0, 1, 2))
+    assert ablation.detectors["faster_rcnn"].variants == ("baseline", "IS", "IS+BFP", "IS+BFP+BL")
+    assert ablation.detectors["retinanet"].variants == ("baseline", "BFP+BL", "IoU-cls", "IoU-loc", "IoU-cls+IoU-loc")
+    assert len(ablation.runs) == 9 * 3, "only the runs the design selects are planned"
     by_name = {r.name: r for r in ablation.runs}
     full = by_name["faster_rcnn/IS+BFP+BL/seed1"].experiment_config()
     c = full.components
     assert c.iou_balanced_sampling.enabled and c.bfp.enabled and c.balanced_l1.enabled
     assert c.iou_balanced_sampling.instance_balanced_pos and not c.iou_balanced_cls.enabled
-    assert full.train.seed == 1 and full.data.num_train == 480
+    assert full.train.seed == 1 and full.data.num_train == 960
     assert full.train.epochs == load_config(Path("configs/faster_rcnn_tiny.yaml")).train.epochs
     retina = by_name["retinanet/IoU-cls+IoU-loc/seed0"].experiment_config()
     assert retina.model.detector == "retinanet" and retina.components.iou_balanced_loc.lam == 1.5
-    assert not by_name["faster_rcnn/BFP/seed0"].selected
+    assert "faster_rcnn/BFP/seed0" not in by_name
 
 
 def test_knobs_reach_only_the_runs_that_enable_their_component(params):
+    params["ablation"]["design"] = "factorial"
     before = _configs(plan_ablation(params, CONFIGS))
     changed = copy.deepcopy(params)
     changed["faster_rcnn"]["balanced_l1"]["alpha"] = 0.3
     after = _configs(plan_ablation(changed, CONFIGS))
     differ = {name for name in before if before[name] != after[name]}
-    assert differ == {f"faster_rcnn/{c}/seed{s}" for c in ("BL", "IS+BL", "BFP+BL", "IS+BFP+BL") for s in (0, 1)}
+    assert differ == {f"faster_rcnn/{c}/seed{s}" for c in ("BL", "IS+BL", "BFP+BL", "IS+BFP+BL") for s in (0, 1, 2)}
     assert after["faster_rcnn/IS+BFP+BL/seed0"]["components"]["balanced_l1"]["alpha"] == 0.3
 
     retina = copy.deepcopy(params)
@@ -60,11 +61,9 @@ def test_knobs_reach_only_the_runs_that_enable_their_component(params):
 def test_factorial_design_trains_every_combination(params):
     params["ablation"]["design"] = "factorial"
     ablation = plan_ablation(params, CONFIGS)
-    assert len(ablation.selected_runs) == (8 + 16) * 2
+    assert len(ablation.runs) == (8 + 16) * 3
     assert factorial(("IS", "BFP", "BL")) == ["baseline", "IS", "BFP", "BL", "IS+BFP", "IS+BL", "BFP+BL", "IS+BFP+BL"]
-    params["ablation"]["faster_rcnn"]["combos"] = ["baseline", "IS"]
-    with pytest.raises(ConfigError, match=r"design 'factorial' trains .*'BFP'.*does not list"):
-        plan_ablation(params, CONFIGS)
+    assert ablation.detectors["faster_rcnn"].variants == tuple(factorial(("IS", "BFP", "BL")))
 
 
 @pytest.mark.parametrize("name, message", [
@@ -89,6 +88,10 @@ def test_params_errors_name_the_key(params):
     bad = copy.deepcopy(params)
     bad["data"]["root"] = "elsewhere"
     with pytest.raises(ConfigError, match="data.root='elsewhere' with data.source=synthetic"):
+        plan_ablation(bad, CONFIGS)
+    bad = copy.deepcopy(params)
+    bad["ablation"]["faster_rcnn"]["combos"] = ["baseline", "IS"]
+    with pytest.raises(ConfigError, match=r"ablation.faster_rcnn has unknown keys \['combos'\]"):
         plan_ablation(bad, CONFIGS)
     bad = copy.deepcopy(params)
     bad["profiles"]["tiny"]["set"] = {"train": {"epochz": 3}}

@@ -62,7 +62,7 @@ class _Shape:
 
 
 def write_synthetic_coco(
-    out: Path, seed: int = 0, num_train: int = 480, num_val: int = 96, image_size: int = 128
+    out: Path, seed: int = 0, num_train: int = 960, num_val: int = 96, image_size: int = 128
 ) -> dict:
     """Generate the synthetic set under ``out``, replacing a previous one there.
 

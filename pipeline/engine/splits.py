@@ -19,9 +19,10 @@ def load_splits(cfg: DataConfig) -> tuple[CocoSplit, CocoSplit]:
     train_ann = cfg.resolve(cfg.train_annotations)
     if cfg.source == "synthetic" and not train_ann.exists():
         raise DatasetError(f"{train_ann}: the built-in data set is not there; run `libra prepare --out {cfg.root}` first")
-    train = validate_coco(train_ann, cfg.resolve(cfg.train_images), cfg.max_images)
+    train = validate_coco(train_ann, cfg.resolve(cfg.train_images), cfg.max_images,
+                          max_image_pixels=cfg.max_image_pixels)
     val = validate_coco(cfg.resolve(cfg.val_annotations), cfg.resolve(cfg.val_images), cfg.max_images,
-                        categories=train.categories)
+                        categories=train.categories, max_image_pixels=cfg.max_image_pixels)
     warn_about(train)
     warn_about(val)
     return train, val
@@ -44,7 +45,7 @@ def validation_split(cfg: DataConfig) -> CocoSplit:
     val_ann = cfg.resolve(cfg.val_annotations)
     if cfg.source == "synthetic" and not val_ann.exists():
         raise DatasetError(f"{val_ann}: the built-in data set is not there; run `libra prepare --out {cfg.root}` first")
-    val = validate_coco(val_ann, cfg.resolve(cfg.val_images), cfg.max_images)
+    val = validate_coco(val_ann, cfg.resolve(cfg.val_images), cfg.max_images, max_image_pixels=cfg.max_image_pixels)
     warn_about(val)
     return val
 
