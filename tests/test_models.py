@@ -59,3 +59,39 @@ def test_retinanet_subnet_init(head_init, tower_std):
     predictor = head.classification_head.cls_logits
     assert predictor.weight.std().item() == pytest.approx(0.01, rel=0.05)
     assert torch.allclose(predictor.bias, torch.tensor(-torch.log(torch.tensor(99.0)).item()))
+
+
+def test_the_private_torchvision_helpers_behave_as_relied_on():
+    """pipeline/models/torchvision_internals.py re-exports private torchvision names; this fails on
+    an upgrade that changes what the detectors rely on."""
+    from collections import OrderedDict
+
+    from pipeline.models.torchvision_internals import BoxCoder, IntermediateLayerGetter, Matcher
+
+    coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+    anchors = torch.tensor([[10.0, 10.0, 30.0, 50.0], [0.0, 0.0, 8.0, 8.0]])
+    boxes = torch.tensor([[12.0, 8.0, 34.0, 44.0], [1.0, 2.0, 9.0, 7.0]])
+    torch.testing.assert_close(coder.decode_single(coder.encode_single(boxes, anchors), anchors), boxes)
+    assert (Matcher.BELOW_LOW_THRESHOLD, Matcher.BETWEEN_THRESHOLDS) == (-1, -2)
+    net = torch.nn.Sequential(OrderedDict(a=torch.nn.Conv2d(3, 4, 3), b=torch.nn.Conv2d(4, 5, 3)))
+    out = IntermediateLayerGetter(net, {"a": "0", "b": "1"})(torch.rand(1, 3, 9, 9))
+    assert list(out) == ["0", "1"] and out["1"].shape == (1, 5, 5, 5)
+
+
+def test_tiny_backbone_loads_the_pretrained_weights(tiny_weights, tmp_path):
+    state = torch.load(tiny_weights, weights_only=True)
+    cfg = load_config(Path("configs/retinanet_tiny.yaml"), [f"model.backbone.weights={tiny_weights}"])
+    body = build_detector(cfg, num_classes=4).backbone.body
+    assert torch.equal(body.stages[3][0][0].weight, state["stages.3.0.0.weight"])
+
+    missing = load_config(Path("configs/faster_rcnn_tiny.yaml"), [f"model.backbone.weights={tmp_path / 'none.pt'}"])
+    with pytest.raises(ConfigError, match=r"none.pt does not exist; create it .*libra pretrain"):
+        build_detector(missing, num_classes=4)
+    wider = load_config(Path("configs/faster_rcnn_tiny.yaml"),
+                        [f"model.backbone.weights={tiny_weights}", "model.backbone.channels=[16,32,64,256]"])
+    with pytest.raises(ConfigError, match=r"not a tiny backbone .* state_dict: .*shape mismatch \['stages.3"):
+        build_detector(wider, num_classes=4)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    junk = load_config(Path("configs/faster_rcnn_tiny.yaml"), [f"model.backbone.weights={tmp_path / 'junk.pt'}"])
+    with pytest.raises(ConfigError, match="junk.pt is not a loadable state_dict"):
+        build_detector(junk, num_classes=4)

@@ -4,7 +4,7 @@ keeps the positives' summed loss (Wu et al. 2019, Eq. 2-5) whatever each image h
 import pytest
 import torch
 
-from pipeline.config import BalancedL1Config, BoxLossConfig, IoUBalancedClsConfig, IoUBalancedLocConfig
+from pipeline.config import BalancedL1Config, BoxLossConfig
 from pipeline.models.box_loss import build_box_loss
 from pipeline.models.retinanet import BalancedRetinaNetHead, paired_iou
 
@@ -27,9 +27,8 @@ def image(ious: list[float], num_negatives: int, label: int):
 
 
 def head(eta: float | None) -> BalancedRetinaNetHead:
-    return BalancedRetinaNetHead(
-        8, 1, NUM_CLASSES, box_loss=build_box_loss(BoxLossConfig(type="l1"), BalancedL1Config()),
-        iou_cls=IoUBalancedClsConfig(enabled=eta is not None, eta=eta or 0.0), iou_loc=IoUBalancedLocConfig())
+    return BalancedRetinaNetHead(8, 1, NUM_CLASSES, box_loss=build_box_loss(BoxLossConfig(type="l1"), BalancedL1Config()),
+                                 eta=eta or 0.0)
 
 
 def losses(eta: float | None, images, logits: list[torch.Tensor]):

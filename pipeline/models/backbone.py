@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from torchvision.models import resnet50
-from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
 from pipeline.components import BalancedFeaturePyramid
-from pipeline.config import BackboneConfig, ConfigError, ModelConfig, BFPConfig
+from pipeline.config import BackboneConfig, BFPConfig, ConfigError, ModelConfig
+from pipeline.models.torchvision_internals import IntermediateLayerGetter
 
 
 def _conv_gn_relu(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -82,7 +82,7 @@ class PyramidBackbone(nn.Module):
         return self.neck(self.fpn(self.body(x)))
 
 
-def load_weights(net: nn.Module, path: Path, unused: tuple[str, ...] = ()) -> None:
+def load_weights(net: nn.Module, path: Path, kind: str, unused: tuple[str, ...] = ()) -> None:
     """Load a backbone ``state_dict`` from the local file ``path`` into ``net`` (weights only: no
     code in the file runs). Keys starting with a prefix in ``unused`` (parts the detector does not
     build, such as a classifier) may be absent or extra; any other missing or unexpected key, or a
@@ -100,11 +100,12 @@ def load_weights(net: nn.Module, path: Path, unused: tuple[str, ...] = ()) -> No
         raise ConfigError(f"model.backbone.weights: {path} does not hold a state_dict of tensors")
     own = net.state_dict()
     missing = [k for k in own if not k.startswith(unused) and k not in state]
-    unexpected = [k for k in state if not k.startswith(unused) and k not in own]
+    unexpected = [k for k in state if not k.startswith(unused) and k not in own
+                  and not k.endswith("num_batches_tracked")]  # BatchNorm's counter; frozen BN has none
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
                   for k in state if k in own and state[k].shape != own[k].shape]
     if missing or unexpected or mismatched:
-        raise ConfigError(f"model.backbone.weights: {path} does not fit the {type(net).__name__} backbone: "
+        raise ConfigError(f"model.backbone.weights: {path} is not a {kind} state_dict: "
                           f"missing {missing[:4]}, unexpected {unexpected[:4]}, shape mismatch {mismatched[:4]}")
     net.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
@@ -112,7 +113,7 @@ def load_weights(net: nn.Module, path: Path, unused: tuple[str, ...] = ()) -> No
 def _resnet50_body(cfg: BackboneConfig, num_stages: int) -> tuple[nn.Module, tuple[int, ...]]:
     net = resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
     if cfg.weights is not None:
-        load_weights(net, cfg.weights, unused=("fc.",))
+        load_weights(net, cfg.weights, "ResNet-50", unused=("fc.",))
     layers = ["layer4", "layer3", "layer2", "layer1", "conv1"][: cfg.trainable_layers]
     for name, param in net.named_parameters():
         if not any(name.startswith(layer) for layer in layers):
@@ -126,7 +127,8 @@ def build_body(cfg: BackboneConfig, num_stages: int) -> tuple[nn.Module, tuple[i
     if cfg.name == "tiny":
         body = TinyBackbone(cfg.channels[:num_stages])
         if cfg.weights is not None:
-            load_weights(body, cfg.weights, unused=tuple(f"stages.{i}." for i in range(num_stages, len(cfg.channels))))
+            load_weights(body, cfg.weights, f"tiny backbone (channels {list(cfg.channels)})",
+                         unused=tuple(f"stages.{i}." for i in range(num_stages, len(cfg.channels))))
         return body, body.channels
     return _resnet50_body(cfg, num_stages)
 

@@ -44,8 +44,8 @@ class LibraRoIHeads(RoIHeads):
     Records the IoU histogram of the negatives it sampled (``sampled_negative_iou``) for the report.
     """
 
-    def __init__(self, *args, sampler: CombinedSampler, box_loss: BoxLoss, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *, sampler: CombinedSampler, box_loss: BoxLoss, **roi_heads_kwargs):
+        super().__init__(**roi_heads_kwargs)
         self.sampler = sampler
         self.box_loss = box_loss
         self.sampled_negative_iou = IoUHistogram()
@@ -140,10 +140,11 @@ def build_faster_rcnn(cfg: ExperimentConfig, num_classes: int) -> FasterRCNN:
     )
     heads = model.roi_heads
     model.roi_heads = LibraRoIHeads(
-        heads.box_roi_pool, heads.box_head, heads.box_predictor,
-        m.roi_heads.fg_iou_thresh, m.roi_heads.bg_iou_thresh,
-        m.roi_heads.batch_size_per_image, m.roi_heads.positive_fraction,
-        None, m.score_thresh, m.nms_thresh, m.detections_per_img,
+        box_roi_pool=heads.box_roi_pool, box_head=heads.box_head, box_predictor=heads.box_predictor,
+        fg_iou_thresh=m.roi_heads.fg_iou_thresh, bg_iou_thresh=m.roi_heads.bg_iou_thresh,
+        batch_size_per_image=m.roi_heads.batch_size_per_image, positive_fraction=m.roi_heads.positive_fraction,
+        bbox_reg_weights=None, score_thresh=m.score_thresh, nms_thresh=m.nms_thresh,
+        detections_per_img=m.detections_per_img,
         sampler=build_sampler(c.iou_balanced_sampling),
         box_loss=build_box_loss(m.box_loss, c.balanced_l1),
     )

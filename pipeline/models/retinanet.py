@@ -12,15 +12,15 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import RetinaNet
-from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import sigmoid_focal_loss
 
 from pipeline.components import IoUBalancedLocWeight, iou_balanced_cls_weights
-from pipeline.config import ExperimentConfig, IoUBalancedClsConfig, IoUBalancedLocConfig, RetinaNetConfig
+from pipeline.config import ExperimentConfig
 from pipeline.models.backbone import retinanet_backbone
 from pipeline.models.box_loss import BoxLoss, build_box_loss
+from pipeline.models.torchvision_internals import BoxCoder, Matcher
 
 
 def paired_iou(a: Tensor, b: Tensor) -> Tensor:
@@ -35,40 +35,42 @@ def paired_iou(a: Tensor, b: Tensor) -> Tensor:
 
 class BalancedRetinaNetHead(RetinaNetHead):
     """RetinaNet head whose loss is sigmoid focal + a configurable box loss, with optional
-    IoU-balanced weights on the positives' classification (eta) and localization (lambda) terms.
+    IoU-balanced weights on the positives' classification (``eta``) and localization
+    (``loc_weight``) terms.
 
     Both terms are summed over every image of the batch and divided by the batch's number of
     positive anchors (at least 1), as the papers' implementation (mmdet's ``num_total_pos``) does.
     The IoU-balanced classification weight ``w_i = u_i^eta * Z`` multiplies a positive anchor's
     whole sigmoid focal loss, summed over all classes (the paper's per-anchor loss, Eq. 2), and
     ``Z`` is taken over the same positives, so the positives' summed classification loss is
-    exactly kept; negatives keep weight 1.
+    exactly kept; negatives keep weight 1. ``eta = 0`` is the plain loss.
     """
 
     def __init__(self, in_channels: int, num_anchors: int, num_classes: int, *, box_loss: BoxLoss,
-                 iou_cls: IoUBalancedClsConfig, iou_loc: IoUBalancedLocConfig,
-                 cfg: RetinaNetConfig = RetinaNetConfig()):
-        norm = partial(nn.GroupNorm, min(32, in_channels // 4)) if cfg.head_norm == "group" else None
+                 eta: float = 0.0, loc_weight: IoUBalancedLocWeight | None = None, head_convs: int = 4,
+                 group_norm: bool = False, kaiming_init: bool = False, focal_alpha: float = 0.25,
+                 focal_gamma: float = 2.0):
+        norm = partial(nn.GroupNorm, min(32, in_channels // 4)) if group_norm else None
         super().__init__(in_channels, num_anchors, num_classes, norm_layer=norm)
-        self.classification_head.conv = self.classification_head.conv[: cfg.head_convs]
-        self.regression_head.conv = self.regression_head.conv[: cfg.head_convs]
-        if cfg.head_init == "kaiming":
+        self.classification_head.conv = self.classification_head.conv[:head_convs]
+        self.regression_head.conv = self.regression_head.conv[:head_convs]
+        if kaiming_init:
             for subnet in (self.classification_head.conv, self.regression_head.conv):
                 for conv in subnet.modules():
                     if isinstance(conv, nn.Conv2d):
                         nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-        self.focal = partial(sigmoid_focal_loss, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
+        self.focal = partial(sigmoid_focal_loss, alpha=focal_alpha, gamma=focal_gamma)
         self.box_loss = box_loss
-        self.eta = iou_cls.eta if iou_cls.enabled else 0.0
-        self.loc_weight = IoUBalancedLocWeight(iou_loc.lam, iou_loc.w_loc) if iou_loc.enabled else None
-        self.box_coder = det_utils.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+        self.eta = eta
+        self.loc_weight = loc_weight
+        self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
 
     def compute_loss(self, targets, head_outputs, anchors, matched_idxs) -> dict[str, Tensor]:
         cls_neg, cls_pos, box_pos, ious = [], [], [], []
         for target, logits, regression, anchor, matched in zip(
                 targets, head_outputs["cls_logits"], head_outputs["bbox_regression"], anchors, matched_idxs):
             fg = torch.where(matched >= 0)[0]
-            bg = torch.where(matched == det_utils.Matcher.BELOW_LOW_THRESHOLD)[0]
+            bg = torch.where(matched == Matcher.BELOW_LOW_THRESHOLD)[0]
             gt_boxes = target["boxes"][matched[fg]]
             onehot = torch.zeros_like(logits[fg])
             onehot[torch.arange(fg.numel()), target["labels"][matched[fg]]] = 1.0
@@ -92,17 +94,21 @@ class BalancedRetinaNetHead(RetinaNetHead):
 
 def build_retinanet(cfg: ExperimentConfig, num_classes: int) -> RetinaNet:
     """RetinaNet with an FPN, set up by ``model.retinanet``; ``num_classes`` excludes background."""
-    m, c = cfg.model, cfg.components
+    m, c, r = cfg.model, cfg.components, cfg.model.retinanet
     backbone = retinanet_backbone(m, c.bfp)
-    n = m.retinanet.scales_per_octave
+    n = r.scales_per_octave
     sizes = tuple(tuple(int(round(s * 2 ** (i / n))) for i in range(n)) for s in m.anchor_sizes)
     anchors = AnchorGenerator(sizes, (m.aspect_ratios,) * len(sizes))
     head = BalancedRetinaNetHead(
         backbone.out_channels, anchors.num_anchors_per_location()[0], num_classes + 1,
         box_loss=build_box_loss(m.box_loss, c.balanced_l1),
-        iou_cls=c.iou_balanced_cls, iou_loc=c.iou_balanced_loc, cfg=m.retinanet,
+        eta=c.iou_balanced_cls.eta if c.iou_balanced_cls.enabled else 0.0,
+        loc_weight=(IoUBalancedLocWeight(c.iou_balanced_loc.lam, c.iou_balanced_loc.w_loc)
+                    if c.iou_balanced_loc.enabled else None),
+        head_convs=r.head_convs, group_norm=r.head_norm == "group", kaiming_init=r.head_init == "kaiming",
+        focal_alpha=r.focal_alpha, focal_gamma=r.focal_gamma,
     )
     return RetinaNet(backbone, num_classes + 1, min_size=m.min_size, max_size=m.max_size,
                      anchor_generator=anchors, head=head, score_thresh=m.score_thresh,
                      nms_thresh=m.nms_thresh, detections_per_img=m.detections_per_img,
-                     fg_iou_thresh=m.retinanet.fg_iou_thresh, bg_iou_thresh=m.retinanet.bg_iou_thresh)
+                     fg_iou_thresh=r.fg_iou_thresh, bg_iou_thresh=r.bg_iou_thresh)
