@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileExistsError, RuntimeError) as exc:
         print(f"libra {args.stage}: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ValueError) else 1
+    except KeyboardInterrupt:
+        print(f"libra {args.stage}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

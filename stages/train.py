@@ -1,8 +1,14 @@
-"""`libra train`: fit one detector from a YAML config (or an ablation run plan) into a run directory."""
+"""`libra train`: fit one detector from a YAML config (or an ablation run plan) into a run directory.
+
+SIGTERM or SIGINT stops training after the current step, saves checkpoints/last.ckpt and exits
+with 128 + the signal number (143, 130); --resume continues the run. Only a run that trained its
+full schedule exits 0.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -19,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run directory: config.yaml, checkpoints/{last,best}.ckpt, metrics.csv, "
                              "curves/{train_loss,val_AP}.csv")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out from checkpoints/last.ckpt (same config required)")
+                        help="continue the run in --out from checkpoints/last.ckpt (same config required); "
+                             "a run that trained its full schedule is left as it is")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -40,7 +47,11 @@ def run(args: argparse.Namespace) -> None:
         cfg = load_config(args.config, args.overrides)
 
     from pipeline.engine.curves import write_curve_files
-    from pipeline.engine.train import train
+    from pipeline.engine.train import TrainingStopped, train
 
-    train(cfg, args.out, resume=args.resume)
+    try:
+        train(cfg, args.out, resume=args.resume)
+    except TrainingStopped as exc:
+        print(f"libra train: {exc}", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
     write_curve_files(args.out)

@@ -22,7 +22,7 @@ def _sets(root, **extra) -> list[str]:
 
 
 def _weights(run) -> dict[str, torch.Tensor]:
-    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     return {k: v for k, v in state.items() if v.is_floating_point()}
 
 
@@ -72,7 +72,7 @@ def test_resume_after_kill_matches_uninterrupted(synthetic_root, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    first = torch.load(killed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    first = torch.load(killed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert first["epoch"] < 3, "killed before the end"
 
     libra("train", "--config", "configs/faster_rcnn_tiny.yaml", "--out", str(killed), "--resume", *sets)
@@ -89,7 +89,7 @@ def test_ddp_two_processes_match_one(synthetic_root, tmp_path):
           *_sets(synthetic_root, **common, **{"train.batch_size": 2, "trainer.devices": 2, "trainer.strategy": "ddp",
                                               "trainer.num_threads": 1}))
     one, two = _weights(single), _weights(ddp)
-    init = torch.load(single / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    init = torch.load(single / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert init["global_step"] == 3
     moved = _max_diff(one, {k: torch.zeros_like(v) for k, v in one.items()})
     assert moved > 0
@@ -103,6 +103,6 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(synthetic_root, tmp_path)
     proc = libra("train", "--config", "configs/faster_rcnn_tiny.yaml", "--out", str(run), *sets, check=False)
     assert proc.returncode != 0
     assert "non-finite training loss at epoch 1" in proc.stderr
-    good = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    good = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert good["epoch"] == 0 and good["global_step"] == 4, "the checkpoint of the first (good) epoch"
     assert all(torch.isfinite(v).all() for v in good["state_dict"].values() if v.is_floating_point())

@@ -44,13 +44,17 @@ def epoch_curves(log: pd.DataFrame) -> pd.DataFrame:
 
 def write_curve_files(run_dir: Path) -> None:
     """``<run>/curves/train_loss.csv`` and ``<run>/curves/val_AP.csv``: ``epoch`` and one value per
-    epoch, the files DVC renders as plots (the last column is the plotted one)."""
+    epoch, the files DVC renders as plots (the last column is the plotted one). A file that already
+    holds these values is left untouched."""
     curves = epoch_curves(read_metrics_csv(Path(run_dir) / "metrics.csv"))
     for name, column in (("train_loss", "train/loss"), ("val_AP", "val/AP")):
         frame = pd.DataFrame({"epoch": curves["epoch"],
                               name: curves[column] if column in curves else pd.Series(dtype=float)})
         path = Path(run_dir) / "curves" / f"{name}.csv"
+        text = frame.dropna().to_csv(index=False)
+        if path.exists() and path.read_text() == text:
+            continue
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(frame.dropna().to_csv(index=False))
+        tmp.write_text(text)
         os.replace(tmp, path)

@@ -3,11 +3,15 @@
 Sharding is done here rather than by Lightning so that a global batch holds the same images
 however it is split across processes: one permutation per epoch (seeded by ``seed + epoch``),
 process ``r`` of ``w`` takes every ``w``-th index starting at ``r``.
+
+The training loader is resumable mid-epoch (Lightning's ``state_dict``/``load_state_dict`` loader
+protocol): a checkpoint records the next batch to train, and a resumed run skips the batches of
+that epoch it already trained on, so it sees the same batches as an uninterrupted run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import lightning as L
 import torch
@@ -27,10 +31,16 @@ class ShardedSampler(Sampler[int]):
         self.dataset, self.rank, self.world = dataset, rank, world
         self.shuffle, self.seed, self.drop_tail = shuffle, seed, drop_tail
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.dataset.set_epoch(epoch)
+
+    def resume(self, epoch: int, skip: int) -> None:
+        """The next iteration is of ``epoch`` and starts after its first ``skip`` indices."""
+        self.set_epoch(epoch)
+        self._resume = (epoch, skip)
 
     def _indices(self) -> list[int]:
         n = len(self.dataset)
@@ -43,10 +53,34 @@ class ShardedSampler(Sampler[int]):
         return order[self.rank :: self.world]
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._indices())
+        indices = self._indices()
+        if self._resume is not None:
+            epoch, skip = self._resume
+            self._resume = None
+            if epoch == self.epoch:
+                indices = indices[skip:]
+        return iter(indices)
 
     def __len__(self) -> int:
         return len(self._indices())
+
+
+class ResumableLoader(DataLoader):
+    """A training loader whose state is the next batch to train: ``position()`` gives the epoch and
+    the batches of it trained so far; loading the state makes the sampler skip those batches."""
+
+    def __init__(self, *args, position: Callable[[], tuple[int, int]], **kwargs):
+        super().__init__(*args, **kwargs)
+        self._position = position
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches = self._position()
+        if batches >= len(self):
+            epoch, batches = epoch + 1, 0
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.resume(state["epoch"], state["batches"] * self.batch_size)
 
 
 class DetectionDataModule(L.LightningDataModule):
@@ -76,9 +110,15 @@ class DetectionDataModule(L.LightningDataModule):
     def _loader(self, dataset: CocoDetectionDataset, batch_size: int, train: bool) -> DataLoader:
         rank, world = self._rank_world()
         sampler = ShardedSampler(dataset, rank, world, shuffle=train, seed=self.cfg.train.seed, drop_tail=train)
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train,
-                          collate_fn=collate_detection, num_workers=self.cfg.data.num_workers,
-                          persistent_workers=False)
+        options = dict(batch_size=batch_size, sampler=sampler, drop_last=train, collate_fn=collate_detection,
+                       num_workers=self.cfg.data.num_workers, persistent_workers=False)
+        if train:
+            return ResumableLoader(dataset, position=self._train_position, **options)
+        return DataLoader(dataset, **options)
+
+    def _train_position(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.completed
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, self.cfg.train.batch_size, train=True)
