@@ -10,6 +10,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -33,13 +34,25 @@ def paired_iou(a: Tensor, b: Tensor) -> Tensor:
     return inter / (area_a + area_b - inter).clamp(min=1e-6)
 
 
+def batch_positives(local: int, device: torch.device) -> float:
+    """The normaliser: the batch's positive anchors, at least 1. Under DDP, the mean over processes
+    of their counts (mmdet's ``reduce_mean``), so that DDP's averaged gradient of the per-process
+    losses is the gradient of the whole global batch's loss over its total positives."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        count = torch.tensor(float(local), device=device)
+        dist.all_reduce(count)
+        return max(1.0, count.item() / dist.get_world_size())
+    return float(max(1, local))
+
+
 class BalancedRetinaNetHead(RetinaNetHead):
     """RetinaNet head whose loss is sigmoid focal + a configurable box loss, with optional
     IoU-balanced weights on the positives' classification (``eta``) and localization
     (``loc_weight``) terms.
 
     Both terms are summed over every image of the batch and divided by the batch's number of
-    positive anchors (at least 1), as the papers' implementation (mmdet's ``num_total_pos``) does.
+    positive anchors (at least 1; see :func:`batch_positives`), as the papers' implementation
+    (mmdet's ``num_total_pos``) does.
     The IoU-balanced classification weight ``w_i = u_i^eta * Z`` multiplies a positive anchor's
     whole sigmoid focal loss, summed over all classes (the paper's per-anchor loss, Eq. 2), and
     ``Z`` is taken over the same positives, so the positives' summed classification loss is
@@ -85,7 +98,7 @@ class BalancedRetinaNetHead(RetinaNetHead):
         cls_pos_t = cls_pos_t * iou_balanced_cls_weights(iou, cls_pos_t, self.eta)
         if self.loc_weight is not None:
             box_pos_t = self.loc_weight(iou, box_pos_t)
-        num_pos = max(1, iou.numel())
+        num_pos = batch_positives(iou.numel(), iou.device)
         return {
             "classification": (torch.stack(cls_neg).sum() + cls_pos_t.sum()) / num_pos,
             "bbox_regression": box_pos_t.sum() / num_pos,
