@@ -58,7 +58,7 @@ def test_component_trains(case, synthetic_root, tmp_path):
     if case == "IoU-loc":
         w_loc = float(model.head.loc_weight.w_loc)
         assert math.isfinite(w_loc) and w_loc > 0, "w_loc: auto is fixed at the first step"
-        state = torch.load(tmp_path / case / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        state = torch.load(tmp_path / case / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
         assert float(state["state_dict"]["model.head.loc_weight.w_loc"]) == w_loc, "and kept in the checkpoint"
 
 
