@@ -1,7 +1,9 @@
 """`libra report`: the ablation report: AP tables with bootstrap intervals and figures (the DVC report stage).
 
-Reads the plan (runs/plan/ablation.yaml) and every selected run's metrics.json, detections.json,
+Reads the plan (runs/plan/ablation.yaml) and every planned run's metrics.json, detections.json,
 metrics.csv and checkpoint, and writes <out>/ablation.md, ablation.csv, metrics.json, figures/*.png.
+Runs that runs/index.json records as failed are listed with their reason instead (DVC runs this
+stage only after every run finished; run `libra report` by hand to see a partial ablation).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plan", type=Path, default=Path("runs/plan"), help="plan directory written by `libra plan`")
     parser.add_argument("--manifest", type=Path, default=Path("data/manifest.json"),
                         help="data manifest written by `libra prepare --manifest` (optional)")
+    parser.add_argument("--index", type=Path, default=Path("runs/index.json"),
+                        help="run index written by `libra dispatch`: its failed runs are listed, not reported")
     parser.add_argument("--out", type=Path, default=Path("reports"), help="report directory")
 
 
@@ -26,7 +30,7 @@ def run(args: argparse.Namespace) -> None:
 
     settings = ReportSettings.from_params(read_params(args.params).get("report"))
     manifest = json.loads(args.manifest.read_text()) if args.manifest.exists() else None
-    metrics = write_report(args.plan, args.out, settings, manifest)
+    metrics = write_report(args.plan, args.out, settings, manifest, index=args.index)
     claims = metrics.pop("claims")
     for detector, variants in metrics.items():
         for variant, values in variants.items():

@@ -16,6 +16,7 @@ from pipeline.report.claims import CLAIMS, Claim
 from pipeline.report.bootstrap import APSamples, PairedDelta, ap_samples, paired_delta, resample_counts
 from pipeline.report.localization import detection_ious, score_iou_correlation
 from pipeline.report.per_image import match_images
+from pipeline.report.failures import failures_markdown, read_failures
 from pipeline.report.results import RunResult, load_results, validation_ground_truth
 from pipeline.report.tables import ablation_table, claims_markdown, detector_markdown, summary_metrics
 from pipeline.io import write_text_atomic
@@ -137,13 +138,16 @@ def draw_run_figures(result: RunResult, gt: dict[str, Any], out_dir: Path) -> li
 
 
 def write_report(plan_dir: Path, out_dir: Path, settings: ReportSettings, manifest: dict[str, Any] | None = None,
-                 root: Path = Path(".")) -> dict[str, Any]:
+                 root: Path = Path("."), index: Path | None = None) -> dict[str, Any]:
     """Write ``ablation.md``, ``ablation.csv``, ``metrics.json`` and ``figures/*.png`` under ``out_dir``;
-    returns the summary metrics (also in ``metrics.json``)."""
+    returns the summary metrics (also in ``metrics.json``). The runs that ``index`` (runs/index.json)
+    records as failed are listed with their reason instead of reported."""
     out_dir = Path(out_dir)
-    summary, results = load_results(plan_dir, root)
+    failures = read_failures(index) if index is not None else {}
+    summary, results = load_results(plan_dir, root, frozenset(failures))
     if not results:
-        raise ValueError(f"{plan_dir}: the plan selects no runs")
+        raise ValueError(f"{plan_dir}: no finished run to report ({len(failures)} failed, see {index})" if failures
+                         else f"{plan_dir}: the plan selects no runs")
     gts = _ground_truths(results)
     matches = {r.name: match_images(gts[r.name], r.detections) for r in results}
     counts_by_images: dict[tuple[int, ...], np.ndarray] = {}
@@ -200,12 +204,13 @@ def write_report(plan_dir: Path, out_dir: Path, settings: ReportSettings, manife
         title = f"{DETECTOR_TITLES.get(detector, detector)}: training curves (mean over seeds)"
         drawn.append((title, figures.training_curves(curves, fig_dir / f"training_curves_{detector}.png", title)))
 
-    write_text_atomic(out_dir / "ablation.md", _markdown(summary, table, claims, settings, manifest, results, drawn, out_dir))
+    write_text_atomic(out_dir / "ablation.md", _markdown(summary, table, claims, settings, manifest, results, drawn, out_dir,
+                                                        failures))
     return metrics
 
 
 def _markdown(summary: dict[str, Any], table: pd.DataFrame, claims: list[tuple[Claim, PairedDelta]], settings: ReportSettings, manifest: dict[str, Any] | None,
-              results: list[RunResult], drawn: list[tuple[str, Path]], out_dir: Path) -> str:
+              results: list[RunResult], drawn: list[tuple[str, Path]], out_dir: Path, failures: dict[str, str]) -> str:
     val_images = results[0].metrics.get("num_images")
     data = (f"{manifest['source']} data ({manifest['root']}, digest {manifest['digest'][:12]})" if manifest
             else "see the run configs")
@@ -214,6 +219,7 @@ def _markdown(summary: dict[str, Any], table: pd.DataFrame, claims: list[tuple[C
         (f"Profile `{summary['profile']}`, design `{summary['design']}`, seeds {summary['seeds']}, {data}; "
          f"{len(results)} runs, each evaluated on {val_images} validation images. COCO bbox metrics in percent "
          "(ours: mean over seeds, ± sample standard deviation over seeds)."), "",
+        *failures_markdown(failures),
     ]
     if claims:
         lines += ["## Verdicts on the papers' claims", "", *claims_markdown(claims, settings.confidence), ""]

@@ -55,20 +55,21 @@ def load_run(plan: RunPlan, root: Path = Path(".")) -> RunResult:
     run = root / plan.run_dir
     metrics_file = run / "metrics.json"
     if not metrics_file.exists():
-        raise FileNotFoundError(f"{metrics_file}: {plan.name} is not evaluated; run `libra evaluate --run {run}`")
+        raise FileNotFoundError(f"{metrics_file}: {plan.name} is not evaluated; run `dvc repro` "
+                                "(or `libra dispatch`) to finish it")
     metrics = json.loads(metrics_file.read_text())
-    if metrics.get("skipped"):
-        raise ValueError(f"{run}: {plan.name} was skipped, but the plan selects it; rerun its train stage")
     detections = json.loads((run / "detections.json").read_text())
     checkpoint = run / "checkpoints" / "last.ckpt"
     histogram = negative_iou_histogram(checkpoint) if plan.detector == "faster_rcnn" and checkpoint.exists() else None
     return RunResult(plan, metrics, detections, epoch_curves(read_metrics_csv(run / "metrics.csv")), histogram)
 
 
-def load_results(plan_dir: Path, root: Path = Path(".")) -> tuple[dict[str, Any], list[RunResult]]:
-    """The ablation summary and every selected run's results, in plan order."""
+def load_results(plan_dir: Path, root: Path = Path("."), skip: frozenset[str] = frozenset()
+                 ) -> tuple[dict[str, Any], list[RunResult]]:
+    """The ablation summary and the results of every planned run not named in ``skip``, in plan order."""
     summary = read_summary(plan_dir)
-    results = [load_run(read_run_plan(root / entry["plan"]), root) for entry in summary["runs"]]
+    results = [load_run(read_run_plan(root / entry["plan"]), root) for entry in summary["runs"]
+               if entry["name"] not in skip]
     return summary, results
 
 
