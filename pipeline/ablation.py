@@ -1,9 +1,10 @@
 """The ablation as DVC runs it: ``params.yaml`` resolved into one experiment config per run.
 
 ``params.yaml`` holds a ``profile`` (which base config and budget), the ``data`` and ``trainer``
-settings shared by every run, the ``ablation`` (design, seeds, and per detector its components,
-the paper-table rows and every combination the DVC matrix spans) and one section of component
-knobs per detector. A run's config is::
+settings shared by every run, the ``ablation`` (design, seeds, and per detector its components and
+the paper-table rows) and one section of component knobs per detector. The design selects the
+runs: ``table``, the papers' rows; ``factorial``, every combination of the detector's components.
+Only the selected runs are planned. A run's config is::
 
     configs/<detector>_<profile.config>.yaml
       <- profiles.<profile>.set                      (budget: epochs, batch, ...; the config's structure)
@@ -23,12 +24,16 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from pipeline.config import ConfigError, DataConfig, ExperimentConfig, load_config
-from pipeline.runplan import RunPlan
+from pipeline.io import write_text_atomic
+from pipeline.runplan import RunPlan, write_run_plan
 
 COMPONENTS: dict[str, str] = {
     "IS": "iou_balanced_sampling",
@@ -47,6 +52,7 @@ DETECTOR_COMPONENTS: dict[str, tuple[str, ...]] = {
 
 BASELINE = "baseline"
 DESIGNS = ("table", "factorial")
+DETECTOR_ABLATION_KEYS = {"components", "table"}
 SYNTHETIC_ROOT = Path("data/synthetic")
 """Where the prepare stage writes the built-in set (its DVC output)."""
 
@@ -91,9 +97,7 @@ def _section(params: dict[str, Any], key: str, where: str = "params.yaml") -> di
 class DetectorAblation:
     detector: str
     components: tuple[str, ...]
-    combos: tuple[str, ...]
-    """Every combination the DVC matrix has a stage for."""
-    selected: tuple[str, ...]
+    variants: tuple[str, ...]
     """The combinations the design trains, in report order."""
 
 
@@ -104,22 +108,29 @@ class Ablation:
     seeds: tuple[int, ...]
     detectors: dict[str, DetectorAblation]
     runs: tuple[RunPlan, ...]
-    """Every matrix entry (selected or not), detector by detector, combination by combination, seed by seed."""
-
-    @property
-    def selected_runs(self) -> list[RunPlan]:
-        return [r for r in self.runs if r.selected]
+    """The runs the design selects, detector by detector, combination by combination, seed by seed."""
 
     def summary(self) -> dict[str, Any]:
-        """What ``runs/plan/ablation.yaml`` holds: the design and the selected runs."""
+        """What ``runs/plan/ablation.yaml`` holds: the design and its runs."""
         return {
             "profile": self.profile, "design": self.design, "seeds": list(self.seeds),
-            "detectors": {d: {"components": list(a.components), "variants": list(a.selected)}
+            "detectors": {d: {"components": list(a.components), "variants": list(a.variants)}
                           for d, a in self.detectors.items()},
             "runs": [{"name": r.name, "detector": r.detector, "combo": r.combo, "seed": r.seed,
                       "run_dir": r.run_dir.as_posix(), "plan": plan_path(r.detector, r.combo, r.seed).as_posix()}
-                     for r in self.selected_runs],
+                     for r in self.runs],
         }
+
+
+def write_plan(ablation: Ablation, out: Path) -> None:
+    """``out/<detector>/<combo>/seed<k>.yaml`` per run and ``out/ablation.yaml``; ``out`` is replaced as a whole."""
+    staging = out.with_name(out.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    for plan in ablation.runs:
+        write_run_plan(plan, plan_path(plan.detector, plan.combo, plan.seed, staging))
+    write_text_atomic(staging / "ablation.yaml", yaml.safe_dump(ablation.summary(), sort_keys=False))
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
 
 
 def plan_path(detector: str, combo: str, seed: int, plan_dir: Path = Path("runs/plan")) -> Path:
@@ -218,32 +229,30 @@ def data_config(params: dict[str, Any], configs_dir: Path = Path("configs")) -> 
 def _detector_ablation(params: dict[str, Any], detector: str, design: str) -> DetectorAblation:
     where = f"params.yaml: ablation.{detector}"
     section = _section(_section(params, "ablation"), detector, "params.yaml: ablation")
+    unknown = set(section) - DETECTOR_ABLATION_KEYS
+    if unknown:
+        raise ConfigError(f"{where} has unknown keys {sorted(unknown)}; allowed: {sorted(DETECTOR_ABLATION_KEYS)}")
     known = DETECTOR_COMPONENTS[detector]
     components = tuple(section.get("components") or known)
     bad = [c for c in components if c not in known]
     if bad:
         raise ConfigError(f"{where}.components: {bad} are not wired into {detector} (it has {list(known)})")
-    combos = tuple(section.get("combos") or ())
     table = tuple(section.get("table") or ())
-    for name in (*combos, *table):
-        parse_combo(name, components, f"{where}: combination")
-    if len(set(combos)) != len(combos):
-        raise ConfigError(f"{where}.combos lists a combination twice: {list(combos)}")
+    for name in table:
+        parse_combo(name, components, f"{where}.table: combination")
+    if len(set(table)) != len(table):
+        raise ConfigError(f"{where}.table lists a combination twice: {list(table)}")
     if design == "table":
-        selected = table
         if not table:
             raise ConfigError(f"{where}.table is empty; list the rows to train, e.g. [baseline, ...]")
+        variants = table
     else:
-        selected = tuple(factorial(components))
-    missing = [c for c in selected if c not in combos]
-    if missing:
-        raise ConfigError(f"{where}: design {design!r} trains {missing}, which ablation.{detector}.combos "
-                          f"(the combinations the DVC matrix has stages for) does not list; add them")
-    return DetectorAblation(detector, components, combos, selected)
+        variants = tuple(factorial(components))
+    return DetectorAblation(detector, components, variants)
 
 
 def plan_ablation(params: dict[str, Any], configs_dir: Path = Path("configs")) -> Ablation:
-    """Validate ``params`` and resolve every matrix entry into a :class:`RunPlan`."""
+    """Validate ``params`` and resolve every run the design selects into a :class:`RunPlan`."""
     profile, _ = _profile(params)
     ablation = _section(params, "ablation")
     design = ablation.get("design")
@@ -258,14 +267,13 @@ def plan_ablation(params: dict[str, Any], configs_dir: Path = Path("configs")) -
     detectors = {d: _detector_ablation(params, d, design) for d in DETECTOR_COMPONENTS if d in ablation}
     runs = []
     for detector, det in detectors.items():
-        for combo in det.combos:
+        for combo in det.variants:
             components = parse_combo(combo, det.components)
             config = resolve_config(params, detector, components, 0, configs_dir).to_dict()
             for seed in seeds:
                 config = {**config, "train": {**config["train"], "seed": seed}}
                 runs.append(RunPlan(detector=detector, combo=combo, components=components, seed=seed,
-                                    selected=combo in det.selected, run_dir=run_dir(detector, combo, seed),
-                                    config=config))
+                                    run_dir=run_dir(detector, combo, seed), config=config))
     return Ablation(profile, design, tuple(seeds), detectors, tuple(runs))
 
 

@@ -1,8 +1,8 @@
 """The `libra` command: one sub-command per pipeline stage.
 
 Stage modules are imported only when their sub-command runs (their one-line help is read from the
-module docstring without importing it), so a cheap stage, such as a DVC matrix entry that the
-ablation design skips, does not pay for importing torch, Lightning or Optuna.
+module docstring without importing it), so a cheap stage, such as `libra plan` or a `libra
+dispatch` that reuses every run, does not pay for importing torch, Lightning or Optuna.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ STAGES: dict[str, str] = {
     "plan": "stages.plan",
     "train": "stages.train",
     "evaluate": "stages.evaluate",
+    "dispatch": "stages.dispatch",
     "report": "stages.report",
     "track": "stages.track",
     "tune": "stages.tune",

@@ -18,12 +18,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from pipeline.runplan import is_skipped, write_skipped_evaluation
-
-    if is_skipped(args.run):  # an ablation run outside the design (see `libra train --plan`)
-        write_skipped_evaluation(args.run)
-        print(f"{args.run}: skipped run, wrote its placeholder metrics.json and detections.json")
-        return
     from pipeline.engine.evaluate import evaluate_run
 
     device = args.device

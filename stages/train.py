@@ -17,8 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--config", type=Path, help="experiment YAML, e.g. configs/faster_rcnn_tiny.yaml")
     source.add_argument("--plan", type=Path,
                         help="run plan written by `libra plan` (runs/plan/<detector>/<combo>/seed<k>.yaml): "
-                             "train its resolved config, or, for a run its ablation design does not select, "
-                             "write the skipped-run markers (what the DVC train stages do)")
+                             "train its resolved config (what `libra dispatch` runs)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. components.bfp.enabled=true or trainer.devices=2 (repeatable)")
     parser.add_argument("--out", type=Path, required=True,
@@ -33,13 +32,9 @@ def run(args: argparse.Namespace) -> None:
     from pipeline.config import apply_overrides, validate_config
 
     if args.plan is not None:
-        from pipeline.runplan import read_run_plan, write_skipped_training
+        from pipeline.runplan import read_run_plan
 
         plan = read_run_plan(args.plan)
-        if not plan.selected:
-            write_skipped_training(plan, args.out, "not in the selected ablation.design; not trained")
-            print(f"{plan.name}: not in the ablation design, skipped")
-            return
         cfg = validate_config(apply_overrides(plan.config, args.overrides), f"{args.plan} with overrides")
     else:
         from pipeline.config import load_config

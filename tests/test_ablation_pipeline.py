@@ -1,7 +1,10 @@
 """End to end: `dvc repro` of the ablation (smoke profile) in a fresh copy of the repository.
 
-Checks every output and its schema, the MLflow store (parent run, child runs with metrics and
-artifacts), that a second `dvc repro` has nothing to do, and that re-logging reuses the runs.
+Checks every output and its schema, that only the design's runs exist (no stage, no directory for
+the others), per-run metrics and curves through `dvc metrics show` / `dvc plots show`, the MLflow
+store (parent run, child runs with metrics and artifacts), that a second `dvc repro` has nothing to
+do, that re-logging reuses the runs, that changing one knob retrains only the runs it changes, and
+that a run killed during `dvc repro` fails only itself and resumes from its checkpoint next time.
 """
 
 from __future__ import annotations
@@ -10,12 +13,15 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from conftest import ROOT
@@ -23,20 +29,21 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow
 
 VENV_BIN = Path(sys.executable).parent
-# Smoke matrix: per detector the baseline, one trained variant and one combination outside the
-# design (a skipped stage); one seed.
+# Smoke ablation: per detector the baseline and one variant, one seed; the default executor (local,
+# 2 runs at once) with one thread per run, so that runs compare exactly with runs trained elsewhere.
 SMOKE = {
     "profile": "smoke",
     "ablation.seeds": [0],
-    "ablation.faster_rcnn.combos": ["baseline", "BFP", "IS+BFP+BL"],
     "ablation.faster_rcnn.table": ["baseline", "IS+BFP+BL"],
-    "ablation.retinanet.combos": ["baseline", "BFP+BL", "IoU-cls+IoU-loc"],
     "ablation.retinanet.table": ["baseline", "IoU-cls+IoU-loc"],
     "report.bootstrap_resamples": 200,
+    "execution.threads": 1,
 }
 TRAINED = [("faster_rcnn", "baseline"), ("faster_rcnn", "IS+BFP+BL"), ("retinanet", "baseline"),
            ("retinanet", "IoU-cls+IoU-loc")]
-SKIPPED = [("faster_rcnn", "BFP"), ("retinanet", "BFP+BL")]
+RUNS = [f"{detector}/{combo}/seed0" for detector, combo in TRAINED]
+UNSELECTED = [("faster_rcnn", "BFP"), ("retinanet", "BFP+BL")]
+STAGES = ["prepare", "pretrain", "plan", "runs", "report", "track"]
 
 
 def _set(tree: dict, dotted: str, value) -> None:
@@ -44,6 +51,17 @@ def _set(tree: dict, dotted: str, value) -> None:
     for part in path:
         tree = tree[part]
     tree[last] = value
+
+
+def _edit_params(repo: Path, **values) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for key, value in values.items():
+        _set(params, key, value)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _index(repo: Path) -> dict:
+    return json.loads((repo / "runs/index.json").read_text())["runs"]
 
 
 def _run(cmd: list[str], repo: Path, env: dict, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -64,10 +82,7 @@ def smoke_repo(tmp_path_factory) -> tuple[Path, dict, subprocess.CompletedProces
         if source.is_file():
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, repo / name)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for key, value in SMOKE.items():
-        _set(params, key, value)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _edit_params(repo, **SMOKE)
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(repo), PYTHONUNBUFFERED="1",
@@ -81,7 +96,7 @@ def smoke_repo(tmp_path_factory) -> tuple[Path, dict, subprocess.CompletedProces
 
 
 def test_repro_writes_every_output_with_its_schema(smoke_repo):
-    repo, _, proc = smoke_repo
+    repo, env, proc = smoke_repo
     assert (repo / "data/synthetic/annotations/instances_val.json").exists()
     manifest = json.loads((repo / "data/manifest.json").read_text())
     assert manifest["source"] == "synthetic" and manifest["splits"]["val"]["images"] == 8 and len(manifest["digest"]) == 64
@@ -95,11 +110,19 @@ def test_repro_writes_every_output_with_its_schema(smoke_repo):
         for name, column in (("train_loss", "train_loss"), ("val_AP", "val_AP")):
             curve = pd.read_csv(run / "curves" / f"{name}.csv")
             assert list(curve.columns) == ["epoch", column] and len(curve) >= 1
-    for detector, combo in SKIPPED:
-        run = repo / "runs" / detector / combo / "seed0"
-        assert (run / "checkpoints/SKIPPED").exists() and not (run / "checkpoints/last.ckpt").exists()
-        assert json.loads((run / "metrics.json").read_text())["skipped"] is True
-    assert "not in the ablation design, skipped" in proc.stdout
+    for detector, combo in UNSELECTED:  # runs outside the design cost nothing: no stage, no directory
+        assert not (repo / "runs" / detector / combo).exists()
+    listed = _run([str(VENV_BIN / "dvc"), "stage", "list", "--name-only", "dvc.yaml"], repo, env)
+    assert listed.stdout.split() == STAGES
+    assert "4 planned runs: 0 reused, 0 to resume, 4 to train; executor local (2 at once)" in proc.stdout
+
+    index = _index(repo)
+    assert list(index) == RUNS and {entry["status"] for entry in index.values()} == {"trained"}
+    for name, entry in index.items():
+        assert set(entry["metrics"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+        assert (repo / "runs" / name / "run_key").read_text().strip() == entry["key"]
+    curves = pd.read_csv(repo / "runs/curves.csv")
+    assert list(curves.columns) == ["run", "epoch", "train_loss", "val_AP"] and list(curves.run.unique()) == RUNS
 
     table = pd.read_csv(repo / "reports/ablation.csv")
     from pipeline.report.tables import COLUMNS
@@ -118,7 +141,6 @@ def test_repro_writes_every_output_with_its_schema(smoke_repo):
     summary = json.loads((repo / "reports/metrics.json").read_text())
     assert set(summary) == {"faster_rcnn", "retinanet", "claims"} and "dAP" in summary["faster_rcnn"]["IS+BFP+BL"]
     assert {c["verdict"] for c in summary["claims"].values()} <= {"reproduced", "not resolved", "contradicted"}
-    assert len(summary["claims"]) == 9
     markdown = (repo / "reports/ablation.md").read_text()
     assert "## Faster R-CNN" in markdown and "## RetinaNet" in markdown and "95% CI" in markdown
     figures = {p.name for p in (repo / "reports/figures").glob("*.png")}
@@ -127,6 +149,7 @@ def test_repro_writes_every_output_with_its_schema(smoke_repo):
                        "training_curves_retinanet.png"}
     for name in figures:
         assert f"figures/{name}" in markdown
+    assert len(summary["claims"]) == 9
 
 
 def test_mlflow_holds_parent_and_child_runs(smoke_repo):
@@ -161,6 +184,22 @@ def test_mlflow_holds_parent_and_child_runs(smoke_repo):
     assert {"report/ablation.md", "report/ablation.csv", "report/figures"} <= report
 
 
+def test_metrics_and_plots_show_every_run(smoke_repo):
+    repo, env, _ = smoke_repo
+    dvc = str(VENV_BIN / "dvc")
+    metrics = json.loads(_run([dvc, "metrics", "show", "--json"], repo, env).stdout)
+    runs = metrics[""]["data"]["runs/index.json"]["data"]["runs"]
+    assert {name: entry["metrics"]["AP"] for name, entry in runs.items()} == {
+        name: entry["metrics"]["AP"] for name, entry in _index(repo).items()}
+    assert "reports/metrics.json" in metrics[""]["data"]
+    plots = json.loads(_run([dvc, "plots", "show", "--json", "training loss", "validation AP"], repo, env).stdout)
+    for name, field in (("training loss", "train_loss"), ("validation AP", "val_AP")):
+        [plot] = plots["data"][name]
+        rows = plot["content"]["data"]["values"]
+        assert {row["run"] for row in rows} == set(RUNS) and all(field in row for row in rows)
+        assert plot["content"]["encoding"]["color"]["field"] == "run"
+
+
 def test_second_repro_has_nothing_to_do_and_relogging_reuses_runs(smoke_repo):
     repo, env, _ = smoke_repo
     dvc = str(VENV_BIN / "dvc")
@@ -182,13 +221,12 @@ def test_changing_one_knob_reruns_only_the_runs_it_affects(smoke_repo):
     the changed ablation gets its own MLflow parent run and the previous one is kept."""
     repo, env, _ = smoke_repo
     before = json.loads((repo / "reports/mlflow.json").read_text())
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["retinanet"]["iou_balanced_cls"]["eta"] = 1.0
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _edit_params(repo, **{"retinanet.iou_balanced_cls.eta": 1.0})
     proc = _run([str(VENV_BIN / "dvc"), "repro"], repo, env)
     ran = set(re.findall(r"Running stage '([^']+)'", proc.stdout))
-    assert ran == {"plan", "train_retinanet@IoU-cls+IoU-loc-0", "evaluate_retinanet@IoU-cls+IoU-loc-0", "report",
-                   "track"}, proc.stdout
+    assert ran == {"plan", "runs", "report", "track"}, proc.stdout
+    assert {name: entry["status"] for name, entry in _index(repo).items()} == {
+        name: "trained" if name == "retinanet/IoU-cls+IoU-loc/seed0" else "reused" for name in RUNS}
     config = yaml.safe_load((repo / "runs/retinanet/IoU-cls+IoU-loc/seed0/config.yaml").read_text())
     assert config["components"]["iou_balanced_cls"]["eta"] == 1.0
 
@@ -200,3 +238,82 @@ def test_changing_one_knob_reruns_only_the_runs_it_affects(smoke_repo):
     assert client.get_run(before["parent_run_id"]).info.lifecycle_stage == "active"
     changed = client.get_run(after["runs"]["retinanet/IoU-cls+IoU-loc/seed0"]["run_id"])
     assert changed.data.params["components.iou_balanced_cls.eta"] == "1.0"
+
+
+def _train_process(repo: Path, run: str) -> int | None:
+    """The pid of the `libra train` process of ``run`` started in ``repo``, if one runs."""
+    wanted = [b"train", b"--plan", f"runs/plan/{run}.yaml".encode()]
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+            cwd = Path(os.readlink(proc / "cwd"))
+        except OSError:
+            continue
+        if cwd == repo.resolve() and all(arg in args for arg in wanted):
+            return int(proc.name)
+    return None
+
+
+def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    return {k: v for k, v in state.items() if v.is_floating_point()}
+
+
+def test_killed_run_resumes_from_its_checkpoint_and_a_changed_one_starts_afresh(smoke_repo, tmp_path):
+    """Two epochs per run; `dvc repro` with two training processes SIGKILLed after their first
+    checkpoint: the other runs finish, the stage fails (the runs stage stays out of date) and
+    `libra report` lists the killed runs as failed. Then one killed run's config changes: the next
+    `dvc repro` resumes the other one, which ends with the weights of an uninterrupted run, trains the
+    changed one from step 0 and reuses the rest."""
+    repo, env, _ = smoke_repo
+    dvc = str(VENV_BIN / "dvc")
+    resumed, changed = "retinanet/IoU-cls+IoU-loc/seed0", "faster_rcnn/IS+BFP+BL/seed0"
+    old_keys = {name: entry["key"] for name, entry in _index(repo).items()}
+    _edit_params(repo, **{"profiles.smoke.set.train.epochs": 2})
+    log = tmp_path / "repro.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([dvc, "repro"], cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT)
+    killed: dict[str, int] = {}
+    deadline = time.time() + 600
+    while len(killed) < 2:
+        assert proc.poll() is None and time.time() < deadline, f"both runs should be killed mid-run:\n{log.read_text()}"
+        for name in {resumed, changed} - set(killed):
+            key_file, last = repo / "runs" / name / "run_key", repo / "runs" / name / "checkpoints" / "last.ckpt"
+            started = key_file.exists() and key_file.read_text().strip() != old_keys[name]
+            pid = _train_process(repo, name) if started and last.exists() else None
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+                killed[name] = pid
+        time.sleep(0.05)
+    assert proc.wait(timeout=900) != 0, log.read_text()
+    steps = {name: torch.load(repo / "runs" / name / "checkpoints/last.ckpt", map_location="cpu",
+                              weights_only=False)["global_step"] for name in killed}
+    assert all(0 < step < 2 * 4 for step in steps.values()), steps
+    index = _index(repo)
+    for name in RUNS:
+        if name in killed:
+            assert index[name]["status"] == "failed" and "train killed by SIGKILL" in index[name]["reason"]
+        else:
+            assert index[name]["status"] == "trained", index[name]
+    assert "runs" in json.loads(_run([dvc, "status", "--json", "dvc.yaml"], repo, env).stdout)
+    _run([sys.executable, "-m", "stages.cli", "report", "--out", str(tmp_path / "partial")], repo, env)
+    partial = (tmp_path / "partial/ablation.md").read_text()
+    assert all(f"| {name} | failed | train killed by SIGKILL" in partial for name in killed)
+
+    _edit_params(repo, **{"faster_rcnn.balanced_l1.alpha": 0.3})
+    proc = _run([dvc, "repro"], repo, env)
+    index = _index(repo)
+    assert index[resumed]["status"] == "resumed" and index[resumed]["from_step"] == steps[resumed]
+    assert index[changed]["status"] == "trained"
+    assert {index[name]["status"] for name in RUNS if name not in killed} == {"reused"}
+    assert "Restored all states" in (repo / "runs" / resumed / "dispatch.log").read_text()
+    assert "Restored all states" not in (repo / "runs" / changed / "dispatch.log").read_text()
+    config = yaml.safe_load((repo / "runs" / changed / "config.yaml").read_text())
+    assert config["components"]["balanced_l1"]["alpha"] == 0.3
+
+    reference = tmp_path / "uninterrupted"
+    _run([sys.executable, "-m", "stages.cli", "train", "--plan", f"runs/plan/{resumed}.yaml", "--out", str(reference)],
+         repo, {**env, "OMP_NUM_THREADS": "1"})
+    got, want = _weights(repo / "runs" / resumed / "checkpoints/last.ckpt"), _weights(reference / "checkpoints/last.ckpt")
+    assert got.keys() == want.keys()
+    assert max((got[k] - want[k]).abs().max().item() for k in got) < 1e-5

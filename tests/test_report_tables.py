@@ -27,7 +27,7 @@ def table() -> tuple[pd.DataFrame, dict]:
     summary = ablation.summary()
     ap = {"baseline": 0.30, "IS": 0.32, "IS+BFP": 0.33, "IS+BFP+BL": 0.35}
     results = [RunResult(r, _metrics(ap.get(r.combo, 0.25) + 0.01 * r.seed), [], pd.DataFrame(), None)
-               for r in ablation.selected_runs]
+               for r in ablation.runs]
     deltas = {("faster_rcnn", "IS+BFP+BL"): PairedDelta(0.05, 0.03, 0.07, 0.04, 0.06, (0.05, 0.05), np.zeros(3))}
     correlations = {("retinanet", "IoU-cls"): {"pearson": 0.4, "spearman": 0.35}}
     return ablation_table(summary, results, deltas, correlations), summary
