@@ -255,6 +255,14 @@ class TrainConfig(_Strict):
             raise ValueError(f"must be strictly increasing epochs, got {list(value)}")
         return value
 
+    @model_validator(mode="after")
+    def _milestones_within_schedule(self) -> "TrainConfig":
+        late = [m for m in self.milestones if m >= self.epochs]
+        if late:
+            raise ValueError(f"milestones {late} are not before the last epoch (epochs: {self.epochs}), so they "
+                             "would never lower the learning rate; drop them or raise train.epochs")
+        return self
+
 
 class TrainerConfig(_Strict):
     """Passed to Lightning's Trainer: multi-GPU with ``devices``, multi-node with ``num_nodes``."""

@@ -40,6 +40,7 @@ def tiny_weights(synthetic_root) -> Path:
 def tiny_overrides(root: Path, **extra: object) -> list[str]:
     """Overrides that turn a tiny config into a seconds-long run on ``root`` (from the fixture's backbone)."""
     sets = {"data.root": str(root), "model.backbone.weights": str(tiny_weights_path(root)), "train.epochs": 1,
+            "train.milestones": "[]",
             "train.batch_size": 4, "train.warmup_steps": 2, "train.log_every_n_steps": 1, "eval.batch_size": 8,
             "data.max_images": 16}
     sets.update(extra)
