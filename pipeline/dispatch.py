@@ -27,6 +27,7 @@ SIGTERM or SIGINT stops every job (each saves a checkpoint to resume from) and s
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -215,11 +216,13 @@ def _under_slurm() -> bool:
     return os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
 
 
-def _ignore_requeue_signal() -> None:
+def _prepare_child(cpus: tuple[int, ...] | None) -> None:
     """In a job's child before exec: ignore submitit's time-limit signal (SLURM sends it to every process
-    of the job; its default action would end the training without a checkpoint). The job stops the
-    child with SIGTERM instead (:meth:`RunJob.checkpoint`)."""
+    of the job; its default action would end the training without a checkpoint; the job stops the
+    child with SIGTERM instead, :meth:`RunJob.checkpoint`), and keep to the job's ``cpus``, if given."""
     signal.signal(getattr(signal, f"SIG{submitit.JobEnvironment.USR_SIG}"), signal.SIG_IGN)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
 
 
 def _last_error(output: str) -> str:
@@ -250,18 +253,25 @@ class RunJob(submitit.helpers.Checkpointable):
     processes from it). Under SLURM, every task of the job trains one DDP rank and rank 0 evaluates.
     """
 
-    def __init__(self, name: str, plan_file: Path, run_dir: Path, root: Path, threads: int | None):
+    def __init__(self, name: str, plan_file: Path, run_dir: Path, root: Path, threads: int | None,
+                 cpus: tuple[int, ...] | None = None):
         self.name = name
         self.plan_file = plan_file
         self.run_dir = run_dir
         self.root = root.resolve()
         self.threads = threads
+        self.cpus = cpus
+        """The cores its processes keep to (the local executor's share for this job), None: any."""
         self.python = sys.executable
         self._child: subprocess.Popen[bytes] | None = None
         self._stop: int | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_child": None, "_stop": None}
+
+    def on_cpus(self, cpus: tuple[int, ...]) -> RunJob:
+        """This job, kept to ``cpus``."""
+        return RunJob(self.name, self.plan_file, self.run_dir, self.root, self.threads, cpus)
 
     def train_command(self) -> list[str]:
         return [self.python, "-m", "stages.cli", "train", "--plan", self.plan_file.as_posix(),
@@ -302,7 +312,8 @@ class RunJob(submitit.helpers.Checkpointable):
             # through this job (once), not also directly. Under SLURM, scancel and preemption signal every
             # process of the job themselves.
             self._child = subprocess.Popen(command, cwd=self.root, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                           start_new_session=not _under_slurm(), preexec_fn=_ignore_requeue_signal)
+                                           start_new_session=not _under_slurm(),
+                                           preexec_fn=functools.partial(_prepare_child, self.cpus))
             try:
                 returncode = self._child.wait()
             finally:
@@ -434,15 +445,21 @@ def _gpus_wanted(plan: RunPlan, available: int) -> int:
 
 
 class LocalBackend:
-    """submitit's LocalExecutor: ``jobs`` runs at once on this machine, GPUs shared out without overlap."""
+    """submitit's LocalExecutor: ``jobs`` runs at once on this machine; GPUs, and cores when each job
+    can have its own ``threads`` of them, shared out without overlap (processes that the scheduler
+    moves between cores can run many times slower than processes kept to their cores)."""
 
-    def __init__(self, settings: ExecutionSettings, gpus: list[int]):
+    def __init__(self, settings: ExecutionSettings, gpus: list[int], threads: int):
         self.jobs = settings.jobs
         self.executor = submitit.LocalExecutor(folder=settings.job_dir)
         self.free_gpus = list(gpus)
         self.total_gpus = len(gpus)
-        self.assigned: dict[str, list[int]] = {}
-        self.description = f"local ({settings.jobs} at once)"
+        available = sorted(os.sched_getaffinity(0))
+        self.threads = threads if settings.jobs * threads <= len(available) else None
+        self.free_cpus = available
+        self.assigned: dict[str, tuple[list[int], list[int]]] = {}
+        pinned = f", each kept to {threads} core(s)" if self.threads else ""
+        self.description = f"local ({settings.jobs} at once{pinned})"
 
     def room_for(self, run: PlannedRun, running: int) -> bool:
         wanted = _gpus_wanted(run.plan, self.total_gpus)
@@ -454,7 +471,11 @@ class LocalBackend:
             return _Finished(JobResult("failed", f"needs {wanted} GPUs (trainer.devices), this machine has "
                                                  f"{self.total_gpus}"))
         gpus, self.free_gpus = self.free_gpus[:wanted], self.free_gpus[wanted:]
-        self.assigned[run.name] = gpus
+        cpus: list[int] = []
+        if self.threads:
+            cpus, self.free_cpus = self.free_cpus[:self.threads], self.free_cpus[self.threads:]
+            job = job.on_cpus(tuple(cpus))
+        self.assigned[run.name] = (gpus, cpus)
         self.executor.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN, tasks_per_node=1, gpus_per_node=wanted,
                                         visible_gpus=gpus)
         with _sigint_blocked():
@@ -462,7 +483,9 @@ class LocalBackend:
         return _SubmititHandle(job_handle, _signal_local_job)
 
     def release(self, run: PlannedRun) -> None:
-        self.free_gpus += self.assigned.pop(run.name, [])
+        gpus, cpus = self.assigned.pop(run.name, ([], []))
+        self.free_gpus += gpus
+        self.free_cpus = sorted(self.free_cpus + cpus)
 
 
 def _signal_local_job(job: submitit.Job) -> None:
@@ -544,8 +567,8 @@ def make_backend(settings: ExecutionSettings, runs: list[PlannedRun]) -> tuple[B
         return InlineBackend(), settings.threads or cores()
     if settings.executor == "local":
         needs_gpus = any(r.plan.config["trainer"]["accelerator"] not in ("cpu", "mps") for r in runs)
-        backend = LocalBackend(settings, visible_gpus() if needs_gpus else [])
-        return backend, settings.threads or max(1, cores() // settings.jobs)
+        threads = settings.threads or max(1, cores() // settings.jobs)
+        return LocalBackend(settings, visible_gpus() if needs_gpus else [], threads), threads
     return SlurmBackend(settings), settings.threads or settings.slurm.cpus_per_task
 
 
