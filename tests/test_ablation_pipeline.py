@@ -149,7 +149,7 @@ def test_repro_writes_every_output_with_its_schema(smoke_repo):
                        "training_curves_retinanet.png"}
     for name in figures:
         assert f"figures/{name}" in markdown
-    assert len(summary["claims"]) == 9
+    assert summary["claims"] == {}, "the smoke design holds no pair of combinations a claim compares"
 
 
 def test_mlflow_holds_parent_and_child_runs(smoke_repo):

@@ -189,3 +189,26 @@ def test_high_iou_statistic():
     ap = np.array([[0.6, 0.58, 0.55, 0.5, 0.45, 0.4, 0.3, 0.2, 0.1, 0.0]])
     assert high_iou_gain_over_ap50(ap) == pytest.approx([(0.3 + 0.1) / 2 - 0.6])
     assert (IOU_THRESHOLDS[6], IOU_THRESHOLDS[8]) == ("0.80", "0.90")
+
+
+def test_claims_are_tested_where_both_combinations_ran_and_get_their_verdict():
+    """IS finds every object (AP 1) and the baseline those of the first 30 of 60 images, seeds 0
+    and 1: 'IS > baseline' is reproduced; nothing else was run, so no other claim is tested."""
+    from types import SimpleNamespace
+
+    from pipeline.report.build import ReportSettings, evaluate_claims
+
+    n = 60
+    gt = _one_box_per_image(n)
+    counts = resample_counts(n, 500, seed=0)
+    perfect, half = (ap_samples(match_images(gt, _perfect(range(1, m + 1))), counts) for m in (n, n // 2))
+    results, samples = [], {}
+    for combo, sample in (("IS", perfect), ("baseline", half)):
+        for seed in (0, 1):
+            name = f"faster_rcnn/{combo}/seed{seed}"
+            results.append(SimpleNamespace(name=name, plan=SimpleNamespace(detector="faster_rcnn", combo=combo, seed=seed)))
+            samples[name] = sample
+    tested = evaluate_claims(results, samples, ReportSettings(resamples=500))
+    assert [claim.key for claim, _ in tested] == ["frcnn_IS_gt_baseline"]
+    delta = tested[0][1]
+    assert delta.delta == pytest.approx(1 - 51 / 101) and verdict(delta) == "reproduced"

@@ -23,7 +23,9 @@ def _metrics(ap: float) -> dict:
 
 @pytest.fixture
 def table() -> tuple[pd.DataFrame, dict]:
-    ablation = plan_ablation(read_params(ROOT / "params.yaml"), ROOT / "configs")
+    params = read_params(ROOT / "params.yaml")
+    params["ablation"]["seeds"] = [0, 1]
+    ablation = plan_ablation(params, ROOT / "configs")
     summary = ablation.summary()
     ap = {"baseline": 0.30, "IS": 0.32, "IS+BFP": 0.33, "IS+BFP+BL": 0.35}
     results = [RunResult(r, _metrics(ap.get(r.combo, 0.25) + 0.01 * r.seed), [], pd.DataFrame(), None)
