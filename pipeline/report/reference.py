@@ -1,4 +1,4 @@
-"""The papers' numbers shown beside ours (COCO AP in percent; DESIGN.md §1 anchors)."""
+"""The papers' numbers shown beside ours (COCO AP in percent, as published)."""
 
 from __future__ import annotations
 
