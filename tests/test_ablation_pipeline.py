@@ -29,10 +29,11 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow
 
 VENV_BIN = Path(sys.executable).parent
-# Smoke ablation: per detector the baseline and one variant, one seed; the default executor (local,
-# 2 runs at once) with one thread per run, so that runs compare exactly with runs trained elsewhere.
+# Smoke ablation: per detector the baseline and one variant, one seed; the local executor (2 runs at
+# once) with one thread per run, so that runs compare exactly with runs trained elsewhere.
 SMOKE = {
     "profile": "smoke",
+    "execution.executor": "local",
     "ablation.seeds": [0],
     "ablation.faster_rcnn.table": ["baseline", "IS+BFP+BL"],
     "ablation.retinanet.table": ["baseline", "IoU-cls+IoU-loc"],
