@@ -26,6 +26,9 @@ def test_help_lists_every_stage_and_explains_every_option():
     (("train", "--config", "configs/faster_rcnn_tiny.yaml", "--set", "data.root={tmp}/none", "--out", "{tmp}/run"),
      "libra prepare"),
     (("evaluate", "--run", "{tmp}"), "config.yaml"),
+    (("pretrain", "--out", "{tmp}/run/w.pt", "--set", "epochs=0"), "epochs"),
+    (("pretrain", "--out", "{tmp}/run/w.pt", "--set", "colour=red"), "colour"),
+    (("pretrain", "--out", "{tmp}/run/w.pt", "--params", "{tmp}/missing.yaml"), "missing.yaml"),
 ])
 def test_bad_input_fails_early_with_the_culprit_named(args, named, tmp_path):
     proc = libra(*(a.format(tmp=tmp_path) for a in args), check=False)
