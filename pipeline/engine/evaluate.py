@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from pipeline.config import ConfigError, ExperimentConfig, load_config
 from pipeline.data import CocoDetectionDataset, collate_detection
 from pipeline.engine.checkpoint import read_checkpoint
 from pipeline.engine.coco_eval import Backend, evaluate_coco
+from pipeline.engine.cost import run_cost
 from pipeline.engine.detections import predict
 from pipeline.engine.splits import coco_subset, validation_split
 from pipeline.models import build_detector
@@ -59,13 +61,19 @@ def load_trained_model(run: Path, checkpoint: str = "last") -> tuple[ExperimentC
 
 def evaluate_run(run: Path, checkpoint: str = "last", backend: Backend | None = None,
                  device: str = "cpu") -> dict[str, Any]:
-    """Predict the val split with the run's checkpoint and COCO-evaluate; writes both files atomically."""
+    """Predict the val split with the run's checkpoint and COCO-evaluate; writes both files atomically.
+
+    ``metrics.json`` holds the run's ``cost`` (see :func:`pipeline.engine.cost.run_cost`); the
+    evaluation's wall time covers loading the model, predicting and COCO evaluation.
+    """
+    start = time.perf_counter()
     cfg, model, data = load_trained_model(run, checkpoint)
     model.to(device)
     results = predict(model, data.val_dataloader(), torch.device(device), data.label_to_category_id)
     metrics = evaluate_coco(data.val_gt, results, backend or cfg.eval.backend)
     metrics["num_images"] = len(data.val_split.image_ids)
     metrics["num_detections"] = len(results)
+    metrics["cost"] = run_cost(run, time.perf_counter() - start, metrics["num_images"], device)
     write_json_atomic(run / "detections.json", results)
     write_json_atomic(run / "metrics.json", metrics)
     return metrics

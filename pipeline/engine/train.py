@@ -1,7 +1,8 @@
 """Train one detector with Lightning: run directory layout, checkpoints, logs, resume, stop on a signal.
 
 A run directory holds ``config.yaml`` (the resolved config), ``checkpoints/last.ckpt`` (plus the
-best by val AP), and ``metrics.csv`` (per-step and per-epoch losses, learning rate, val AP).
+best by val AP), ``metrics.csv`` (per-step and per-epoch losses, learning rate, val AP), and what the
+training cost: ``train_cost.json`` and ``system_metrics.csv`` (see :mod:`pipeline.engine.cost`).
 
 SIGTERM or SIGINT stops training after the current step (or the running validation), saves
 ``checkpoints/last.ckpt`` and raises :class:`TrainingStopped`; ``resume=True`` continues the run
@@ -35,6 +36,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from pipeline.config import ConfigError, ExperimentConfig, load_config, save_config, validate_config
 from pipeline.engine.checkpoint import CheckpointError, read_checkpoint
+from pipeline.engine.cost import TrainingCost
 from pipeline.engine.datamodule import DetectionDataModule
 from pipeline.engine.module import DetectionModule
 
@@ -306,7 +308,7 @@ def train(cfg: ExperimentConfig, out: Path, resume: bool = False, progress_bar: 
     start_step = checkpoint["global_step"] if checkpoint is not None else 0
     try:
         trainer = build_trainer(cfg, out, sys.stderr.isatty() if progress_bar is None else progress_bar,
-                                [*callbacks, stop], start_step)
+                                [*callbacks, TrainingCost(out), stop], start_step)
     except (MisconfigurationException, ValueError) as exc:
         raise ConfigError(f"trainer: {exc} (trainer settings: {cfg.trainer.model_dump(mode='json')})") from None
     module = DetectionModule(cfg.to_dict(), data.num_classes, data.label_to_category_id,
