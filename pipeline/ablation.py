@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import ConfigError, DataConfig, ExperimentConfig, load_config
-from pipeline.io import write_text_atomic
+from pipeline.io import digest_files, flatten, write_text_atomic
 from pipeline.runplan import RunPlan, write_run_plan
 
 COMPONENTS: dict[str, str] = {
@@ -155,17 +155,6 @@ def _profile(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return name, profile
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"train": {"epochs": 6}}`` -> ``{"train.epochs": 6}`` (values kept as they are)."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _overrides(prefix: str, values: dict[str, Any]) -> list[str]:
     """Non-null entries as ``prefix.key=<JSON value>`` (JSON is YAML, so values keep their types)."""
     return [f"{prefix}{key}={json.dumps(value)}" for key, value in values.items() if value is not None]
@@ -197,7 +186,7 @@ def base_overrides(params: dict[str, Any]) -> tuple[str, list[str]]:
         raise ConfigError(f"params.yaml: profiles.{params['profile']}.set must be a mapping in the config's "
                           "structure, e.g. {train: {epochs: 6}}")
     trainer = params.get("trainer") or {}
-    return str(profile["config"]), [*_overrides("", _flatten(sets)), *_data_overrides(params, profile),
+    return str(profile["config"]), [*_overrides("", flatten(sets)), *_data_overrides(params, profile),
                                     *_overrides("trainer.", trainer)]
 
 
@@ -285,13 +274,7 @@ def run_key(config: dict[str, Any], dataset_digest: str) -> str:
 
 def file_digest(paths: list[Path]) -> str:
     """SHA-256 over the bytes of ``paths`` (in order), each prefixed by its name."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(Path(path).name.encode() + b"\0")
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    return digest_files(((Path(path).name, Path(path)) for path in paths), hash_each=False)
 
 
 def read_params(path: Path = Path("params.yaml")) -> dict[str, Any]:

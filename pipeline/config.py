@@ -35,11 +35,13 @@ PositiveInt = Annotated[Int, Field(ge=1)]
 Fraction = Annotated[Float, Field(ge=0, le=1)]
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """A frozen pydantic model that refuses unknown fields (every config and study section)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class BackboneConfig(_Strict):
+class BackboneConfig(StrictModel):
     name: Literal["tiny", "resnet50"] = "tiny"
     channels: tuple[PositiveInt, ...] = Field((16, 32, 64, 128), min_length=1)
     """Stage widths of the ``tiny`` backbone (ignored by resnet50)."""
@@ -48,7 +50,7 @@ class BackboneConfig(_Strict):
     trainable_layers: Int = Field(3, ge=0, le=5)
 
 
-class RPNConfig(_Strict):
+class RPNConfig(StrictModel):
     pre_nms_top_n_train: PositiveInt = 2000
     post_nms_top_n_train: PositiveInt = 2000
     pre_nms_top_n_test: PositiveInt = 1000
@@ -57,7 +59,7 @@ class RPNConfig(_Strict):
     positive_fraction: Float = Field(0.5, gt=0, le=1)
 
 
-class RoIHeadsConfig(_Strict):
+class RoIHeadsConfig(StrictModel):
     batch_size_per_image: PositiveInt = 512
     positive_fraction: Float = Field(0.25, gt=0, le=1)
     fg_iou_thresh: Float = Field(0.5, gt=0, le=1)
@@ -76,14 +78,14 @@ class RoIHeadsConfig(_Strict):
         return self
 
 
-class BoxLossConfig(_Strict):
+class BoxLossConfig(StrictModel):
     """The detector's own box regression loss, replaced by Balanced L1 when that is enabled."""
 
     type: Literal["smooth_l1", "l1"] = "smooth_l1"
     beta: Float = Field(1.0 / 9.0, ge=0)
 
 
-class RetinaNetConfig(_Strict):
+class RetinaNetConfig(StrictModel):
     """RetinaNet-only settings; the defaults are the paper's (Lin et al. 2017)."""
 
     min_level: Literal[2, 3] = 3
@@ -113,7 +115,7 @@ class RetinaNetConfig(_Strict):
         return self
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     detector: Literal["faster_rcnn", "retinanet"] = "faster_rcnn"
     backbone: BackboneConfig = BackboneConfig()
     fpn_channels: PositiveInt = 64
@@ -137,7 +139,7 @@ class ModelConfig(_Strict):
         return self
 
 
-class IoUBalancedSamplingConfig(_Strict):
+class IoUBalancedSamplingConfig(StrictModel):
     """Libra R-CNN IoU-balanced negative sampling (+ instance-balanced positives) in the R-CNN head."""
 
     enabled: bool = False
@@ -154,7 +156,7 @@ class IoUBalancedSamplingConfig(_Strict):
         return self
 
 
-class BFPConfig(_Strict):
+class BFPConfig(StrictModel):
     """Libra R-CNN Balanced Feature Pyramid after the FPN."""
 
     enabled: bool = False
@@ -162,7 +164,7 @@ class BFPConfig(_Strict):
     refine_type: Literal["none", "conv", "non_local"] = "non_local"
 
 
-class BalancedL1Config(_Strict):
+class BalancedL1Config(StrictModel):
     """Libra R-CNN Balanced L1 loss replacing the box regression loss."""
 
     enabled: bool = False
@@ -173,14 +175,14 @@ class BalancedL1Config(_Strict):
     loss_weight: Float = Field(1.0, ge=0)
 
 
-class IoUBalancedClsConfig(_Strict):
+class IoUBalancedClsConfig(StrictModel):
     """IoU-balanced classification loss (Wu et al. 2019): positive weights u^eta, sum preserved."""
 
     enabled: bool = False
     eta: Float = Field(1.5, ge=0)
 
 
-class IoUBalancedLocConfig(_Strict):
+class IoUBalancedLocConfig(StrictModel):
     """IoU-balanced localization loss (Wu et al. 2019): positive box-loss weights w_loc * u^lambda."""
 
     enabled: bool = False
@@ -188,7 +190,7 @@ class IoUBalancedLocConfig(_Strict):
     w_loc: Annotated[Float, Field(gt=0)] | Literal["auto"] = "auto"
 
 
-class ComponentsConfig(_Strict):
+class ComponentsConfig(StrictModel):
     iou_balanced_sampling: IoUBalancedSamplingConfig = IoUBalancedSamplingConfig()
     bfp: BFPConfig = BFPConfig()
     balanced_l1: BalancedL1Config = BalancedL1Config()
@@ -196,7 +198,7 @@ class ComponentsConfig(_Strict):
     iou_balanced_loc: IoUBalancedLocConfig = IoUBalancedLocConfig()
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     source: Literal["synthetic", "coco"] = "synthetic"
     root: Path = Path("data/synthetic")
     train_annotations: Path = Path("annotations/instances_train.json")
@@ -219,7 +221,7 @@ class DataConfig(_Strict):
         return path if path.is_absolute() else self.root / path
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     seed: Int = Field(0, ge=0, le=2**32 - 1)
     epochs: PositiveInt = 12
     max_steps: Int = Field(-1, ge=-1)
@@ -264,7 +266,7 @@ class TrainConfig(_Strict):
         return self
 
 
-class TrainerConfig(_Strict):
+class TrainerConfig(StrictModel):
     """Passed to Lightning's Trainer: multi-GPU with ``devices``, multi-node with ``num_nodes``."""
 
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "cpu"
@@ -277,12 +279,12 @@ class TrainerConfig(_Strict):
     """torch intra-op threads per process (None: torch's default)."""
 
 
-class EvalConfig(_Strict):
+class EvalConfig(StrictModel):
     backend: Literal["faster_coco_eval", "pycocotools"] = "faster_coco_eval"
     batch_size: PositiveInt = 8
 
 
-class PretrainConfig(_Strict):
+class PretrainConfig(StrictModel):
     """Pre-training of the tiny backbone as an image classifier on a synthetic shapes set.
 
     The tiny profile's stand-in for ImageNet: the set (:func:`pipeline.data.render_shape_example`)
@@ -303,7 +305,7 @@ class PretrainConfig(_Strict):
     num_threads: PositiveInt | None = None
 
 
-class ExperimentConfig(_Strict):
+class ExperimentConfig(StrictModel):
     model: ModelConfig = ModelConfig()
     components: ComponentsConfig = ComponentsConfig()
     data: DataConfig = DataConfig()

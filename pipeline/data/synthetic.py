@@ -13,7 +13,6 @@ case it is dropped from the annotations.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from pipeline.io import digest_files
 
 __all__ = ["CLASSES", "DISTRACTORS", "MIN_VISIBLE_FRACTION", "SHAPE_LABELS", "render_shape_example", "write_synthetic_coco"]
 
@@ -336,11 +337,8 @@ def _write_png(path: Path, pixels: np.ndarray) -> None:
 
 
 def _digest(root: Path) -> str:
-    sha = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        sha.update(path.relative_to(root).as_posix().encode() + b"\0")
-        sha.update(hashlib.sha256(path.read_bytes()).digest())
-    return sha.hexdigest()
+    return digest_files((path.relative_to(root).as_posix(), path)
+                        for path in sorted(p for p in root.rglob("*") if p.is_file()))
 
 
 def _check_replaceable(out: Path) -> None:

@@ -7,10 +7,11 @@ and ``step`` and empty cells elsewhere. :func:`epoch_curves` folds them into one
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd
+
+from pipeline.io import write_text_atomic
 
 
 def read_metrics_csv(path: Path) -> pd.DataFrame:
@@ -54,7 +55,4 @@ def write_curve_files(run_dir: Path) -> None:
         text = frame.dropna().to_csv(index=False)
         if path.exists() and path.read_text() == text:
             continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_text_atomic(path, text)

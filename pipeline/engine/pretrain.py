@@ -9,7 +9,6 @@ linear layer; only the backbone's weights are kept.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from torch.nn import functional as F
 
 from pipeline.config import PretrainConfig
 from pipeline.data import SHAPE_LABELS, render_shape_example
-from pipeline.io import atomic_path
+from pipeline.io import replace_atomic
 from pipeline.models.backbone import TinyBackbone
 
 _STREAM = 7  # keeps the classification set's random streams apart from the detection set's
@@ -109,8 +108,6 @@ def pretrain(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict[str,
         "seconds_generate": round(generated - start, 2),
         "seconds_train": round(trained - generated, 2),
     }
-    tmp = atomic_path(out)
-    torch.save(model.backbone.state_dict(), tmp)
-    os.replace(tmp, out)
+    replace_atomic(out, lambda tmp: torch.save(model.backbone.state_dict(), tmp))
     return summary
 

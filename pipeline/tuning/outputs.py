@@ -24,6 +24,7 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
+from pipeline.io import replace_atomic, write_text_atomic
 from pipeline.tuning.plan import TuningPlan
 
 FIGURES = ("history", "importances", "contour", "intermediate")
@@ -131,7 +132,7 @@ def write_best_overrides(path: Path, study: optuna.Study, plan: TuningPlan) -> l
         header = (f"# Best trial {best.number} of study {study.study_name}: val/{plan.spec.metric} = {best.value:.4f} "
                   f"(profile {plan.profile_name}).\n# The study's fixed overrides + the tuned values. Train with:\n")
     body = yaml.safe_dump(overrides or [], default_flow_style=False, sort_keys=False)
-    path.write_text(header + (usage if overrides is not None else "") + body)
+    write_text_atomic(path, header + (usage if overrides is not None else "") + body)
     return overrides
 
 
@@ -144,7 +145,7 @@ def write_trials_csv(path: Path, study: optuna.Study) -> None:
         frame["worker"] = frame["number"].map(
             {t.number: "{host}:{pid}".format(**t.user_attrs["worker"]) if "worker" in t.user_attrs else ""
              for t in study.get_trials(deepcopy=False)})
-    frame.to_csv(path, index=False)
+    replace_atomic(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
 def summarize(study: optuna.Study, plan: TuningPlan, n_trials: int, storage: str) -> dict[str, Any]:
@@ -172,6 +173,6 @@ def write_reports(study: optuna.Study, plan: TuningPlan, out: Path, n_trials: in
     summary["best_overrides"] = write_best_overrides(out / "best_overrides.yaml", study, plan)
     write_trials_csv(out / "trials.csv", study)
     summary["placeholder_figures"] = write_figures(study, plan, out)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     files = [out / name for name in ("best_overrides.yaml", "summary.json", "trials.csv")]
     return summary, files + [out / f"{name}.png" for name in FIGURES]

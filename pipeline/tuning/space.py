@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import optuna
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from pipeline.config import ConfigError, parse_override, read_yaml
+from pipeline.config import ConfigError, StrictModel, parse_override, read_yaml
 
 Scalar = bool | int | float | str
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -32,10 +32,6 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 class StudyError(ValueError):
     """A study name, study file or search space is invalid; the message names the file and the field."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def _check_range(low: float, high: float, log: bool, step: float | None) -> None:
@@ -52,7 +48,7 @@ def _check_range(low: float, high: float, log: bool, step: float | None) -> None
         raise ValueError(f"step {step} is wider than the range [{low}, {high}]")
 
 
-class _Param(_Strict):
+class _Param(StrictModel):
     key: str = Field(min_length=1)
     """Dotted config field the sampled value is written to, e.g. ``components.balanced_l1.alpha``."""
 
@@ -132,7 +128,7 @@ class CategoricalParam(_Param):
 Param = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
 
 
-class SamplerSpec(_Strict):
+class SamplerSpec(StrictModel):
     """Optuna 5's TPE (multivariate, constant liar: its defaults), seeded."""
 
     seed: int = 0
@@ -141,7 +137,7 @@ class SamplerSpec(_Strict):
     """Random trials before TPE starts modelling."""
 
 
-class PrunerSpec(_Strict):
+class PrunerSpec(StrictModel):
     """Pruning on the per-epoch validation metric."""
 
     type: Literal["median", "threshold", "none"] = "median"
@@ -169,7 +165,7 @@ class PrunerSpec(_Strict):
         return optuna.pruners.NopPruner()
 
 
-class StudySpec(_Strict):
+class StudySpec(StrictModel):
     description: str = ""
     base_config: Path
     """The detector config of the default profile (relative to the project root). It names the detector:
