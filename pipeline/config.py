@@ -57,11 +57,17 @@ class RPNConfig(StrictModel):
     post_nms_top_n_test: PositiveInt = 1000
     batch_size_per_image: PositiveInt = 256
     positive_fraction: Float = Field(0.5, gt=0, le=1)
+    neg_pos_ub: Int = Field(-1, ge=-1)
+    """At most ``neg_pos_ub · max(1, positives)`` sampled negatives per image (mmdet's RandomSampler);
+    -1: unbounded."""
 
 
 class RoIHeadsConfig(StrictModel):
     batch_size_per_image: PositiveInt = 512
     positive_fraction: Float = Field(0.25, gt=0, le=1)
+    neg_pos_ub: Int = Field(-1, ge=-1)
+    """At most ``neg_pos_ub · max(1, positives)`` sampled negatives per image (mmdet's RandomSampler);
+    -1: unbounded."""
     fg_iou_thresh: Float = Field(0.5, gt=0, le=1)
     bg_iou_thresh: Fraction = 0.5
     representation_size: PositiveInt = 1024
@@ -91,7 +97,10 @@ class RetinaNetConfig(StrictModel):
     min_level: Literal[2, 3] = 3
     """Finest level: P3 (the paper's P3-P7) or P2 (Faster R-CNN's P2-P6, for small images)."""
     scales_per_octave: PositiveInt = 3
-    """Anchor sizes per level: ``size · 2^(i/n)`` for ``i < n``."""
+    """Anchor sizes per level: ``size · 2^(i/n)`` for ``i < n`` (not rounded)."""
+    extra_from: Literal["p5", "c5"] = "p5"
+    """Input of the P6 conv (P7 is computed from P6): the FPN's P5 (torchvision's v1) or the body's C5
+    (the paper's and mmdet's ``add_extra_convs='on_input'``). Needs ``min_level: 3``."""
     head_convs: Int = Field(4, ge=1, le=4)
     """3x3 conv layers in each subnet before its predictor."""
     head_norm: Literal["none", "group"] = "none"
@@ -112,6 +121,9 @@ class RetinaNetConfig(StrictModel):
             raise ValueError(
                 f"bg_iou_thresh ({self.bg_iou_thresh}) must not exceed fg_iou_thresh ({self.fg_iou_thresh})"
             )
+        if self.extra_from == "c5" and self.min_level == 2:
+            raise ValueError("extra_from: c5 needs min_level: 3 (with min_level: 2 the pyramid's P6 is max-pooled "
+                             "from P5); set min_level: 3 or extra_from: p5")
         return self
 
 
@@ -121,8 +133,9 @@ class ModelConfig(StrictModel):
     fpn_channels: PositiveInt = 64
     min_size: PositiveInt = 128
     max_size: PositiveInt = 128
-    anchor_sizes: tuple[PositiveInt, ...] = Field((16, 32, 64, 128, 256), min_length=1)
-    """Base anchor size per pyramid level, finest first (one per FPN output level)."""
+    anchor_sizes: tuple[Annotated[int | float, BeforeValidator(_not_bool), Field(gt=0)], ...] = Field(
+        (16, 32, 64, 128, 256), min_length=1)
+    """Base anchor size per pyramid level, finest first (one per FPN output level); integers stay integers."""
     aspect_ratios: tuple[Annotated[Float, Field(gt=0)], ...] = Field((0.5, 1.0, 2.0), min_length=1)
     rpn: RPNConfig = RPNConfig()
     roi_heads: RoIHeadsConfig = RoIHeadsConfig()
@@ -215,6 +228,9 @@ class DataConfig(StrictModel):
     image_size: Int = Field(128, ge=32)
     num_workers: Int = Field(0, ge=0)
     max_image_pixels: PositiveInt = 89_478_485
+    filter_empty: bool = False
+    """Leave training images without any annotation out of training (mmdet's ``filter_empty_gt``);
+    validation keeps every image."""
     """Images whose header declares more pixels are refused before decoding (Pillow's bomb limit)."""
 
     def resolve(self, path: Path) -> Path:

@@ -18,11 +18,15 @@ def test_paper_recipes():
     retina = load_config(Path("configs/retinanet_r50_coco_1x.yaml"))
     for cfg, lr in ((frcnn, 0.02), (retina, 0.01)):
         assert cfg.train.epochs == 12 and cfg.train.milestones == (8, 11)
-        assert cfg.model.retinanet == RetinaNetConfig()
+        assert cfg.model.retinanet == RetinaNetConfig(extra_from="c5" if cfg is retina else "p5")
+        assert cfg.train.grad_clip == 35 and cfg.trainer.precision == "32-true" and cfg.data.filter_empty
         assert cfg.train.lr == lr and cfg.train.lr_scaling_batch == 16
         assert (cfg.model.min_size, cfg.model.max_size) == (800, 1333)
         assert cfg.model.backbone.name == "resnet50"
     assert frcnn.components.bfp.refine_level == 2 and retina.components.bfp.refine_level == 1
+    assert (frcnn.model.rpn.neg_pos_ub, frcnn.model.roi_heads.neg_pos_ub) == (5, -1)
+    assert (frcnn.model.box_loss.type, frcnn.model.box_loss.beta) == ("smooth_l1", 1.0)
+    assert (retina.model.box_loss.type, retina.model.box_loss.beta) == ("smooth_l1", 0.11)
 
 
 def test_overrides_are_typed_and_nested():

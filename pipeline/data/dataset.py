@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .validate import CocoSplit, load_coco_json, read_image
+from .validate import CocoSplit, DatasetError, load_coco_json, read_image
 
 __all__ = ["CocoDetectionDataset", "collate_detection"]
 
@@ -29,9 +29,13 @@ class CocoDetectionDataset(Dataset):
     by a generator seeded from ``(seed, epoch, index)``: the same image in the same epoch is
     augmented identically whatever the worker, shard or restart. Call :meth:`set_epoch` before
     each epoch (before the loader's workers are created, as with ``DistributedSampler``).
+
+    With ``drop_empty=True`` the images of the split without any annotation (crowd ones count, as in
+    mmdet's ``filter_empty_gt``) are left out; ``image_ids`` lists the images the dataset holds.
     """
 
-    def __init__(self, split: CocoSplit, train: bool = False, hflip_prob: float = 0.5, seed: int = 0) -> None:
+    def __init__(self, split: CocoSplit, train: bool = False, hflip_prob: float = 0.5, seed: int = 0,
+                 drop_empty: bool = False) -> None:
         if not 0.0 <= hflip_prob <= 1.0:
             raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob}")
         if seed < 0:
@@ -57,17 +61,23 @@ class CocoDetectionDataset(Dataset):
             x, y, w, h = record["bbox"]
             boxes[record["image_id"]].append([x, y, x + w, y + h])
             labels[record["image_id"]].append(self.category_id_to_label[record["category_id"]])
-        self._paths = [split.image_dir / images[image_id]["file_name"] for image_id in split.image_ids]
+        annotated = {record["image_id"] for record in coco["annotations"]}
+        self.image_ids = [i for i in split.image_ids if i in annotated or not drop_empty]
+        if not self.image_ids:
+            raise DatasetError(f"{split.annotation_file}: none of the {len(split.image_ids)} selected images has an "
+                               "annotation, so data.filter_empty leaves nothing to train on; "
+                               "set data.filter_empty: false or select annotated images")
+        self._paths = [split.image_dir / images[image_id]["file_name"] for image_id in self.image_ids]
         self._boxes = [
-            torch.tensor(boxes[image_id], dtype=torch.float32).reshape(-1, 4) for image_id in split.image_ids
+            torch.tensor(boxes[image_id], dtype=torch.float32).reshape(-1, 4) for image_id in self.image_ids
         ]
-        self._labels = [torch.tensor(labels[image_id], dtype=torch.int64) for image_id in split.image_ids]
+        self._labels = [torch.tensor(labels[image_id], dtype=torch.int64) for image_id in self.image_ids]
 
     def __len__(self) -> int:
-        return len(self.split.image_ids)
+        return len(self.image_ids)
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
-        where = f"{self.split.annotation_file}: image id {self.split.image_ids[index]}"
+        where = f"{self.split.annotation_file}: image id {self.image_ids[index]}"
         pixels = np.asarray(read_image(self._paths[index], where, self.split.max_image_pixels))
         image = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)
         height, width = image.shape[-2:]
@@ -78,7 +88,7 @@ class CocoDetectionDataset(Dataset):
             image = image.flip(-1)
             boxes[:, 0::2] = width - boxes[:, [2, 0]]
         labels = self._labels[index].clone()
-        return image, {"boxes": boxes, "labels": labels, "image_id": self.split.image_ids[index]}
+        return image, {"boxes": boxes, "labels": labels, "image_id": self.image_ids[index]}
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation of ``epoch`` (>= 0)."""

@@ -88,7 +88,8 @@ class DetectionDataModule(L.LightningDataModule):
         super().__init__()
         self.cfg = cfg
         self.train_split, self.val_split = load_splits(cfg.data)
-        self.train_dataset = CocoDetectionDataset(self.train_split, train=True, seed=cfg.train.seed)
+        self.train_dataset = CocoDetectionDataset(self.train_split, train=True, seed=cfg.train.seed,
+                                                  drop_empty=cfg.data.filter_empty)
         self.val_dataset = CocoDetectionDataset(self.val_split, train=False)
         self.val_gt = coco_subset(self.val_split)
 

@@ -6,6 +6,7 @@ The neck is where Libra R-CNN's Balanced Feature Pyramid plugs in (``nn.Identity
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -141,12 +142,14 @@ def build_neck(cfg: BFPConfig, channels: int, num_levels: int) -> nn.Module:
     return BalancedFeaturePyramid(channels, num_levels, cfg.refine_level, cfg.refine_type)
 
 
-def build_pyramid_backbone(model: ModelConfig, bfp: BFPConfig, stages: slice, extra: ExtraFPNBlock) -> PyramidBackbone:
-    """The body's ``stages`` feed the FPN; ``extra`` adds the coarser levels."""
+def build_pyramid_backbone(model: ModelConfig, bfp: BFPConfig, stages: slice,
+                           extra_levels: Callable[[int], ExtraFPNBlock]) -> PyramidBackbone:
+    """The body's ``stages`` feed the FPN; ``extra_levels(width of the last stage)`` adds the coarser levels."""
     body, channels = build_body(model.backbone, stages.stop)
     selected = channels[stages]
     if len(selected) != len(channels):
         body = _SelectStages(body, stages.start, stages.stop)
+    extra = extra_levels(selected[-1])
     fpn = FeaturePyramidNetwork(list(selected), model.fpn_channels, extra_blocks=extra)
     num_levels = len(selected) + (2 if isinstance(extra, LastLevelP6P7) else 1)
     if len(model.anchor_sizes) != num_levels:
@@ -157,13 +160,21 @@ def build_pyramid_backbone(model: ModelConfig, bfp: BFPConfig, stages: slice, ex
 
 def faster_rcnn_backbone(model: ModelConfig, bfp: BFPConfig) -> PyramidBackbone:
     """P2-P5 from the four stages plus a max-pooled P6 (torchvision's 'pool')."""
-    return build_pyramid_backbone(model, bfp, slice(0, 4), extra=LastLevelMaxPool())
+    return build_pyramid_backbone(model, bfp, slice(0, 4), extra_levels=lambda _: LastLevelMaxPool())
+
+
+def retinanet_extra_levels(model: ModelConfig, c5_channels: int) -> LastLevelP6P7:
+    """``P6 = conv3x3/2(x)`` with ``x`` = P5 or C5 (``retinanet.extra_from``), ``P7 = conv3x3/2(ReLU(P6))``."""
+    from_c5 = model.retinanet.extra_from == "c5"
+    extra = LastLevelP6P7(c5_channels if from_c5 else model.fpn_channels, model.fpn_channels)
+    extra.use_P5 = not from_c5  # torchvision infers it from equal widths, which C5 may also have
+    return extra
 
 
 def retinanet_backbone(model: ModelConfig, bfp: BFPConfig) -> PyramidBackbone:
-    """P3-P5 from stages 2-4 plus two levels computed from P5 (P6, P7); with
+    """P3-P5 from stages 2-4 plus P6, P7 (:func:`retinanet_extra_levels`); with
     ``retinanet.min_level: 2``, the Faster R-CNN pyramid: P2-P5 from stages 1-4 plus a max-pooled P6."""
     if model.retinanet.min_level == 2:
         return faster_rcnn_backbone(model, bfp)
     return build_pyramid_backbone(model, bfp, slice(1, 4),
-                                  extra=LastLevelP6P7(model.fpn_channels, model.fpn_channels))
+                                  extra_levels=lambda c5_channels: retinanet_extra_levels(model, c5_channels))

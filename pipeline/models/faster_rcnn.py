@@ -27,6 +27,36 @@ from pipeline.components import (
 from pipeline.config import ExperimentConfig, IoUBalancedSamplingConfig
 from pipeline.models.backbone import faster_rcnn_backbone
 from pipeline.models.box_loss import BoxLoss, build_box_loss
+from pipeline.models.torchvision_internals import BalancedPositiveNegativeSampler
+
+
+def bounded_negatives(num_neg: Tensor, num_pos: Tensor, neg_pos_ub: int) -> Tensor:
+    """Negatives to sample per image: ``min(num_neg, neg_pos_ub · max(1, num_pos))`` (mmdet's
+    RandomSampler ``neg_pos_ub``); ``neg_pos_ub = -1`` leaves ``num_neg`` as it is."""
+    if neg_pos_ub < 0:
+        return num_neg
+    return torch.minimum(num_neg, num_pos.clamp(min=1) * neg_pos_ub)
+
+
+class BoundedNegativeSampler(BalancedPositiveNegativeSampler):
+    """torchvision's RPN sampler (random positives up to ``batch_size_per_image · positive_fraction``,
+    random negatives filling the rest) keeping at most :func:`bounded_negatives` of its negatives,
+    a uniform random subset, so the negatives stay a uniform draw."""
+
+    def __init__(self, batch_size_per_image: int, positive_fraction: float, neg_pos_ub: int):
+        super().__init__(batch_size_per_image, positive_fraction)
+        self.neg_pos_ub = neg_pos_ub
+
+    def __call__(self, matched_idxs: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        pos_masks, neg_masks = super().__call__(matched_idxs)
+        if self.neg_pos_ub < 0:
+            return pos_masks, neg_masks
+        for pos, neg in zip(pos_masks, neg_masks):
+            chosen = neg.nonzero().squeeze(1)
+            keep = int(bounded_negatives(chosen.new_tensor(chosen.numel()), pos.sum(), self.neg_pos_ub))
+            if keep < chosen.numel():
+                neg[chosen[torch.randperm(chosen.numel(), device=chosen.device)[keep:]]] = 0
+        return pos_masks, neg_masks
 
 
 def pad_rows(rows: list[Tensor], fill: float) -> Tensor:
@@ -41,12 +71,14 @@ def pad_rows(rows: list[Tensor], fill: float) -> Tensor:
 class LibraRoIHeads(RoIHeads):
     """torchvision ``RoIHeads`` with IoU-aware proposal sampling and a configurable box loss.
 
-    Records the IoU histogram of the negatives it sampled (``sampled_negative_iou``) for the report.
+    ``neg_pos_ub`` bounds the negatives sampled per image (:func:`bounded_negatives`). Records the IoU
+    histogram of the negatives it sampled (``sampled_negative_iou``) for the report.
     """
 
-    def __init__(self, *, sampler: CombinedSampler, box_loss: BoxLoss, **roi_heads_kwargs):
+    def __init__(self, *, sampler: CombinedSampler, box_loss: BoxLoss, neg_pos_ub: int = -1, **roi_heads_kwargs):
         super().__init__(**roi_heads_kwargs)
         self.sampler = sampler
+        self.neg_pos_ub = neg_pos_ub
         self.box_loss = box_loss
         self.sampled_negative_iou = IoUHistogram()
 
@@ -71,7 +103,7 @@ class LibraRoIHeads(RoIHeads):
         positives, negatives = labels > 0, labels == 0
         per_image = self.fg_bg_sampler.batch_size_per_image
         num_pos = positives.sum(1).clamp(max=int(per_image * self.fg_bg_sampler.positive_fraction))
-        num_neg = negatives.sum(1).clamp(max=per_image - num_pos)
+        num_neg = bounded_negatives(negatives.sum(1).clamp(max=per_image - num_pos), num_pos, self.neg_pos_ub)
         keep_pos, keep_neg = self.sampler(
             max_iou, matched, positives, negatives, num_pos, num_neg, valid=max_iou >= 0
         )
@@ -145,7 +177,9 @@ def build_faster_rcnn(cfg: ExperimentConfig, num_classes: int) -> FasterRCNN:
         batch_size_per_image=m.roi_heads.batch_size_per_image, positive_fraction=m.roi_heads.positive_fraction,
         bbox_reg_weights=None, score_thresh=m.score_thresh, nms_thresh=m.nms_thresh,
         detections_per_img=m.detections_per_img,
-        sampler=build_sampler(c.iou_balanced_sampling),
+        sampler=build_sampler(c.iou_balanced_sampling), neg_pos_ub=m.roi_heads.neg_pos_ub,
         box_loss=build_box_loss(m.box_loss, c.balanced_l1),
     )
+    model.rpn.fg_bg_sampler = BoundedNegativeSampler(m.rpn.batch_size_per_image, m.rpn.positive_fraction,
+                                                     m.rpn.neg_pos_ub)
     return model

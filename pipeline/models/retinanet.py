@@ -110,7 +110,7 @@ def build_retinanet(cfg: ExperimentConfig, num_classes: int) -> RetinaNet:
     m, c, r = cfg.model, cfg.components, cfg.model.retinanet
     backbone = retinanet_backbone(m, c.bfp)
     n = r.scales_per_octave
-    sizes = tuple(tuple(int(round(s * 2 ** (i / n))) for i in range(n)) for s in m.anchor_sizes)
+    sizes = tuple(tuple(s * 2 ** (i / n) for i in range(n)) for s in m.anchor_sizes)
     anchors = AnchorGenerator(sizes, (m.aspect_ratios,) * len(sizes))
     head = BalancedRetinaNetHead(
         backbone.out_channels, anchors.num_anchors_per_location()[0], num_classes + 1,

@@ -5,6 +5,6 @@ checks the behaviour the project relies on, so a torchvision upgrade that change
 """
 
 from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.models.detection._utils import BoxCoder, Matcher
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
 
-__all__ = ["BoxCoder", "IntermediateLayerGetter", "Matcher"]
+__all__ = ["BalancedPositiveNegativeSampler", "BoxCoder", "IntermediateLayerGetter", "Matcher"]
