@@ -1,5 +1,5 @@
 """Cost of a run: train_cost.json, system_metrics.csv and metrics.json's cost after a tiny run; a
-resumed run counts every step once."""
+resumed run counts every step once; the report's cost columns; the mmdet model zoo's rows."""
 
 from __future__ import annotations
 
@@ -10,19 +10,25 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from conftest import ROOT, libra, tiny_overrides
+from pipeline.ablation import plan_ablation, read_params
+from pipeline.engine.coco_eval import IOU_THRESHOLDS
 from pipeline.engine.cost import COST_KEYS, SYSTEM_METRICS_COLUMNS
-
-pytestmark = pytest.mark.slow
+from pipeline.report.reference import MODEL_ZOO, ModelZooRow, model_zoo_rows
+from pipeline.report.results import RunResult
+from pipeline.report.tables import ablation_table, detector_markdown
 
 
 def _sets(root, **extra) -> list[str]:
     return [arg for s in tiny_overrides(root, **extra) for arg in ("--set", s)]
 
 
+@pytest.mark.slow
 def test_cost_recorded_after_training_and_evaluation(synthetic_root, tmp_path):
     run = tmp_path / "run"
     libra("train", "--config", "configs/retinanet_tiny.yaml", "--out", str(run), *_sets(synthetic_root))
@@ -47,6 +53,7 @@ def test_cost_recorded_after_training_and_evaluation(synthetic_root, tmp_path):
     assert all(float(r["value"]) >= 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_resumed_run_counts_every_step_once(synthetic_root, tmp_path):
     run = tmp_path / "run"
     sets = _sets(synthetic_root, **{"train.epochs": 3, "data.max_images": 12})
@@ -69,3 +76,69 @@ def test_resumed_run_counts_every_step_once(synthetic_root, tmp_path):
     assert final["train_steps"] == 9, "3 epochs of 3 steps, each counted once"
     assert final["train_wall_s"] > first["train_wall_s"]
     assert final["train_peak_rss_mb"] >= first["train_peak_rss_mb"]
+
+
+def _result(plan, s_per_step: float | None, rss: float, gpu: float | None) -> RunResult:
+    bbox = dict.fromkeys(("AP", "AP50", "AP75", "APs", "APm", "APl"), 0.3)
+    cost = dict.fromkeys(COST_KEYS)
+    cost.update(train_s_per_step=s_per_step, train_peak_rss_mb=rss, train_peak_gpu_mem_mb=gpu)
+    metrics = {"bbox": bbox, "ap_per_iou": dict.fromkeys(IOU_THRESHOLDS, 0.3), "cost": cost}
+    return RunResult(plan, metrics, [], pd.DataFrame(), None)
+
+
+ZOO = [ModelZooRow("faster_rcnn", "IS+BFP+BL", "libra-faster-rcnn_r50_fpn_1x_coco",
+                   ".mim/configs/libra_rcnn/metafile.yml", 38.3, 4710.4, 52.63, "V100, FP32, batch 1")]
+
+
+def test_report_cost_columns_against_hand_computed_ratios():
+    params = read_params(ROOT / "params.yaml")
+    params["ablation"]["seeds"] = [0, 1]
+    ablation = plan_ablation(params, ROOT / "configs")
+    s_per_step = {("baseline", 0): 0.10, ("baseline", 1): 0.30, ("IS", 0): 0.25, ("IS", 1): 0.27}
+    results = [_result(r, s_per_step.get((r.combo, r.seed), 0.4), rss=1000.0 + r.seed, gpu=None)
+               if r.detector == "faster_rcnn" else _result(r, None, rss=500.0, gpu=200.0 + 100 * r.seed)
+               for r in ablation.runs]
+    table = ablation_table(ablation.summary(), results, {}, {}, ZOO)
+    rows = table.set_index(["detector", "variant", "source"])
+    assert rows.loc[("faster_rcnn", "baseline", "ours"), "train_time_ratio"] == pytest.approx(1.0)
+    assert rows.loc[("faster_rcnn", "IS", "ours"), "train_time_ratio"] == pytest.approx(0.26 / 0.20)
+    assert rows.loc[("faster_rcnn", "IS+BFP+BL", "ours"), "train_time_ratio"] == pytest.approx(0.4 / 0.20)
+    assert rows.loc[("faster_rcnn", "IS", "ours"), "peak_mem_mb"] == pytest.approx(1000.5), "host RSS on CPU"
+    assert rows.loc[("retinanet", "baseline", "ours"), "peak_mem_mb"] == pytest.approx(250.0), "GPU memory first"
+    assert np.isnan(rows.loc[("retinanet", "baseline", "ours"), "train_time_ratio"]), "no s/step recorded"
+    assert rows.loc[("faster_rcnn", "IS+BFP+BL", "paper"), "train_time_ratio"] == pytest.approx(1.06)
+    zoo = rows.loc[("faster_rcnn", "IS+BFP+BL", "mmdet")]
+    assert (zoo["AP"], zoo["peak_mem_mb"], zoo["infer_ms_per_image"]) == (38.3, 4710.4, 52.63)
+    faster = table[table.detector == "faster_rcnn"]
+    assert list(faster.source[faster.variant == "IS+BFP+BL"]) == ["ours", "paper", "mmdet"]
+
+    lines = "\n".join(detector_markdown(table, "faster_rcnn", 0.95, ZOO))
+    assert "| train time × | peak mem (MB) |" in lines
+    assert "| 1.30 | 1000 |" in lines and "| paper |" in lines and "| 1.06 |  |" in lines
+    assert "| mmdet | 38.3 |" in lines and "| 4710 |" in lines
+    assert "libra-faster-rcnn_r50_fpn_1x_coco (mmdet/.mim/configs/libra_rcnn/metafile.yml, mmdet 3.3.0 model zoo)" in lines
+    missing = "\n".join(detector_markdown(table, "faster_rcnn", 0.95, None))
+    assert "mmdet is not installed" in missing
+
+
+def test_model_zoo_rows_from_installed_metafiles():
+    rows = model_zoo_rows()
+    if rows is None:
+        pytest.skip("mmdet is not installed")
+    assert {(r.detector, r.variant) for r in rows} == {(d, v) for d, vs in MODEL_ZOO.items() for v in vs}
+    by_name = {r.config: r for r in rows}
+    libra_frcnn = by_name["libra-faster-rcnn_r50_fpn_1x_coco"]
+    assert (libra_frcnn.AP, libra_frcnn.train_mem_mb, libra_frcnn.infer_ms_per_image) == (38.3, 4.6 * 1024, 52.63)
+    assert libra_frcnn.infer_hardware == "V100, FP32, batch 1"
+    assert by_name["retinanet_r50_fpn_1x_coco"].AP == 36.5 and by_name["faster-rcnn_r50_fpn_1x_coco"].AP == 37.4
+
+
+def test_model_zoo_rows_without_mmdet(tmp_path, monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    assert model_zoo_rows() is None
+    with pytest.raises(FileNotFoundError, match="faster_rcnn/metafile.yml: no mmdet model-zoo metafile"):
+        model_zoo_rows(tmp_path)
+    (tmp_path / "faster_rcnn").mkdir()
+    (tmp_path / "faster_rcnn" / "metafile.yml").write_text("Models: []\n")
+    with pytest.raises(KeyError, match="faster_rcnn/metafile.yml: no model named 'faster-rcnn_r50_fpn_1x_coco'"):
+        model_zoo_rows(tmp_path)

@@ -16,6 +16,7 @@ from pipeline.report.claims import CLAIMS, Claim
 from pipeline.report.bootstrap import APSamples, PairedDelta, ap_samples, paired_delta, resample_counts
 from pipeline.report.localization import detection_ious, score_iou_correlation
 from pipeline.report.per_image import match_images
+from pipeline.report.reference import ModelZooRow, model_zoo_rows
 from pipeline.report.failures import failures_markdown, read_failures
 from pipeline.report.results import RunResult, load_results, validation_ground_truth
 from pipeline.report.tables import ablation_table, claims_markdown, detector_markdown, summary_metrics
@@ -172,7 +173,8 @@ def write_report(plan_dir: Path, out_dir: Path, settings: ReportSettings, manife
             correlations[(detector, combo)] = score_iou_correlation(scores, ious)
             score_panels[detector][combo] = (scores, ious, correlations[(detector, combo)])
 
-    table = ablation_table(summary, results, deltas, correlations)
+    model_zoo = model_zoo_rows()
+    table = ablation_table(summary, results, deltas, correlations, model_zoo or ())
     metrics = summary_metrics(table, claims)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "ablation.csv", table.to_csv(index=False, float_format="%.3f"))
@@ -205,12 +207,13 @@ def write_report(plan_dir: Path, out_dir: Path, settings: ReportSettings, manife
         drawn.append((title, figures.training_curves(curves, fig_dir / f"training_curves_{detector}.png", title)))
 
     write_text_atomic(out_dir / "ablation.md", _markdown(summary, table, claims, settings, manifest, results, drawn, out_dir,
-                                                        failures))
+                                                        failures, model_zoo))
     return metrics
 
 
 def _markdown(summary: dict[str, Any], table: pd.DataFrame, claims: list[tuple[Claim, PairedDelta]], settings: ReportSettings, manifest: dict[str, Any] | None,
-              results: list[RunResult], drawn: list[tuple[str, Path]], out_dir: Path, failures: dict[str, str]) -> str:
+              results: list[RunResult], drawn: list[tuple[str, Path]], out_dir: Path, failures: dict[str, str],
+              model_zoo: list[ModelZooRow] | None) -> str:
     val_images = results[0].metrics.get("num_images")
     data = (f"{manifest['source']} data ({manifest['root']}, digest {manifest['digest'][:12]})" if manifest
             else "see the run configs")
@@ -226,7 +229,7 @@ def _markdown(summary: dict[str, Any], table: pd.DataFrame, claims: list[tuple[C
     for detector in summary["detectors"]:
         if (table["detector"] == detector).any():
             lines += [f"## {DETECTOR_TITLES.get(detector, detector)}", ""]
-            lines += [*detector_markdown(table, detector, settings.confidence), ""]
+            lines += [*detector_markdown(table, detector, settings.confidence, model_zoo), ""]
     lines += ["## Figures", ""]
     for title, path in drawn:
         lines += [f"### {title}", "", f"![{title}]({path.relative_to(out_dir).as_posix()})", ""]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -12,18 +13,22 @@ from pipeline.ablation import COMPONENTS, DETECTOR_COMPONENTS
 from pipeline.engine.coco_eval import IOU_THRESHOLDS
 from pipeline.report.bootstrap import PairedDelta
 from pipeline.report.claims import VERDICT_CODES, Claim, verdict
-from pipeline.report.reference import PAPER_SOURCES, paper_row
+from pipeline.report.reference import PAPER_SOURCES, ModelZooRow, paper_row
 from pipeline.report.results import RunResult
 
 BOX_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_COLUMNS = tuple(f"AP@{t}" for t in IOU_THRESHOLDS)
 DELTA_COLUMNS = ("dAP", "dAP_sd", "dAP_ci_low", "dAP_ci_high", "dAP_image_ci_low", "dAP_image_ci_high")
 COLUMNS = ("detector", "variant", "source", *COMPONENTS, "seeds", *BOX_METRICS, "AP_sd", *IOU_COLUMNS,
-           *DELTA_COLUMNS, "score_iou_pearson", "score_iou_spearman")
-"""Columns of ``ablation.csv``. Components: True/False (empty where the detector has no such
-component); metrics in percent; ``AP_sd`` and ``dAP_sd`` over seeds; ``dAP_ci_*`` the two-level
-(seeds and images) paired bootstrap interval, ``dAP_image_ci_*`` the image-only one; score-IoU
-correlations of the detections pooled over seeds."""
+           *DELTA_COLUMNS, "score_iou_pearson", "score_iou_spearman", "train_time_ratio", "peak_mem_mb",
+           "infer_ms_per_image")
+"""Columns of ``ablation.csv``. Source: ours, paper or mmdet (the model zoo). Components: True/False
+(empty where the detector has no such component); metrics in percent; ``AP_sd`` and ``dAP_sd`` over
+seeds; ``dAP_ci_*`` the two-level (seeds and images) paired bootstrap interval, ``dAP_image_ci_*``
+the image-only one; score-IoU correlations of the detections pooled over seeds;
+``train_time_ratio`` the mean training s/step over seeds divided by the baseline's;
+``peak_mem_mb`` the mean over seeds of the peak training memory (CUDA ``max_memory_allocated`` on a
+GPU, rank 0's peak RSS on CPU; the zoo's training memory); ``infer_ms_per_image`` the zoo's."""
 
 
 def _percent(value: float) -> float:
@@ -39,12 +44,32 @@ def _components(detector: str, combo: str) -> dict[str, Any]:
     return {c: (c in parts) if c in DETECTOR_COMPONENTS[detector] else pd.NA for c in COMPONENTS}
 
 
+def _cost(runs: list[RunResult], key: str) -> list[float]:
+    """``metrics.json``'s ``cost.<key>`` of each run that recorded it."""
+    values = [r.metrics.get("cost", {}).get(key) for r in runs]
+    return [float(v) for v in values if v is not None]
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _peak_memory_mb(run: RunResult) -> float | None:
+    cost = run.metrics.get("cost", {})
+    gpu = cost.get("train_peak_gpu_mem_mb")
+    return gpu if gpu is not None else cost.get("train_peak_rss_mb")
+
+
 def ablation_table(summary: dict[str, Any], results: list[RunResult],
                    deltas: dict[tuple[str, str], PairedDelta],
-                   correlations: dict[tuple[str, str], dict[str, float]]) -> pd.DataFrame:
-    """Rows in design order: ours for every variant, then the paper's row where the paper has one."""
+                   correlations: dict[tuple[str, str], dict[str, float]],
+                   model_zoo: Sequence[ModelZooRow] = ()) -> pd.DataFrame:
+    """Rows in design order: ours for every variant, then the paper's row where the paper has one,
+    then the mmdet model zoo's where ``model_zoo`` has one."""
     rows = []
     for detector, spec in summary["detectors"].items():
+        baseline_s = _mean(_cost([r for r in results if r.plan.detector == detector and r.plan.combo == "baseline"],
+                                 "train_s_per_step"))
         for combo in spec["variants"]:
             runs = [r for r in results if r.plan.detector == detector and r.plan.combo == combo]
             if not runs:
@@ -64,12 +89,19 @@ def ablation_table(summary: dict[str, Any], results: list[RunResult],
                            dAP_image_ci_high=_percent(delta.image_ci_high))
             corr = correlations.get((detector, combo), {})
             row.update(score_iou_pearson=corr.get("pearson", float("nan")),
-                       score_iou_spearman=corr.get("spearman", float("nan")))
+                       score_iou_spearman=corr.get("spearman", float("nan")),
+                       train_time_ratio=_mean(_cost(runs, "train_s_per_step")) / baseline_s,
+                       peak_mem_mb=_mean([m for m in map(_peak_memory_mb, runs) if m is not None]))
             rows.append(row)
             paper = paper_row(detector, combo)
             if paper:
                 rows.append({"detector": detector, "variant": combo, "source": "paper",
                              **_components(detector, combo), **paper})
+            for zoo in model_zoo:
+                if (zoo.detector, zoo.variant) == (detector, combo):
+                    rows.append({"detector": detector, "variant": combo, "source": "mmdet",
+                                 **_components(detector, combo), "AP": zoo.AP, "peak_mem_mb": zoo.train_mem_mb,
+                                 "infer_ms_per_image": zoo.infer_ms_per_image})
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
@@ -118,13 +150,16 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def detector_markdown(table: pd.DataFrame, detector: str, confidence: float) -> list[str]:
-    """The detector's sections of ``ablation.md``: main table, AP per IoU threshold, score-IoU correlation."""
+def detector_markdown(table: pd.DataFrame, detector: str, confidence: float,
+                      model_zoo: list[ModelZooRow] | None = None) -> list[str]:
+    """The detector's sections of ``ablation.md``: main table (with the training cost relative to the
+    baseline), its sources, AP per IoU threshold, score-IoU correlation. ``model_zoo``: the mmdet rows
+    cited under the table (None: mmdet is not installed, which the text says)."""
     part = table[table["detector"] == detector]
     comps = list(DETECTOR_COMPONENTS[detector])
     level = f"{round(100 * confidence)}%"
     header = ["variant", *comps, "source", "AP", "AP50", "AP75", "APs", "APm", "APl", "ΔAP",
-              f"ΔAP {level} CI (seeds + images)", f"ΔAP {level} CI (images only)"]
+              f"ΔAP {level} CI (seeds + images)", f"ΔAP {level} CI (images only)", "train time ×", "peak mem (MB)"]
     rows = []
     for r in part.to_dict("records"):
         ours = r["source"] == "ours"
@@ -132,9 +167,19 @@ def detector_markdown(table: pd.DataFrame, detector: str, confidence: float) -> 
                      _pm(r["AP"], r["AP_sd"]) if ours else _fmt(r["AP"]),
                      *(_fmt(r[m]) for m in BOX_METRICS[1:]),
                      _pm(r["dAP"], r["dAP_sd"]) if ours else _fmt(r["dAP"]),
-                     _interval(r, "dAP_ci") if ours else "", _interval(r, "dAP_image_ci") if ours else ""])
+                     _interval(r, "dAP_ci") if ours else "", _interval(r, "dAP_image_ci") if ours else "",
+                     _fmt(r["train_time_ratio"], 2), _fmt(r["peak_mem_mb"], 0)])
     lines = _md_table(header, rows)
     lines += ["", f"Paper rows: {PAPER_SOURCES.get(detector, '')}", ""]
+    if model_zoo is None:
+        lines += ["mmdet rows: not shown, mmdet is not installed (`pip install mmdet==3.3.0`).", ""]
+    else:
+        cited = [f"{z.variant}: {z.citation}, inference {_fmt(z.infer_ms_per_image, 2)} ms/image ({z.infer_hardware})"
+                 for z in model_zoo if z.detector == detector]
+        lines += [f"mmdet rows (training memory as the zoo's GB x 1024): {'; '.join(cited)}.", ""] if cited else []
+    lines += [("Training cost: `train time ×` is the mean training time per optimizer step over seeds divided "
+               "by the baseline's; `peak mem` the peak training memory (CUDA `max_memory_allocated` on a GPU, "
+               "rank 0's peak resident set size on CPU), mean over seeds."), ""]
     ours = part[part["source"] == "ours"]
     lines += ["AP (%) at each IoU threshold, mean over seeds:", ""]
     lines += _md_table(["variant", *(t for t in IOU_THRESHOLDS)],
