@@ -25,6 +25,7 @@ STAGES: dict[str, str] = {
     "report": "stages.report",
     "track": "stages.track",
     "tune": "stages.tune",
+    "import-mmdet": "stages.import_mmdet",
 }
 """Sub-command -> module with ``add_arguments(parser)`` and ``run(args)``."""
 
