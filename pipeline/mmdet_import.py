@@ -90,6 +90,8 @@ def _plain(value: Any) -> Any:
 
 def _equal(a: Any, b: Any) -> bool:
     a, b = _plain(a), _plain(b)
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
@@ -219,6 +221,9 @@ def find_mmdet_config(name_or_path: str) -> Path:
     if not found:
         raise ConfigError(f"{name_or_path}: neither a config file nor a config name in {root} "
                           "(names look like libra-faster-rcnn_r50_fpn_1x_coco)")
+    if len(found) > 1:
+        raise ConfigError(f"{name_or_path}: {len(found)} configs of that name in {root} "
+                          f"({', '.join(str(f.relative_to(root)) for f in found)}); pass the path of one")
     return found[0]
 
 
@@ -494,7 +499,12 @@ def _one_stage(t: Translation, min_level: int) -> None:
 
 
 def _transforms(t: Translation, pipeline: Path_, train: bool) -> None:
-    for path in t.entries(pipeline):
+    steps = t.entries(pipeline)
+    flips = [p for p in steps if t.value(p + ("type",)) == "RandomFlip"]
+    if train and steps and not any(t.has(p + ("prob",)) for p in flips):
+        t.error(pipeline, "no RandomFlip with a prob (mmdet then flips nothing); ours flips training images "
+                          "horizontally with probability 0.5")
+    for path in steps:
         kind = t.value(path + ("type",))
         if kind == "LoadImageFromFile":
             t.ignore(path + ("type",), "images are read from data.*_images")
@@ -560,6 +570,15 @@ def _data(t: Translation) -> None:
         t.ignore((name,), "a variable the dataloaders copy (read there)")
 
 
+def _choice(t: Translation, path: Path_, name: str, choices: dict[str, str]) -> None:
+    """A type name of mmdet mapped to one of our field's values; any other name is an error."""
+    kind = t.value(path)
+    if kind in choices:
+        t.set_field(name, choices[kind], path)
+    elif kind is not _MISSING:
+        t.error(path, f"ours has {', '.join(choices)} here ({name})")
+
+
 def _schedule(t: Translation) -> None:
     t.check(("train_cfg", "type"), "EpochBasedTrainLoop", "training by epochs")
     t.map(("train_cfg", "max_epochs"), "train.epochs")
@@ -567,10 +586,9 @@ def _schedule(t: Translation) -> None:
     t.ignore(("val_cfg",), "the validation loop")
     t.ignore(("test_cfg",), "the test loop")
     o = ("optim_wrapper",)
-    precision = {"OptimWrapper": "32-true", "AmpOptimWrapper": "16-mixed"}
-    t.map(o + ("type",), "trainer.precision", lambda v: precision.get(v, v))
+    _choice(t, o + ("type",), "trainer.precision", {"OptimWrapper": "32-true", "AmpOptimWrapper": "16-mixed"})
     t.check(o + ("loss_scale",), "dynamic", "Lightning's dynamic loss scaling")
-    t.map(o + ("optimizer", "type"), "train.optimizer", lambda v: {"SGD": "sgd", "AdamW": "adamw"}.get(v, v))
+    _choice(t, o + ("optimizer", "type"), "train.optimizer", {"SGD": "sgd", "AdamW": "adamw"})
     for name in ("lr", "momentum", "weight_decay"):
         t.map(o + ("optimizer", name), f"train.{name}")
     clip = t.value(o + ("clip_grad",), None)
@@ -670,7 +688,9 @@ def import_mmdet(name_or_path: str) -> Imported:
 def render_yaml_header(imported: Imported) -> str:
     """The comment block at the top of the output YAML: every leaf not mapped or fixed, and why."""
     lines = [f"# Translated by `libra import-mmdet` from {imported.source.name}.",
-             "# Fields not listed below take ours' defaults (pipeline/config.py)."]
+             "# Fields not in this file take the defaults of pipeline/config.py. mmdet sets the GPUs at launch:",
+             "# set trainer.devices (and num_nodes); train.lr is for a global batch of train.lr_scaling_batch",
+             "# (when set) and is scaled linearly to the global batch you run."]
     titles = {"error": "NOT MAPPED, may change training (written with --allow-unmapped)",
               "difference": "known differences of ours (docs/recipe.md)",
               "warning": "not mapped, no effect on training"}

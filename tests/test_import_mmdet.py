@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.mmdet_import import find_mmdet_config, import_mmdet, translate
 from stages.cli import main
 
@@ -66,9 +66,13 @@ def test_every_leaf_of_an_official_config_is_accounted_for():
     ("train_dataloader = dict(dataset=dict(pipeline=[dict(type='LoadImageFromFile'), "
      "dict(type='LoadAnnotations', with_bbox=True), dict(type='Resize', scale=(1333, 800), keep_ratio=True), "
      "dict(type='RandomFlip', prob=0.3), dict(type='PackDetInputs')]))", "train_dataloader.dataset.pipeline[3].prob"),
+    ("train_dataloader = dict(dataset=dict(pipeline=[dict(type='LoadImageFromFile'), "
+     "dict(type='LoadAnnotations', with_bbox=True), dict(type='Resize', scale=(1333, 800), keep_ratio=True), "
+     "dict(type='PackDetInputs')]))", "train_dataloader.dataset.pipeline[0].type"),
     ("model = dict(rpn_head=dict(anchor_generator=dict(scales=[4, 8])))", "model.rpn_head.anchor_generator.scales"),
     ("model = dict(roi_head=dict(bbox_head=dict(in_channels=512)))", "model.roi_head.bbox_head.in_channels"),
     ("optim_wrapper = dict(paramwise_cfg=dict(norm_decay_mult=0.0))", "optim_wrapper.paramwise_cfg.norm_decay_mult"),
+    ("optim_wrapper = dict(optimizer=dict(_delete_=True, type='Adam', lr=0.001))", "optim_wrapper.optimizer.type"),
 ])
 def test_a_setting_that_changes_training_without_mapping_is_an_error(tmp_path, capsys, body, path):
     config = _user_config(tmp_path, body + "\n")
@@ -107,3 +111,8 @@ def test_refuses_to_overwrite_and_unknown_names(tmp_path, capsys):
     assert main(["import-mmdet", "no-such-config_1x_coco", "--out", str(tmp_path / "x.yaml")]) == 2
     assert "no-such-config_1x_coco" in capsys.readouterr().err
     assert not (tmp_path / "x.yaml").exists()
+
+
+def test_a_name_held_by_several_configs_asks_for_a_path():
+    with pytest.raises(ConfigError, match="voc0712.*pass the path of one"):
+        find_mmdet_config("voc0712")
