@@ -161,6 +161,8 @@ class IoUBalancedSamplingConfig(StrictModel):
     floor_fraction: Fraction = 0.0
     bin_range: Literal["negatives", "mmdet"] = "negatives"
     instance_balanced_pos: bool = False
+    """Positives drawn evenly over ground truths; Libra R-CNN's (on for Faster R-CNN by
+    :data:`DETECTOR_COMPONENT_DEFAULTS`)."""
 
     @model_validator(mode="after")
     def _floor(self) -> "IoUBalancedSamplingConfig":
@@ -174,6 +176,7 @@ class BFPConfig(StrictModel):
 
     enabled: bool = False
     refine_level: Int = Field(2, ge=0)
+    """Pyramid level (0: finest) the levels are gathered to; per detector in :data:`DETECTOR_COMPONENT_DEFAULTS`."""
     refine_type: Literal["none", "conv", "non_local"] = "non_local"
 
 
@@ -184,6 +187,7 @@ class BalancedL1Config(StrictModel):
     alpha: Float = Field(0.5, gt=0)
     gamma: Float = Field(1.5, gt=0)
     beta: Float = Field(1.0, gt=0)
+    """Where the loss turns linear; per detector in :data:`DETECTOR_COMPONENT_DEFAULTS`."""
     variant: Literal["exact", "mmdet"] = "exact"
     loss_weight: Float = Field(1.0, ge=0)
 
@@ -209,6 +213,33 @@ class ComponentsConfig(StrictModel):
     balanced_l1: BalancedL1Config = BalancedL1Config()
     iou_balanced_cls: IoUBalancedClsConfig = IoUBalancedClsConfig()
     iou_balanced_loc: IoUBalancedLocConfig = IoUBalancedLocConfig()
+
+
+DETECTOR_COMPONENT_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "faster_rcnn": {"iou_balanced_sampling": {"instance_balanced_pos": True},
+                    "bfp": {"refine_level": 2}, "balanced_l1": {"beta": 1.0}},
+    "retinanet": {"bfp": {"refine_level": 1}, "balanced_l1": {"beta": 0.11}},
+}
+"""Libra's component settings that differ by detector (mmdet's libra_rcnn configs), filled in
+wherever a config leaves the field unset: ``detector -> section of components -> {field: value}``.
+BFP integrates at P4 (level 2 of Faster R-CNN's P2-P6, 1 of RetinaNet's P3-P7); Balanced L1's
+``beta`` is the smooth-L1 ``beta`` of the loss it replaces."""
+
+
+def with_detector_defaults(raw: Any) -> Any:
+    """``raw`` (an experiment config as a mapping) with :data:`DETECTOR_COMPONENT_DEFAULTS` of its
+    ``model.detector`` under the component fields it does not set; anything else unchanged."""
+    model = raw.get("model", {}) if isinstance(raw, dict) else None
+    detector = model.get("detector", ModelConfig.model_fields["detector"].default) if isinstance(model, dict) else None
+    components = raw.get("components", {}) if isinstance(raw, dict) else None
+    if detector not in DETECTOR_COMPONENT_DEFAULTS or not isinstance(components, dict):
+        return raw
+    filled = dict(components)
+    for section, defaults in DETECTOR_COMPONENT_DEFAULTS[detector].items():
+        fields = filled.get(section, {})
+        if isinstance(fields, dict):
+            filled[section] = {**defaults, **fields}
+    return {**raw, "components": filled}
 
 
 class DataConfig(StrictModel):
@@ -329,6 +360,11 @@ class ExperimentConfig(StrictModel):
     trainer: TrainerConfig = TrainerConfig()
     eval: EvalConfig = EvalConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _detector_defaults(cls, raw: Any) -> Any:
+        return with_detector_defaults(raw)
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -385,8 +421,13 @@ def validate_model(model: type[ModelT], raw: Any, source: str) -> ModelT:
         for err in exc.errors():
             # a union's members appear in the path as e.g. "literal['auto']": the field is the rest
             path = ".".join(str(p) for p in err["loc"] if "[" not in str(p))
-            problems.setdefault(path, []).append(err["msg"])
-        summary = "; ".join(f"{path}: {' or '.join(msgs)}" for path, msgs in problems.items())
+            message = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                parent, _, key = path.rpartition(".")
+                message += f" ({parent or 'the top level'} has unknown keys ['{key}'])"
+            problems.setdefault(path, []).append(message)
+        summary = "; ".join(f"{path}: {' or '.join(msgs)}" if path else " or ".join(msgs)
+                            for path, msgs in problems.items())
         raise ConfigError(f"{source}: {summary}") from None
 
 

@@ -46,14 +46,13 @@ from types import FrameType
 from typing import Any, Literal, Protocol
 
 import submitit
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from pipeline.ablation import file_digest, plan_path
 from pipeline.config import ConfigError, PositiveInt, validate_model
 from pipeline.io import write_json_atomic, write_text_atomic
-from pipeline.runplan import RunPlan, read_run_plan
+from pipeline.runplan import RunPlan, read_plan_summary, read_run_plan
 
 RUN_KEY_FILE = "run_key"
 """In a run directory: the key of the run it holds, written before training starts."""
@@ -138,14 +137,10 @@ def compute_run_key(config: dict[str, Any], data_digest: str, weights_digest: st
 
 def planned_runs(plan_dir: Path, data_digest: str, root: Path) -> list[PlannedRun]:
     """The runs of ``plan_dir/ablation.yaml`` in plan order, each with its key."""
-    summary_file = plan_dir / "ablation.yaml"
-    if not summary_file.exists():
-        raise ConfigError(f"{summary_file}: no ablation plan; run `libra plan` (or `dvc repro plan`) first")
-    summary = yaml.safe_load(summary_file.read_text())
     weights: dict[Path, str] = {}
     runs = []
-    for entry in summary["runs"]:
-        plan_file = plan_path(entry["detector"], entry["combo"], entry["seed"], plan_dir)
+    for entry in read_plan_summary(plan_dir).runs:
+        plan_file = plan_path(entry.detector, entry.combo, entry.seed, plan_dir)
         plan = read_run_plan(plan_file)
         source = plan.config["model"]["backbone"]["weights"]
         digest = None

@@ -1,4 +1,4 @@
-"""One planned ablation run on disk: its plan file.
+"""The plan on disk: one plan file per planned ablation run, and the summary of the whole plan.
 
 ``libra plan`` writes one YAML file per (detector, combination, seed) that the ablation design selects::
 
@@ -9,7 +9,9 @@
     run_dir: runs/faster_rcnn/IS+BFP/seed0
     config: {...}           # the resolved experiment config (what `libra train --config` takes)
 
-This module imports nothing heavy, so reading plans stays cheap.
+and ``runs/plan/ablation.yaml`` holds the :class:`PlanSummary` (design, seeds, per detector its
+variants, and every run with its plan file). This module imports nothing heavy, so reading plans
+stays cheap.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import ConfigError, ExperimentConfig, validate_config
+from pydantic import Field
+
+from pipeline.config import ConfigError, ExperimentConfig, Int, StrictModel, validate_config, validate_model
 from pipeline.io import write_text_atomic
 
 
@@ -69,3 +73,42 @@ def read_run_plan(path: Path) -> RunPlan:
         raise ConfigError(f"{path}: not a run plan written by `libra plan`")
     return RunPlan.from_dict(raw, str(path))
 
+
+
+class DetectorVariants(StrictModel):
+    components: tuple[str, ...]
+    variants: tuple[str, ...]
+    """The combinations the design trains, in report order."""
+
+
+class PlannedRunEntry(StrictModel):
+    name: str
+    detector: str
+    combo: str
+    seed: Int
+    run_dir: Path
+    plan: Path
+    """The run's plan file, relative to the repository."""
+
+
+class PlanSummary(StrictModel):
+    """``runs/plan/ablation.yaml``: the design and its runs, in plan order."""
+
+    profile: str
+    design: str
+    seeds: tuple[Int, ...] = Field(min_length=1)
+    detectors: dict[str, DetectorVariants]
+    runs: tuple[PlannedRunEntry, ...]
+
+
+def write_plan_summary(summary: PlanSummary, path: Path) -> None:
+    write_text_atomic(path, yaml.safe_dump(summary.model_dump(mode="json"), sort_keys=False))
+
+
+def read_plan_summary(plan_dir: Path) -> PlanSummary:
+    path = Path(plan_dir) / "ablation.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: no ablation plan ({exc.strerror}); run `libra plan` (or `dvc repro`) first") from None
+    return validate_model(PlanSummary, raw, f"{path} (written by `libra plan`)")

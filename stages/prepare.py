@@ -53,8 +53,9 @@ def run(args: argparse.Namespace) -> None:
     from pipeline.engine.splits import load_splits
 
     if args.params is not None:
-        from pipeline.ablation import SYNTHETIC_ROOT, data_config, read_params
+        from pipeline.ablation import data_config, read_params
         from pipeline.io import write_text_atomic
+        from pipeline.params import SYNTHETIC_ROOT
 
         data = data_config(read_params(args.params))
         if data.source != "synthetic":  # the DVC stage always has the built-in set's directory as an output

@@ -45,14 +45,14 @@ def test_knobs_reach_only_the_runs_that_enable_their_component(params):
     params["ablation"]["design"] = "factorial"
     before = _configs(plan_ablation(params, CONFIGS))
     changed = copy.deepcopy(params)
-    changed["faster_rcnn"]["balanced_l1"]["alpha"] = 0.3
+    changed["faster_rcnn"] = {"balanced_l1": {"alpha": 0.3}}
     after = _configs(plan_ablation(changed, CONFIGS))
     differ = {name for name in before if before[name] != after[name]}
     assert differ == {f"faster_rcnn/{c}/seed{s}" for c in ("BL", "IS+BL", "BFP+BL", "IS+BFP+BL") for s in (0, 1, 2)}
     assert after["faster_rcnn/IS+BFP+BL/seed0"]["components"]["balanced_l1"]["alpha"] == 0.3
 
     retina = copy.deepcopy(params)
-    retina["retinanet"]["iou_balanced_cls"]["eta"] = 1.0
+    retina["retinanet"] = {"iou_balanced_cls": {"eta": 1.0}}
     after = _configs(plan_ablation(retina, CONFIGS))
     differ = {name for name in before if before[name] != after[name]}
     assert differ and all(n.startswith("retinanet/") and "IoU-cls" in n for n in differ)

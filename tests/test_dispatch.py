@@ -19,11 +19,12 @@ import submitit
 import torch
 
 from conftest import ROOT, tiny_overrides
-from pipeline.ablation import COMPONENTS, DETECTOR_COMPONENTS, Ablation, DetectorAblation, run_dir, write_plan
+from pipeline.ablation import Ablation, DetectorAblation, run_dir, write_plan
 from pipeline.config import ConfigError, load_config
 from pipeline.dispatch import (ExecutionSettings, RunJob, SlurmBackend, SlurmSettings, decide, describe_exit,
                                dispatch, execution_settings, make_backend, planned_runs, prepare_run_dir,
                                slurm_parameters)
+from pipeline.params import COMPONENTS, DETECTOR_COMPONENTS
 from pipeline.report.build import ReportSettings, write_report
 from pipeline.runplan import RunPlan
 

@@ -18,8 +18,9 @@ from pipeline.report.localization import detection_ious, score_iou_correlation
 from pipeline.report.per_image import match_images
 from pipeline.report.reference import ModelZooRow, model_zoo_rows
 from pipeline.report.failures import failures_markdown, read_failures
-from pipeline.report.results import RunResult, load_results, validation_ground_truth
+from pipeline.report.results import RUN_FIGURES_DIR, RunResult, load_results, validation_ground_truth
 from pipeline.report.tables import ablation_table, claims_markdown, detector_markdown, summary_metrics
+from pipeline.runplan import PlanSummary
 from pipeline.io import write_text_atomic
 
 DETECTOR_TITLES = {"faster_rcnn": "Faster R-CNN", "retinanet": "RetinaNet"}
@@ -58,12 +59,12 @@ def _paired_runs(results: list[RunResult], detector: str, combo: str, reference:
     return [runs[(combo, s)] for s in seeds], [runs[(reference, s)] for s in seeds]
 
 
-def compute_deltas(summary: dict[str, Any], results: list[RunResult], samples: dict[str, APSamples],
+def compute_deltas(summary: PlanSummary, results: list[RunResult], samples: dict[str, APSamples],
                    settings: ReportSettings) -> dict[tuple[str, str], PairedDelta]:
     """ΔAP of every variant over its detector's baseline, runs paired by seed."""
     deltas = {}
-    for detector, spec in summary["detectors"].items():
-        for combo in spec["variants"]:
+    for detector, spec in summary.detectors.items():
+        for combo in spec.variants:
             variant, baseline = _paired_runs(results, detector, combo, "baseline")
             if combo != "baseline" and variant:
                 deltas[(detector, combo)] = paired_delta([samples[r.name] for r in variant],
@@ -126,7 +127,8 @@ def _mean_curves(runs: list[RunResult]) -> pd.DataFrame:
 
 
 def draw_run_figures(result: RunResult, gt: dict[str, Any], out_dir: Path) -> list[Path]:
-    """The figures of one run (for its MLflow run): training curves, score vs IoU, sampled-negative IoUs."""
+    """The figures of one run (``libra track`` logs them on its MLflow run): training curves, score vs IoU,
+    sampled-negative IoUs."""
     out_dir = Path(out_dir)
     paths = [figures.training_curves({result.plan.combo: result.curves}, out_dir / "training_curves.png", result.name)]
     scores, ious = detection_ious(gt, result.detections)
@@ -140,7 +142,8 @@ def draw_run_figures(result: RunResult, gt: dict[str, Any], out_dir: Path) -> li
 
 def write_report(plan_dir: Path, out_dir: Path, settings: ReportSettings, manifest: dict[str, Any] | None = None,
                  root: Path = Path("."), index: Path | None = None) -> dict[str, Any]:
-    """Write ``ablation.md``, ``ablation.csv``, ``metrics.json`` and ``figures/*.png`` under ``out_dir``;
+    """Write ``ablation.md``, ``ablation.csv``, ``metrics.json``, ``figures/*.png`` and each run's figures
+    (``runs/<detector>/<combo>/seed<k>/*.png``) under ``out_dir``;
     returns the summary metrics (also in ``metrics.json``). The runs that ``index`` (runs/index.json)
     records as failed are listed with their reason instead of reported."""
     out_dir = Path(out_dir)
@@ -162,9 +165,9 @@ def write_report(plan_dir: Path, out_dir: Path, settings: ReportSettings, manife
     claims = evaluate_claims(results, samples, settings)
 
     correlations, score_panels = {}, {}
-    for detector, spec in summary["detectors"].items():
+    for detector, spec in summary.detectors.items():
         score_panels[detector] = {}
-        for combo in spec["variants"]:
+        for combo in spec.variants:
             runs = [r for r in results if r.plan.detector == detector and r.plan.combo == combo]
             if not runs:
                 continue
@@ -193,25 +196,27 @@ def write_report(plan_dir: Path, out_dir: Path, settings: ReportSettings, manife
             drawn.append((title, figures.score_vs_iou(panels, fig_dir / f"score_vs_iou_{detector}.png", title)))
     ap_curves = {detector: {combo: list(table[(table.detector == detector) & (table.variant == combo)
                                               & (table.source == "ours")][[f"AP@{t}" for t in IOU_THRESHOLDS]].iloc[0])
-                            for combo in spec["variants"]
+                            for combo in spec.variants
                             if any(r.plan.detector == detector and r.plan.combo == combo for r in results)}
-                 for detector, spec in summary["detectors"].items()}
+                 for detector, spec in summary.detectors.items()}
     drawn.append(("AP by IoU threshold (mean over seeds)",
                   figures.ap_by_iou(ap_curves, [float(t) for t in IOU_THRESHOLDS], fig_dir / "ap_by_iou.png")))
     drawn.append(("Balanced L1 vs smooth L1: loss and gradient",
                   figures.loss_and_gradient(_box_losses(results), fig_dir / "balanced_l1.png")))
-    for detector, spec in summary["detectors"].items():
+    for detector, spec in summary.detectors.items():
         curves = {combo: _mean_curves([r for r in results if r.plan.detector == detector and r.plan.combo == combo])
-                  for combo in spec["variants"]}
+                  for combo in spec.variants}
         title = f"{DETECTOR_TITLES.get(detector, detector)}: training curves (mean over seeds)"
         drawn.append((title, figures.training_curves(curves, fig_dir / f"training_curves_{detector}.png", title)))
+    for r in results:
+        draw_run_figures(r, gts[r.name], out_dir / RUN_FIGURES_DIR / r.name)
 
     write_text_atomic(out_dir / "ablation.md", _markdown(summary, table, claims, settings, manifest, results, drawn, out_dir,
                                                         failures, model_zoo))
     return metrics
 
 
-def _markdown(summary: dict[str, Any], table: pd.DataFrame, claims: list[tuple[Claim, PairedDelta]], settings: ReportSettings, manifest: dict[str, Any] | None,
+def _markdown(summary: PlanSummary, table: pd.DataFrame, claims: list[tuple[Claim, PairedDelta]], settings: ReportSettings, manifest: dict[str, Any] | None,
               results: list[RunResult], drawn: list[tuple[str, Path]], out_dir: Path, failures: dict[str, str],
               model_zoo: list[ModelZooRow] | None) -> str:
     val_images = results[0].metrics.get("num_images")
@@ -219,14 +224,14 @@ def _markdown(summary: dict[str, Any], table: pd.DataFrame, claims: list[tuple[C
             else "see the run configs")
     lines = [
         "# Ablation report", "",
-        (f"Profile `{summary['profile']}`, design `{summary['design']}`, seeds {summary['seeds']}, {data}; "
+        (f"Profile `{summary.profile}`, design `{summary.design}`, seeds {list(summary.seeds)}, {data}; "
          f"{len(results)} runs, each evaluated on {val_images} validation images. COCO bbox metrics in percent "
          "(ours: mean over seeds, ± sample standard deviation over seeds)."), "",
         *failures_markdown(failures),
     ]
     if claims:
         lines += ["## Verdicts on the papers' claims", "", *claims_markdown(claims, settings.confidence), ""]
-    for detector in summary["detectors"]:
+    for detector in summary.detectors:
         if (table["detector"] == detector).any():
             lines += [f"## {DETECTOR_TITLES.get(detector, detector)}", ""]
             lines += [*detector_markdown(table, detector, settings.confidence, model_zoo), ""]
@@ -243,7 +248,7 @@ def _markdown(summary: dict[str, Any], table: pd.DataFrame, claims: list[tuple[C
          "image multiset. The image draw is shared by every run, because every run is evaluated on the same "
          "validation set; the seed draw keeps variant seed k with baseline seed k. It assumes that seeds are "
          "exchangeable draws of the training noise and images exchangeable draws of the data; with "
-         f"{len(summary['seeds'])} seeds the seed level has few distinct values, so the interval is coarse and "
+         f"{len(summary.seeds)} seeds the seed level has few distinct values, so the interval is coarse and "
          "somewhat narrow (a bootstrap over S items has (S - 1)/S of the sample variance)."),
         (f"**{level} CI (images only)**: the same image resamples with every seed pair in every resample: the "
          "uncertainty from which images were evaluated, for these trained models."),

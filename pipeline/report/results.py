@@ -9,11 +9,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from pipeline.engine.curves import epoch_curves, read_metrics_csv
-from pipeline.runplan import RunPlan, read_run_plan
+from pipeline.runplan import PlanSummary, RunPlan, read_plan_summary, read_run_plan
 
+RUN_FIGURES_DIR = "runs"
+"""Folder of the report directory with one folder of figures per run, ``<detector>/<combo>/seed<k>``."""
 NEGATIVE_IOU_BUFFER = "model.roi_heads.sampled_negative_iou"
 """Prefix, in a Faster R-CNN checkpoint's state_dict, of the IoUHistogram the R-CNN sampler fills."""
 
@@ -32,13 +33,6 @@ class RunResult:
     @property
     def name(self) -> str:
         return self.plan.name
-
-
-def read_summary(plan_dir: Path) -> dict[str, Any]:
-    path = Path(plan_dir) / "ablation.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no ablation plan; run `libra plan` (or `dvc repro`) first")
-    return yaml.safe_load(path.read_text())
 
 
 def negative_iou_histogram(checkpoint: Path) -> tuple[np.ndarray, np.ndarray] | None:
@@ -65,11 +59,10 @@ def load_run(plan: RunPlan, root: Path = Path(".")) -> RunResult:
 
 
 def load_results(plan_dir: Path, root: Path = Path("."), skip: frozenset[str] = frozenset()
-                 ) -> tuple[dict[str, Any], list[RunResult]]:
+                 ) -> tuple[PlanSummary, list[RunResult]]:
     """The ablation summary and the results of every planned run not named in ``skip``, in plan order."""
-    summary = read_summary(plan_dir)
-    results = [load_run(read_run_plan(root / entry["plan"]), root) for entry in summary["runs"]
-               if entry["name"] not in skip]
+    summary = read_plan_summary(plan_dir)
+    results = [load_run(read_run_plan(root / entry.plan), root) for entry in summary.runs if entry.name not in skip]
     return summary, results
 
 

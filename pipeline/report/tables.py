@@ -9,12 +9,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.ablation import COMPONENTS, DETECTOR_COMPONENTS
 from pipeline.engine.coco_eval import IOU_THRESHOLDS
+from pipeline.params import COMPONENTS, DETECTOR_COMPONENTS
 from pipeline.report.bootstrap import PairedDelta
 from pipeline.report.claims import VERDICT_CODES, Claim, verdict
 from pipeline.report.reference import PAPER_SOURCES, ModelZooRow, paper_row
 from pipeline.report.results import RunResult
+from pipeline.runplan import PlanSummary
 
 BOX_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_COLUMNS = tuple(f"AP@{t}" for t in IOU_THRESHOLDS)
@@ -60,17 +61,17 @@ def _peak_memory_mb(run: RunResult) -> float | None:
     return gpu if gpu is not None else cost.get("train_peak_rss_mb")
 
 
-def ablation_table(summary: dict[str, Any], results: list[RunResult],
+def ablation_table(summary: PlanSummary, results: list[RunResult],
                    deltas: dict[tuple[str, str], PairedDelta],
                    correlations: dict[tuple[str, str], dict[str, float]],
                    model_zoo: Sequence[ModelZooRow] = ()) -> pd.DataFrame:
     """Rows in design order: ours for every variant, then the paper's row where the paper has one,
     then the mmdet model zoo's where ``model_zoo`` has one."""
     rows = []
-    for detector, spec in summary["detectors"].items():
+    for detector, spec in summary.detectors.items():
         baseline_s = _mean(_cost([r for r in results if r.plan.detector == detector and r.plan.combo == "baseline"],
                                  "train_s_per_step"))
-        for combo in spec["variants"]:
+        for combo in spec.variants:
             runs = [r for r in results if r.plan.detector == detector and r.plan.combo == combo]
             if not runs:
                 continue

@@ -1,24 +1,37 @@
 """What one study runs: the study file, the profile and the user's overrides, composed into trial configs.
 
-A trial's config is built in this order (later wins): the base config (``configs/<detector>_<c>.yaml``
-with the detector of the study's ``base_config`` and the profile's config suffix ``c``), the
-profile's overrides (as the ablation resolves them, then one device per trial), the study's
-``fixed`` overrides, the user's ``--set`` overrides, and last the sampled parameters. ``TuningPlan.validate``
-builds the config at every corner of the search space, so a bad key or an out-of-range value fails
-before any trial is created.
+A trial's config is :func:`pipeline.compose.compose_config`, the same composition as an ablation
+run's: the detector of the study's ``base_config`` (``configs/<detector>_<c>.yaml`` with the
+profile's config suffix ``c``), the profile's overrides, the components the study's ``fixed``
+enables (with the knobs ``params.yaml`` sets for them), then one device per trial, the study's
+``fixed`` overrides, the user's ``--set`` overrides, and last the sampled parameters (later wins).
+``TuningPlan.validate`` builds the config at every corner of the search space, so a bad key or an
+out-of-range value fails before any trial is created.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, ExperimentConfig, apply_overrides, parse_override, read_yaml, validate_config
-from pipeline.tuning.profiles import Profile
+from pipeline.compose import base_config_file, compose_config
+from pipeline.config import ConfigError, ExperimentConfig, parse_override, read_yaml
+from pipeline.params import COMPONENTS
+from pipeline.tuning.profiles import TRIAL_DEVICE, Profile
 from pipeline.tuning.space import StudyError, StudySpec, format_override
+
+
+def enabled_components(overrides: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Short names of the components that ``components.<section>.enabled=true`` overrides switch on."""
+    enabled = set()
+    for text in overrides:
+        key, value = parse_override(text)
+        if len(key) == 3 and key[0] == "components" and key[2] == "enabled" and value is True:
+            enabled.add(key[1])
+    return tuple(short for short, section in COMPONENTS.items() if section in enabled)
 
 
 @dataclass(frozen=True)
@@ -30,7 +43,7 @@ class TuningPlan:
     profile: Profile
     overrides: tuple[str, ...] = ()
     """The user's ``--set`` overrides, applied to every trial."""
-    base_raw: dict[str, Any] = field(default_factory=dict, compare=False)
+    detector: str = "faster_rcnn"
     base_config: Path = Path()
 
     @classmethod
@@ -38,11 +51,7 @@ class TuningPlan:
                overrides: list[str] | tuple[str, ...] = ()) -> TuningPlan:
         try:
             detector = read_yaml(spec.base_config).get("model", {}).get("detector", "faster_rcnn")
-            base = profile.base_config(detector, spec.base_config.parent)
-            if not base.exists():
-                raise ConfigError(f"{base}: no {detector} config for profile {profile.name!r} "
-                                  f"(its config: {profile.config})")
-            raw = read_yaml(base)
+            base = base_config_file(profile.params, profile_name, detector, spec.base_config.parent)
         except ConfigError as exc:
             raise StudyError(f"study {study!r}: {exc}") from None
         searched = {p.key for p in spec.params.values()}
@@ -50,18 +59,18 @@ class TuningPlan:
             key = ".".join(parse_override(text)[0])
             if key in searched:
                 raise StudyError(f"--set {text}: {key} is searched by study {study!r}; drop the override")
-        return cls(study, spec, profile_name, profile, tuple(overrides), raw, base)
-
-    def trial_overrides(self, values: dict[str, Any]) -> list[str]:
-        """All overrides on top of the base config for sampled ``{config key: value}``."""
-        return [*self.profile.overrides, *self.spec.fixed, *self.overrides,
-                *(format_override(k, v) for k, v in values.items())]
+        return cls(study, spec, profile_name, profile, tuple(overrides), detector, base)
 
     def config(self, values: dict[str, Any]) -> ExperimentConfig:
-        overrides = self.trial_overrides(values)
-        cfg = validate_config(apply_overrides(self.base_raw, overrides),
-                              f"{self.base_config} (study {self.study}, profile {self.profile_name}) with "
-                              + " ".join(overrides))
+        """The config of the trial that samples ``{config key: value}``."""
+        overrides = [*TRIAL_DEVICE, *self.spec.fixed, *self.overrides,
+                     *(format_override(k, v) for k, v in values.items())]
+        try:
+            cfg = compose_config(self.profile.params, self.detector, self.profile_name,
+                                 enabled_components(self.spec.fixed), overrides=overrides,
+                                 configs_dir=self.base_config.parent)
+        except ConfigError as exc:
+            raise ConfigError(f"study {self.study}, profile {self.profile_name}: {exc}") from None
         check_single_device(cfg)
         return cfg
 
@@ -75,6 +84,11 @@ class TuningPlan:
         payload = {"spec": self.spec.model_dump(mode="json", exclude={"n_trials", "description"}),
                    "profile": self.profile_name, "base_config": str(self.base_config),
                    "profile_overrides": list(self.profile.overrides)}
+        knobs = self.profile.params.knobs(self.detector)
+        set_knobs = {COMPONENTS[c]: getattr(knobs, COMPONENTS[c]) for c in enabled_components(self.spec.fixed)
+                     if getattr(knobs, COMPONENTS[c])}
+        if set_knobs:  # only then: studies begun before params.yaml could set knobs keep their fingerprint
+            payload["component_knobs"] = set_knobs
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

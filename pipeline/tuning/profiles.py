@@ -1,10 +1,10 @@
 """Tuning profiles: the ablation's profiles of ``params.yaml`` (smoke, tiny, coco_1x), reused as they are.
 
-A profile names the base config suffix (``configs/<detector>_<config>.yaml``) and the budget
-overrides; ``pipeline.ablation.base_overrides`` turns it, with the ``data`` and ``trainer``
-sections of ``params.yaml``, into the overrides every ablation run shares, so a trial of the
-``tiny`` profile trains exactly like a ``tiny`` ablation run. Tuning then pins each trial to one
-device (``TRIAL_DEVICE``): trials run side by side in workers, not through DDP.
+A trial's config is :func:`pipeline.compose.compose_config` of the study's detector, the profile
+and the component under study, exactly as an ablation run's, with the ``data``, ``trainer`` and
+per-detector component knobs of ``params.yaml``; so a trial of the ``tiny`` profile trains like a
+``tiny`` ablation run. Tuning then pins each trial to one device (``TRIAL_DEVICE``): trials run
+side by side in workers, not through DDP.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.compose import profile_overrides
 from pipeline.config import ConfigError
+from pipeline.params import Params, load_params
 
 DEFAULT_PROFILE = "tiny"
 PARAMS_FILE = Path("params.yaml")
@@ -22,35 +24,28 @@ TRIAL_DEVICE = ("trainer.devices=1", "trainer.num_nodes=1", "trainer.strategy=au
 @dataclass(frozen=True)
 class Profile:
     name: str
-    config: str
-    """Base config suffix: the study's detector ``d`` trains from ``configs/<d>_<config>.yaml``."""
-    overrides: tuple[str, ...]
+    params: Params
     source: Path
 
-    def base_config(self, detector: str, configs_dir: Path = Path("configs")) -> Path:
-        return configs_dir / f"{detector}_{self.config}.yaml"
+    @property
+    def config(self) -> str:
+        """Base config suffix: the study's detector ``d`` trains from ``configs/<d>_<config>.yaml``."""
+        return self.params.profile_params(self.name).config
 
-
-def profile_names(params_file: Path = PARAMS_FILE) -> list[str]:
-    from pipeline.ablation import read_params
-
-    profiles = read_params(params_file).get("profiles")
-    return sorted(profiles) if isinstance(profiles, dict) else []
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        """What every trial of the profile sets on its base config before the study's own overrides."""
+        return (*profile_overrides(self.params, self.name), *TRIAL_DEVICE)
 
 
 def get_profile(name: str, params_file: Path = PARAMS_FILE) -> Profile:
     """The profile ``name`` of ``params.yaml``; raises StudyError naming the known ones."""
-    from pipeline.ablation import base_overrides, read_params
     from pipeline.tuning.space import StudyError
 
     try:
-        params = read_params(params_file)
-        profiles = params.get("profiles")
-        if not isinstance(profiles, dict) or not profiles:
-            raise StudyError(f"{params_file}: no `profiles:` section")
-        if name not in profiles:
-            raise StudyError(f"unknown profile {name!r} (profiles in {params_file}: {', '.join(profiles)})")
-        suffix, overrides = base_overrides({**params, "profile": name})
+        params = load_params(params_file)
     except ConfigError as exc:
         raise StudyError(str(exc)) from None
-    return Profile(name, suffix, (*overrides, *TRIAL_DEVICE), params_file)
+    if name not in params.profiles:
+        raise StudyError(f"unknown profile {name!r} (profiles in {params_file}: {', '.join(params.profiles)})")
+    return Profile(name, params, params_file)

@@ -1,0 +1,96 @@
+"""One source for every setting: the ablation, a tuning study and a config file resolve a component alike."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from pipeline.ablation import plan_ablation, read_params
+from pipeline.config import DETECTOR_COMPONENT_DEFAULTS, ExperimentConfig, load_config, validate_config
+from pipeline.params import COMPONENTS, DETECTOR_COMPONENTS
+from pipeline.runplan import RunPlan
+from pipeline.tuning import load_study_spec
+from pipeline.tuning.plan import TuningPlan
+from pipeline.tuning.profiles import get_profile
+
+CONFIGS = ROOT / "configs"
+STUDIES = CONFIGS / "studies"
+STUDY_COMPONENTS = {"balanced_l1": ("faster_rcnn", ("BL",)), "sampler": ("faster_rcnn", ("IS",)),
+                    "iou_balanced": ("retinanet", ("IoU-cls", "IoU-loc"))}
+"""Each shipped study: its detector and the components it switches on."""
+
+
+def _factorial_runs(params: dict) -> dict[str, RunPlan]:
+    params = copy.deepcopy(params)
+    params["ablation"]["design"] = "factorial"
+    return {run.name: run for run in plan_ablation(params, CONFIGS).runs}
+
+
+def _trial(study: str, params_file: Path) -> ExperimentConfig:
+    """The ``tiny`` trial of ``study`` whose searched values are the study's baseline (the defaults)."""
+    spec = load_study_spec(study, STUDIES)
+    plan = TuningPlan.create(study, spec, "tiny", get_profile("tiny", params_file))
+    return plan.config({spec.params[name].key: value for name, value in (spec.baseline or {}).items()})
+
+
+def _section(cfg: ExperimentConfig, short: str) -> dict:
+    return cfg.components.model_dump()[COMPONENTS[short]]
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict[str, RunPlan]:
+    return _factorial_runs(read_params(ROOT / "params.yaml"))
+
+
+@pytest.mark.parametrize("detector, short", [(d, c) for d, shorts in DETECTOR_COMPONENTS.items() for c in shorts])
+def test_ablation_run_and_config_file_resolve_a_component_alike(runs, detector, short):
+    from_file = load_config(CONFIGS / f"{detector}_tiny.yaml", [f"components.{COMPONENTS[short]}.enabled=true"])
+    ablation = runs[f"{detector}/{short}/seed0"].experiment_config()
+    assert _section(ablation, short) == _section(from_file, short)
+    assert _section(ablation, short)["enabled"] is True
+
+
+@pytest.mark.parametrize("study", sorted(STUDY_COMPONENTS))
+def test_study_trial_at_the_defaults_resolves_like_the_ablation(runs, study):
+    detector, shorts = STUDY_COMPONENTS[study]
+    trial = _trial(study, ROOT / "params.yaml")
+    ablation = runs[f"{detector}/{'+'.join(shorts)}/seed0"].experiment_config()
+    for short in shorts:
+        assert _section(trial, short) == _section(ablation, short)
+    assert trial.components == ablation.components
+
+
+def test_libra_sampler_is_instance_balanced_wherever_it_is_enabled(runs):
+    trial = _trial("sampler", ROOT / "params.yaml")
+    from_file = load_config(CONFIGS / "faster_rcnn_tiny.yaml", ["components.iou_balanced_sampling.enabled=true"])
+    ablation = runs["faster_rcnn/IS/seed0"].experiment_config()
+    assert all(c.components.iou_balanced_sampling.instance_balanced_pos for c in (trial, from_file, ablation))
+
+
+def test_detector_defaults_fill_only_what_a_config_leaves_unset():
+    retina = load_config(CONFIGS / "retinanet_tiny.yaml")
+    frcnn = load_config(CONFIGS / "faster_rcnn_tiny.yaml")
+    for cfg in (retina, frcnn):
+        for section, fields in DETECTOR_COMPONENT_DEFAULTS[cfg.model.detector].items():
+            assert {k: getattr(getattr(cfg.components, section), k) for k in fields} == fields
+    assert (retina.components.bfp.refine_level, retina.components.balanced_l1.beta) == (1, 0.11)
+    assert (frcnn.components.bfp.refine_level, frcnn.components.balanced_l1.beta) == (2, 1.0)
+    explicit = load_config(CONFIGS / "retinanet_tiny.yaml", ["components.bfp.refine_level=3",
+                                                               "components.balanced_l1.beta=0.5"])
+    assert (explicit.components.bfp.refine_level, explicit.components.balanced_l1.beta) == (3, 0.5)
+    assert validate_config(explicit.to_dict()) == explicit, "a resolved config reads back as itself"
+
+
+def test_a_params_knob_reaches_the_ablation_and_the_study_alike(tmp_path):
+    params = read_params(ROOT / "params.yaml")
+    params["faster_rcnn"] = {"balanced_l1": {"beta": 0.5, "variant": "mmdet"}}
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    trial = _trial("balanced_l1", params_file)
+    ablation = _factorial_runs(params)["faster_rcnn/BL/seed0"].experiment_config()
+    assert (trial.components.balanced_l1.beta, trial.components.balanced_l1.variant) == (0.5, "mmdet")
+    assert trial.components == ablation.components
