@@ -28,9 +28,8 @@ from typing import Any, Callable
 from pipeline.config import ConfigError, ExperimentConfig, validate_config
 from pipeline.io import flatten
 
-__all__ = ["Leaf", "Translation", "find_mmdet_config", "import_mmdet", "load_mmdet_config", "render_yaml_header"]
-
-KINDS = ("mapped", "fixed", "difference", "ignored", "warning", "error")
+__all__ = ["Imported", "Leaf", "Translation", "find_mmdet_config", "import_mmdet", "load_mmdet_config", "nested",
+           "render_yaml_header", "translate"]
 
 NO_TRAINING_EFFECT = {
     "default_hooks": "hooks: checkpoints, logging, timers, visualization",
@@ -61,17 +60,18 @@ TORCHVISION_RESNET50 = "data/pretrained/resnet50-0676ba61.pth"
 
 _MISSING = object()
 
-Path_ = tuple[Any, ...]
+KeyPath = tuple[Any, ...]
+"""A leaf's place in the config: keys and list indices, e.g. ("model", "neck", 1, "refine_level")."""
 
 
-def _format(path: Path_) -> str:
+def _format(path: KeyPath) -> str:
     text = ""
     for part in path:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text
 
 
-def _flatten(node: Any, path: Path_ = ()) -> dict[Path_, Any]:
+def _flatten(node: Any, path: KeyPath = ()) -> dict[KeyPath, Any]:
     if isinstance(node, dict) and node:
         return {leaf: value for key, child in node.items() for leaf, value in _flatten(child, path + (key,)).items()}
     if isinstance(node, (list, tuple)) and node and any(isinstance(item, (dict, list, tuple)) for item in node):
@@ -94,7 +94,7 @@ def _equal(a: Any, b: Any) -> bool:
         return a is b
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
     return a == b
 
@@ -117,12 +117,12 @@ class Translation:
     fields: dict[str, Any] = field(default_factory=dict)
     """Our dotted field -> value, for every field the mmdet config sets."""
     field_paths: dict[str, str] = field(default_factory=dict)
-    accounted: dict[Path_, tuple[str, str]] = field(default_factory=dict)
+    accounted: dict[KeyPath, tuple[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.values = _flatten(self.tree)
 
-    def value(self, path: Path_, default: Any = _MISSING) -> Any:
+    def value(self, path: KeyPath, default: Any = _MISSING) -> Any:
         node: Any = self.tree
         for part in path:
             if isinstance(node, dict) and part in node:
@@ -133,22 +133,22 @@ class Translation:
                 return default
         return node
 
-    def has(self, path: Path_) -> bool:
+    def has(self, path: KeyPath) -> bool:
         return self.value(path) is not _MISSING
 
-    def entries(self, path: Path_) -> list[Path_]:
+    def entries(self, path: KeyPath) -> list[KeyPath]:
         """Paths of the items of a list (or of a single dict) at ``path``: necks, schedulers, transforms."""
         node = self.value(path)
         if isinstance(node, (list, tuple)):
             return [path + (i,) for i in range(len(node))]
         return [path] if isinstance(node, dict) else []
 
-    def _mark(self, path: Path_, kind: str, note: str) -> None:
+    def _mark(self, path: KeyPath, kind: str, note: str) -> None:
         for leaf in self.values:
             if leaf[: len(path)] == path and leaf not in self.accounted:
                 self.accounted[leaf] = (kind, note)
 
-    def set_field(self, name: str, value: Any, path: Path_ | None = None) -> None:
+    def set_field(self, name: str, value: Any, path: KeyPath | None = None) -> None:
         """Set one of our fields; a second setting with another value is an error naming both paths."""
         where = _format(path) if path is not None else "(implied)"
         if name in self.fields and not _equal(self.fields[name], value):
@@ -161,11 +161,11 @@ class Translation:
         if path is not None:
             self._mark(path, "mapped", name)
 
-    def map(self, path: Path_, name: str, convert: Callable[[Any], Any] = lambda v: v) -> None:
+    def map(self, path: KeyPath, name: str, convert: Callable[[Any], Any] = lambda v: v) -> None:
         if self.has(path):
             self.set_field(name, convert(self.value(path)), path)
 
-    def check(self, path: Path_, expected: Any, note: str, kind: str = "fixed") -> bool:
+    def check(self, path: KeyPath, expected: Any, note: str, kind: str = "fixed") -> bool:
         """A leaf (or subtree) ours does one way: accounted as ``kind`` if it equals ``expected``."""
         if not self.has(path):
             return True
@@ -175,16 +175,16 @@ class Translation:
         self._mark(path, "error", f"ours supports only {expected!r} here ({note})")
         return False
 
-    def differs(self, path: Path_, expected: Any, note: str) -> bool:
+    def differs(self, path: KeyPath, expected: Any, note: str) -> bool:
         return self.check(path, expected, note + " (docs/recipe.md)", kind="difference")
 
-    def ignore(self, path: Path_, note: str) -> None:
+    def ignore(self, path: KeyPath, note: str) -> None:
         self._mark(path, "ignored", note)
 
-    def warn(self, path: Path_, note: str) -> None:
+    def warn(self, path: KeyPath, note: str) -> None:
         self._mark(path, "warning", note)
 
-    def error(self, path: Path_, note: str) -> None:
+    def error(self, path: KeyPath, note: str) -> None:
         self._mark(path, "error", note)
 
     def finish(self) -> list[Leaf]:
@@ -312,7 +312,7 @@ def _neck(t: Translation, detector: str) -> int:
     return min_level
 
 
-def _box_loss(t: Translation, path: Path_) -> None:
+def _box_loss(t: Translation, path: KeyPath) -> None:
     """Regression loss of the R-CNN head or of RetinaNet: Balanced L1, smooth L1 or L1."""
     kind = t.value(path + ("type",))
     if kind == "BalancedL1Loss":
@@ -342,7 +342,7 @@ def _anchors_rpn(t: Translation) -> None:
     t.map(a + ("ratios",), "model.aspect_ratios")
 
 
-def _sampler(t: Translation, path: Path_, prefix: str, add_gt: bool) -> None:
+def _sampler(t: Translation, path: KeyPath, prefix: str, add_gt: bool) -> None:
     """RandomSampler (RPN, R-CNN) or CombinedSampler (Libra R-CNN, R-CNN only)."""
     kind = t.value(path + ("type",))
     t.check(path + ("add_gt_as_proposals",), add_gt, "torchvision's")
@@ -444,7 +444,7 @@ def _two_stage(t: Translation) -> None:
     _detections(t, ("model", "test_cfg", "rcnn"))
 
 
-def _detections(t: Translation, path: Path_) -> None:
+def _detections(t: Translation, path: KeyPath) -> None:
     t.map(path + ("score_thr",), "model.score_thresh")
     t.check(path + ("nms", "type"), "nms", "class-wise NMS")
     t.map(path + ("nms", "iou_threshold"), "model.nms_thresh")
@@ -498,7 +498,7 @@ def _one_stage(t: Translation, min_level: int) -> None:
     _detections(t, te)
 
 
-def _transforms(t: Translation, pipeline: Path_, train: bool) -> None:
+def _transforms(t: Translation, pipeline: KeyPath, train: bool) -> None:
     steps = t.entries(pipeline)
     flips = [p for p in steps if t.value(p + ("type",)) == "RandomFlip"]
     if train and steps and not any(t.has(p + ("prob",)) for p in flips):
@@ -570,7 +570,7 @@ def _data(t: Translation) -> None:
         t.ignore((name,), "a variable the dataloaders copy (read there)")
 
 
-def _choice(t: Translation, path: Path_, name: str, choices: dict[str, str]) -> None:
+def _choice(t: Translation, path: KeyPath, name: str, choices: dict[str, str]) -> None:
     """A type name of mmdet mapped to one of our field's values; any other name is an error."""
     kind = t.value(path)
     if kind in choices:

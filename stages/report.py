@@ -1,7 +1,8 @@
 """`libra report`: the ablation report: AP tables with bootstrap intervals and figures (the DVC report stage).
 
 Reads the plan (runs/plan/ablation.yaml) and every planned run's metrics.json, detections.json,
-metrics.csv and checkpoint, and writes <out>/ablation.md, ablation.csv, metrics.json, figures/*.png.
+metrics.csv and checkpoint, and writes <out>/ablation.md, ablation.csv, metrics.json, figures/*.png and
+each run's figures, runs/<detector>/<combo>/seed<k>/*.png (what `libra track` logs on its MLflow run).
 Runs that runs/index.json records as failed are listed with their reason instead (DVC runs this
 stage only after every run finished; run `libra report` by hand to see a partial ablation).
 """
@@ -39,4 +40,4 @@ def run(args: argparse.Namespace) -> None:
             print(f"{detector:12s} {variant:24s} AP {values['AP']:5.1f}{delta}")
     for key, claim in claims.items():
         print(f"{key:28s} {claim['delta']:+.2f} [{claim['ci_low']:+.2f}, {claim['ci_high']:+.2f}] {claim['verdict']}")
-    print(f"wrote {args.out / 'ablation.md'}, {args.out / 'ablation.csv'} and {args.out / 'figures'}")
+    print(f"wrote {args.out / 'ablation.md'}, {args.out / 'ablation.csv'}, {args.out / 'figures'} and {args.out / 'runs'}")

@@ -1,4 +1,5 @@
-"""`libra track`: log the ablation to MLflow: a parent run with the report, a child run per training run.
+"""`libra track`: log the ablation to MLflow: a parent run with what `libra report` wrote, a child run per
+training run with its run directory's files and the figures the report drew for it.
 
 Store: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db (the main repository's, also from a
 `dvc exp` temporary copy). Re-running reuses unchanged runs and replaces changed ones; see
@@ -18,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plan", type=Path, default=Path("runs/plan"), help="plan directory written by `libra plan`")
     parser.add_argument("--manifest", type=Path, default=Path("data/manifest.json"),
                         help="data manifest written by `libra prepare --manifest` (its digest tags the runs)")
-    parser.add_argument("--report", type=Path, default=Path("reports"), help="report directory written by `libra report`")
+    parser.add_argument("--report", type=Path, default=Path("reports"),
+                        help="report directory written by `libra report` (logged as it is, nothing is recomputed)")
     parser.add_argument("--out", type=Path, default=Path("reports/mlflow.json"), help="record of the logged runs")
 
 

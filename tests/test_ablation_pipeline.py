@@ -177,12 +177,17 @@ def test_mlflow_holds_parent_and_child_runs(smoke_repo):
         assert len(client.get_metric_history(child.info.run_id, "train/loss")) >= 1
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"config.yaml", "metrics.json", "detections.json", "metrics.csv", "figures"} <= artifacts
-        assert {"figures/training_curves.png", "figures/score_vs_iou.png"} <= {
-            a.path for a in client.list_artifacts(child.info.run_id, "figures")}
+        figures = {a.path for a in client.list_artifacts(child.info.run_id, "figures")}
+        assert {"figures/training_curves.png", "figures/score_vs_iou.png"} <= figures
+        assert figures == {f"figures/{p.name}" for p in (repo / "reports/runs" / child.info.run_name).glob("*.png")}
+        cost = json.loads((repo / tags["libra.run_dir"] / "metrics.json").read_text()).get("cost", {})
+        assert {f"cost/{k}" for k, v in cost.items() if isinstance(v, int | float) and not isinstance(v, bool)} <= set(
+            child.data.metrics)
     parent = parents[0]
     assert parent.data.params["ablation.design"] == "table" and "faster_rcnn/IS_BFP_BL/dAP" in parent.data.metrics
     report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/ablation.md", "report/ablation.csv", "report/figures"} <= report
+    assert "report/runs" not in report, "each run's figures are on its child run"
 
 
 def test_metrics_and_plots_show_every_run(smoke_repo):

@@ -30,7 +30,7 @@ from PIL import Image
 from pipeline.data import CocoDetectionDataset, DatasetError, validate_coco, write_synthetic_coco
 from pipeline.engine.coco_eval import evaluate_coco
 from pipeline.engine.splits import coco_subset
-from pipeline.tracking import TrackingStoreError, open_store
+from pipeline.mlflow_store import TrackingStoreError, open_store
 from pipeline.tuning.mlflow_runs import PARENT_ATTR, StudyTracker
 from stages.cli import main as libra_main
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,13 +17,8 @@ from pipeline.engine.coco_eval import Backend, evaluate_coco
 from pipeline.engine.cost import run_cost
 from pipeline.engine.detections import predict
 from pipeline.engine.splits import coco_subset, validation_split
+from pipeline.io import write_json_atomic
 from pipeline.models import build_detector
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
 
 
 class ValidationData:

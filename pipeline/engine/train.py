@@ -39,6 +39,7 @@ from pipeline.engine.checkpoint import CheckpointError, read_checkpoint
 from pipeline.engine.cost import TrainingCost
 from pipeline.engine.datamodule import DetectionDataModule
 from pipeline.engine.module import DetectionModule
+from pipeline.io import replace_atomic
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -48,10 +49,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     reads one with ``weights_only=True`` (see :func:`read_checkpoint`), also when Lightning resumes."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)
+        save = super().save_checkpoint
+        replace_atomic(Path(path), lambda tmp: save(checkpoint, tmp, storage_options))
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
         return read_checkpoint(Path(path))
@@ -84,12 +83,13 @@ class _ResumingWriter(ExperimentWriter):
         if not rows:
             path.unlink()
             return
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with tmp.open("w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
+        def write(tmp: Path) -> None:
+            with tmp.open("w", newline="") as file:
+                writer = csv.DictWriter(file, fieldnames=columns, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
+
+        replace_atomic(path, write)
         self.metrics_keys = columns
 
 
@@ -258,10 +258,7 @@ def _write_config(cfg: ExperimentConfig, out: Path) -> None:
     config_file = out / "config.yaml"
     if config_file.exists():
         return
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = config_file.with_name(f".config.yaml.{os.getpid()}")
-    save_config(cfg, tmp)
-    os.replace(tmp, config_file)
+    replace_atomic(config_file, lambda tmp: save_config(cfg, tmp))
 
 
 def build_trainer(cfg: ExperimentConfig, out: Path, progress_bar: bool, callbacks: list[Callback] = (),

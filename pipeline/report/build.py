@@ -18,7 +18,7 @@ from pipeline.report.localization import detection_ious, score_iou_correlation
 from pipeline.report.per_image import match_images
 from pipeline.report.reference import ModelZooRow, model_zoo_rows
 from pipeline.report.failures import failures_markdown, read_failures
-from pipeline.report.results import RunResult, load_results, validation_ground_truth
+from pipeline.report.results import RUN_FIGURES_DIR, RunResult, load_results, validation_ground_truth
 from pipeline.report.tables import ablation_table, claims_markdown, detector_markdown, summary_metrics
 from pipeline.runplan import PlanSummary
 from pipeline.io import write_text_atomic
@@ -127,7 +127,8 @@ def _mean_curves(runs: list[RunResult]) -> pd.DataFrame:
 
 
 def draw_run_figures(result: RunResult, gt: dict[str, Any], out_dir: Path) -> list[Path]:
-    """The figures of one run (for its MLflow run): training curves, score vs IoU, sampled-negative IoUs."""
+    """The figures of one run (``libra track`` logs them on its MLflow run): training curves, score vs IoU,
+    sampled-negative IoUs."""
     out_dir = Path(out_dir)
     paths = [figures.training_curves({result.plan.combo: result.curves}, out_dir / "training_curves.png", result.name)]
     scores, ious = detection_ious(gt, result.detections)
@@ -141,7 +142,8 @@ def draw_run_figures(result: RunResult, gt: dict[str, Any], out_dir: Path) -> li
 
 def write_report(plan_dir: Path, out_dir: Path, settings: ReportSettings, manifest: dict[str, Any] | None = None,
                  root: Path = Path("."), index: Path | None = None) -> dict[str, Any]:
-    """Write ``ablation.md``, ``ablation.csv``, ``metrics.json`` and ``figures/*.png`` under ``out_dir``;
+    """Write ``ablation.md``, ``ablation.csv``, ``metrics.json``, ``figures/*.png`` and each run's figures
+    (``runs/<detector>/<combo>/seed<k>/*.png``) under ``out_dir``;
     returns the summary metrics (also in ``metrics.json``). The runs that ``index`` (runs/index.json)
     records as failed are listed with their reason instead of reported."""
     out_dir = Path(out_dir)
@@ -206,6 +208,8 @@ def write_report(plan_dir: Path, out_dir: Path, settings: ReportSettings, manife
                   for combo in spec.variants}
         title = f"{DETECTOR_TITLES.get(detector, detector)}: training curves (mean over seeds)"
         drawn.append((title, figures.training_curves(curves, fig_dir / f"training_curves_{detector}.png", title)))
+    for r in results:
+        draw_run_figures(r, gts[r.name], out_dir / RUN_FIGURES_DIR / r.name)
 
     write_text_atomic(out_dir / "ablation.md", _markdown(summary, table, claims, settings, manifest, results, drawn, out_dir,
                                                         failures, model_zoo))

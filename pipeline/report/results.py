@@ -13,6 +13,8 @@ import pandas as pd
 from pipeline.engine.curves import epoch_curves, read_metrics_csv
 from pipeline.runplan import PlanSummary, RunPlan, read_plan_summary, read_run_plan
 
+RUN_FIGURES_DIR = "runs"
+"""Folder of the report directory with one folder of figures per run, ``<detector>/<combo>/seed<k>``."""
 NEGATIVE_IOU_BUFFER = "model.roi_heads.sampled_negative_iou"
 """Prefix, in a Faster R-CNN checkpoint's state_dict, of the IoUHistogram the R-CNN sampler fills."""
 

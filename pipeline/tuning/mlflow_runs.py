@@ -1,9 +1,9 @@
-"""MLflow for a study: one experiment per study, a parent run for the study, a nested run per trial.
+"""MLflow logging of a study: one experiment per study, a parent run for the study, a nested run per trial.
 
 Written with ``MlflowClient`` (explicit run ids, no global "active run"), so several worker processes
 log into the same store side by side. The parent run's id is kept in the Optuna study's user
 attributes, so every worker, on any host, and every resume nests its trials under the same parent;
-it is looked up or created under the store's lock (see :func:`pipeline.tracking.store_lock`), and
+it is looked up or created under the store's lock (see :func:`pipeline.mlflow_store.store_lock`), and
 found by the study's ``uid`` tag if the attribute was never written.
 Trial runs carry the tags ``optuna.study`` and ``optuna.trial_number``, params (the sampled values
 and the flattened trial config), ``val/*`` per epoch (step = epoch), and the trial's final state
@@ -12,14 +12,21 @@ and the flattened trial config), ``val/*`` per epoch (step = epoch), and the tri
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from pipeline.tracking import flatten_params, get_or_create_experiment, open_store, store_lock, tracking_uri
+from pipeline.mlflow_store import (
+    flatten_params,
+    get_or_create_experiment,
+    now_ms,
+    open_store,
+    search_all_runs,
+    store_lock,
+    tracking_uri,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -27,10 +34,6 @@ if TYPE_CHECKING:
 PARENT_ATTR = "mlflow_parent_run_id"
 TRIAL_RUN_ATTR = "mlflow_run_id"
 RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def Metric(key: str, value: float, timestamp: int, step: int):  # noqa: N802 - mlflow.entities, imported late
@@ -60,7 +63,7 @@ class StudyTracker:
 
     @property
     def client(self) -> MlflowClient:
-        """Made on first use, by :func:`pipeline.tracking.open_store` (which creates a new SQLite store)."""
+        """Made on first use, by :func:`pipeline.mlflow_store.open_store` (which creates a new SQLite store)."""
         if self._client is None:
             self._client = open_store(self.uri)
         return self._client
@@ -120,9 +123,9 @@ class StudyTracker:
         self.client.set_terminated(run_id, status="FINISHED" if done else "KILLED")
 
     def log_study_outputs(self, run_id: str, summary: dict[str, Any], files: list[Path]) -> None:
-        metrics = [Metric(f"study/{k}", float(v), _now_ms(), 0) for k, v in summary["counts"].items()]
+        metrics = [Metric(f"study/{k}", float(v), now_ms(), 0) for k, v in summary["counts"].items()]
         if summary.get("best_value") is not None:
-            metrics.append(Metric(f"best/{summary['metric']}", float(summary["best_value"]), _now_ms(), 0))
+            metrics.append(Metric(f"best/{summary['metric']}", float(summary["best_value"]), now_ms(), 0))
         tags = [RunTag("best.trial_number", str(summary.get("best_trial")))]
         tags += [RunTag(f"best.{k}", str(v)) for k, v in (summary.get("best_params") or {}).items()]
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
@@ -145,7 +148,7 @@ class StudyTracker:
         return run_id
 
     def log_epoch(self, run_id: str, epoch: int, metrics: dict[str, float]) -> None:
-        now = _now_ms()
+        now = now_ms()
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
 
     def end_trial(self, run_id: str, state: TrialState, value: float | None = None, message: str = "",
@@ -153,7 +156,7 @@ class StudyTracker:
         tags = [RunTag("optuna.state", state.name)]
         if message:
             tags.append(RunTag("optuna.message", message[:5000]))
-        metrics = [Metric("objective", float(value), _now_ms(), 0)] if value is not None else []
+        metrics = [Metric("objective", float(value), now_ms(), 0)] if value is not None else []
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         for path in files:
             if path.exists():
@@ -163,8 +166,8 @@ class StudyTracker:
     def fail_orphan(self, study_name: str, trial: FrozenTrial, reason: str) -> None:
         """Close the MLflow run of a trial whose worker died (found by attribute, else by tags)."""
         run_ids = [trial.user_attrs[TRIAL_RUN_ATTR]] if TRIAL_RUN_ATTR in trial.user_attrs else [
-            r.info.run_id for r in self.client.search_runs(
-                [self.experiment_id],
+            r.info.run_id for r in search_all_runs(
+                self.client, self.experiment_id,
                 f"tags.`optuna.study` = '{study_name}' and tags.`optuna.trial_number` = '{trial.number}' "
                 "and attributes.status = 'RUNNING'")]
         for run_id in run_ids:
@@ -172,15 +175,3 @@ class StudyTracker:
                 self.end_trial(run_id, TrialState.FAIL, message=reason)
             except Exception:  # noqa: BLE001 - the store may refuse a run it already closed
                 pass
-
-    def trial_runs(self, study_name: str) -> list:
-        """All trial runs of a study (for tests and reports)."""
-        runs, token = [], None
-        while True:
-            page = self.client.search_runs([self.experiment_id],
-                                           f"tags.`optuna.study` = '{study_name}' and tags.`optuna.role` = 'trial'",
-                                           max_results=1000, page_token=token)
-            runs += list(page)
-            token = page.token
-            if not token:
-                return runs

@@ -8,7 +8,7 @@ they are replaced. A worker stops after ``max_failures`` failed trials in a row 
 
 Order of work, so that bad input leaves nothing behind: validate the study file, profile and trial
 configs (every corner of the search space) and the data set, resolve and open the storage, reach
-MLflow (within a bounded time, see ``pipeline.tracking.open_store``); only then is the study created
+MLflow (within a bounded time, see ``pipeline.mlflow_store.open_store``); only then is the study created
 (``load_if_exists``: a restart resumes it) and the parent MLflow run opened. ``--report-only`` on a
 study that does not exist creates neither a storage file nor an MLflow store. Trials whose worker
 process died on this host are marked FAIL before new trials start (``liveness.py``).
@@ -31,7 +31,7 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline.config import ExperimentConfig
-from pipeline.tracking import git_state, project_root
+from pipeline.mlflow_store import git_state, project_root
 from pipeline.tuning.liveness import fail_dead_trials
 from pipeline.tuning.mlflow_runs import StudyTracker
 from pipeline.tuning.outputs import write_reports

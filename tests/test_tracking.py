@@ -1,0 +1,110 @@
+"""`libra track` logs what is on disk: the report on the parent run, each run's files, cost and system metrics
+and the figures the report drew for it on its child run; unchanged runs are reused, changed ones replaced."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from pipeline.ablation import plan_ablation, read_params, write_plan
+from pipeline.tracking import log_ablation
+
+COST = {"train_wall_s": 12.5, "train_steps": 4, "train_s_per_step": 3.1, "train_images_per_s": 5.0,
+        "train_peak_rss_mb": 900.0, "train_peak_gpu_mem_mb": None, "eval_wall_s": 2.0, "eval_images_per_s": 4.0,
+        "device": "cpu", "threads": 1}
+
+
+def _write_run(run: Path, ap: float, system_rows: list[tuple[int, int, str, float]] | None) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text("model: {}\n")
+    (run / "metrics.json").write_text(json.dumps({"stats": {"AP": ap, "AP50": ap + 0.1}, "ap_per_iou": {"0.5": ap},
+                                                  "num_images": 8, "num_detections": 3, "cost": COST}))
+    (run / "detections.json").write_text("[]")
+    (run / "metrics.csv").write_text("epoch,step,train/loss_epoch,val/AP\n0,3,1.5,\n0,3,,0.2\n")
+    if system_rows is not None:
+        (run / "system_metrics.csv").write_text("timestamp_ms,step,name,value\n" + "".join(
+            f"{t},{s},{n},{v}\n" for t, s, n, v in system_rows))
+
+
+@pytest.fixture
+def ablation(tmp_path):
+    """A smoke ablation's plan, run directories and report, written by hand (nothing trained)."""
+    params = read_params(ROOT / "params.yaml")
+    params["profile"] = "smoke"
+    params["ablation"]["seeds"] = [0]
+    params["ablation"]["faster_rcnn"]["table"] = ["baseline"]
+    params["ablation"]["retinanet"]["table"] = ["baseline"]
+    plan = plan_ablation(params, ROOT / "configs")
+    write_plan(plan, tmp_path / "runs/plan")
+    names = [run.name for run in plan.runs]
+    for i, run in enumerate(plan.runs):
+        rows = [(1_700_000_000_000 + 1000 * k, k, "system/cpu_utilization_percentage", 50.0 + k) for k in range(3)]
+        _write_run(tmp_path / run.run_dir, 0.1 * (i + 1), rows if i == 0 else None)
+    report = tmp_path / "reports"
+    (report / "figures").mkdir(parents=True)
+    (report / "ablation.md").write_text("# report\n")
+    (report / "figures/ap_by_iou.png").write_bytes(b"png")
+    (report / "metrics.json").write_text(json.dumps({"faster_rcnn": {"baseline": {"AP": 10.0}},
+                                                     "claims": {"c1": {"delta": 1.0, "verdict": "confirmed"}}}))
+    for name in names:
+        (report / "runs" / name).mkdir(parents=True)
+        (report / "runs" / name / "training_curves.png").write_bytes(name.encode())
+    log = lambda: log_ablation(tmp_path / "runs/plan", report, {"digest": "d" * 64}, params, "ablation",  # noqa: E731
+                               f"sqlite:///{tmp_path / 'mlflow.db'}", root=tmp_path)
+    return tmp_path, plan, log
+
+
+def test_track_logs_the_report_and_each_runs_files_cost_and_system_metrics(ablation):
+    from mlflow import MlflowClient
+
+    root, plan, log = ablation
+    record = log()
+    client = MlflowClient(record["tracking_uri"])
+    first, second = (record["runs"][run.name]["run_id"] for run in plan.runs)
+    child = client.get_run(first)
+    assert {f"cost/{k}" for k, v in COST.items() if isinstance(v, float | int)} == {
+        k for k in child.data.metrics if k.startswith("cost/")}, "numbers only: no null, no device string"
+    assert child.data.metrics["cost/train_wall_s"] == 12.5 and child.data.metrics["eval/AP"] == pytest.approx(0.1)
+    history = client.get_metric_history(first, "system/cpu_utilization_percentage")
+    assert [(m.timestamp, m.step, m.value) for m in history] == [
+        (1_700_000_000_000 + 1000 * k, k, 50.0 + k) for k in range(3)]
+    assert not any(k.startswith("system/") for k in client.get_run(second).data.metrics), "absent file: skipped"
+    artifacts = {a.path for a in client.list_artifacts(first)}
+    assert {"config.yaml", "metrics.json", "detections.json", "metrics.csv", "system_metrics.csv", "figures"} <= artifacts
+    assert "system_metrics.csv" not in {a.path for a in client.list_artifacts(second)}
+    assert [a.path for a in client.list_artifacts(first, "figures")] == ["figures/training_curves.png"]
+    parent = client.get_run(record["parent_run_id"])
+    assert parent.data.metrics["faster_rcnn/baseline/AP"] == 10.0 and parent.data.metrics["claims/c1/delta"] == 1.0
+    assert parent.data.tags["libra.verdict.c1"] == "confirmed"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} == {
+        "report/ablation.md", "report/figures", "report/metrics.json"}, "the runs' figures are on the children"
+
+
+def test_relogging_reuses_unchanged_runs_and_replaces_a_changed_one(ablation):
+    from mlflow import MlflowClient
+
+    root, plan, log = ablation
+    before = log()
+    again = log()
+    assert again["parent_run_id"] == before["parent_run_id"] and not again["parent_created"]
+    assert {r["action"] for r in again["runs"].values()} == {"reused"}
+    assert again["runs"] == {name: {**r, "action": "reused"} for name, r in before["runs"].items()}
+
+    changed = plan.runs[1]
+    _write_run(root / changed.run_dir, 0.9, [(1_700_000_000_000, 0, "system/cpu_utilization_percentage", 1.0)])
+    after = log()
+    assert after["runs"][changed.name]["action"] == "replaced"
+    assert after["runs"][plan.runs[0].name] == again["runs"][plan.runs[0].name]
+    client = MlflowClient(after["tracking_uri"])
+    assert client.get_run(before["runs"][changed.name]["run_id"]).info.lifecycle_stage == "deleted"
+    assert client.get_run(after["runs"][changed.name]["run_id"]).data.metrics["eval/AP"] == pytest.approx(0.9)
+
+
+def test_a_malformed_system_metrics_file_is_named(ablation):
+    root, plan, log = ablation
+    (root / plan.runs[0].run_dir / "system_metrics.csv").write_text("time,what\n1,2\n")
+    with pytest.raises(ValueError, match="system_metrics.csv: not a system metrics file"):
+        log()
