@@ -46,8 +46,21 @@ class BackboneConfig(StrictModel):
     channels: tuple[PositiveInt, ...] = Field((16, 32, 64, 128), min_length=1)
     """Stage widths of the ``tiny`` backbone (ignored by resnet50)."""
     weights: Path | None = None
-    """Local file with ImageNet backbone weights (state_dict); ``None`` trains from scratch."""
+    """Local file with the backbone's pre-trained weights (a state_dict; nothing is downloaded)."""
+    from_scratch: bool = False
+    """Train a backbone meant to be pre-trained (resnet50) from random weights; says so explicitly."""
     trainable_layers: Int = Field(3, ge=0, le=5)
+
+    @model_validator(mode="after")
+    def _weights_or_from_scratch(self) -> "BackboneConfig":
+        if self.weights is not None and self.from_scratch:
+            raise ValueError(f"weights ({self.weights}) and from_scratch: true contradict each other; "
+                             "set model.backbone.weights: null to train from scratch, or drop from_scratch")
+        if self.name == "resnet50" and self.weights is None and not self.from_scratch:
+            raise ValueError("resnet50 is meant to start from ImageNet weights: set model.backbone.weights to a "
+                             "local file with torchvision's resnet50 state_dict (e.g. resnet50-0676ba61.pth; "
+                             "nothing is downloaded), or model.backbone.from_scratch: true to train it from scratch")
+        return self
 
 
 class RPNConfig(StrictModel):
@@ -130,6 +143,12 @@ class RetinaNetConfig(StrictModel):
 class ModelConfig(StrictModel):
     detector: Literal["faster_rcnn", "retinanet"] = "faster_rcnn"
     backbone: BackboneConfig = BackboneConfig()
+    init_from: Path | None = None
+    """Detector weights loaded before a fresh run's first step (not on resume): a ``libra train``
+    checkpoint or a torchvision detection state_dict of the same architecture."""
+    init_reset_heads: bool = False
+    """With ``init_from``: keep the class-dependent predictor layers freshly initialised instead of
+    loading them (fine-tuning on a different set of classes)."""
     fpn_channels: PositiveInt = 64
     min_size: PositiveInt = 128
     max_size: PositiveInt = 128
@@ -149,6 +168,8 @@ class ModelConfig(StrictModel):
     def _sizes(self) -> "ModelConfig":
         if self.max_size < self.min_size:
             raise ValueError(f"max_size ({self.max_size}) must not be below min_size ({self.min_size})")
+        if self.init_reset_heads and self.init_from is None:
+            raise ValueError("init_reset_heads: true needs init_from (the detector checkpoint to fine-tune)")
         return self
 
 

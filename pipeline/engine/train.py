@@ -39,9 +39,12 @@ from pipeline.engine.checkpoint import CheckpointError, read_checkpoint
 from pipeline.engine.cost import TrainingCost
 from pipeline.engine.datamodule import DetectionDataModule
 from pipeline.engine.module import DetectionModule
-from pipeline.io import replace_atomic
+from pipeline.io import replace_atomic, write_json_atomic
+from pipeline.models import check_backbone_weights, init_detector
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+INIT_REPORT_FILE = "init_from.json"
+"""What ``model.init_from`` loaded and re-initialised, in a fresh run that has it."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -291,6 +294,7 @@ def train(cfg: ExperimentConfig, out: Path, resume: bool = False, progress_bar: 
     """
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
+    check_backbone_weights(cfg.model)
     data = DetectionDataModule(cfg)
     checkpoint = resume_checkpoint(cfg, out, resume)
     if checkpoint is not None:
@@ -310,7 +314,11 @@ def train(cfg: ExperimentConfig, out: Path, resume: bool = False, progress_bar: 
         raise ConfigError(f"trainer: {exc} (trainer settings: {cfg.trainer.model_dump(mode='json')})") from None
     module = DetectionModule(cfg.to_dict(), data.num_classes, data.label_to_category_id,
                              data.steps_per_epoch(trainer.world_size), data.val_gt)
+    initialised = init_detector(module.model, cfg.model) if checkpoint is None and cfg.model.init_from else None
     _write_config(cfg, out)
+    if initialised is not None:
+        print(initialised.summary(), flush=True)
+        write_json_atomic(out / INIT_REPORT_FILE, initialised.to_dict())
     with stop.installed():
         try:
             trainer.fit(module, datamodule=data, ckpt_path=last if checkpoint is not None else None)

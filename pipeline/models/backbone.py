@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 from torchvision.models import resnet50
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
@@ -18,6 +16,7 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxP
 from pipeline.components import BalancedFeaturePyramid
 from pipeline.config import BackboneConfig, BFPConfig, ConfigError, ModelConfig
 from pipeline.models.torchvision_internals import IntermediateLayerGetter
+from pipeline.models.weights import few, read_state_dict, resnet_names
 
 
 def _conv_gn_relu(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -83,22 +82,20 @@ class PyramidBackbone(nn.Module):
         return self.neck(self.fpn(self.body(x)))
 
 
-def load_weights(net: nn.Module, path: Path, kind: str, unused: tuple[str, ...] = ()) -> None:
-    """Load a backbone ``state_dict`` from the local file ``path`` into ``net`` (weights only: no
-    code in the file runs). Keys starting with a prefix in ``unused`` (parts the detector does not
-    build, such as a classifier) may be absent or extra; any other missing or unexpected key, or a
-    shape mismatch, is an error naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"model.backbone.weights: {path} does not exist; create it (for the tiny backbone: "
-                          "`libra pretrain --out " + str(path) + "`, for resnet50: torchvision's ImageNet "
-                          "resnet50 state_dict) or set model.backbone.weights: null to train from scratch")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ConfigError(f"model.backbone.weights: {path} is not a loadable state_dict ({exc})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConfigError(f"model.backbone.weights: {path} does not hold a state_dict of tensors")
+def backbone_weights_fix(cfg: BackboneConfig) -> str:
+    """How to provide ``model.backbone.weights`` for ``cfg``'s backbone."""
+    if cfg.name == "tiny":
+        return (f"create it (`libra pretrain --out {cfg.weights}`) or set model.backbone.weights: null "
+                "to train the tiny backbone from scratch")
+    return ("put torchvision's ImageNet resnet50 state_dict there (e.g. resnet50-0676ba61.pth; nothing is "
+            "downloaded) or point model.backbone.weights at it")
+
+
+def load_weights(net: nn.Module, state: dict[str, Tensor], source: str, kind: str,
+                 unused: tuple[str, ...] = ()) -> None:
+    """Load the backbone ``state`` read from the file ``source`` into ``net``. Keys starting with a
+    prefix in ``unused`` (parts the detector does not build, such as a classifier) may be absent or
+    extra; any other missing or unexpected key, or a shape mismatch, is an error naming the file."""
     own = net.state_dict()
     missing = [k for k in own if not k.startswith(unused) and k not in state]
     unexpected = [k for k in state if not k.startswith(unused) and k not in own
@@ -106,15 +103,23 @@ def load_weights(net: nn.Module, path: Path, kind: str, unused: tuple[str, ...] 
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
                   for k in state if k in own and state[k].shape != own[k].shape]
     if missing or unexpected or mismatched:
-        raise ConfigError(f"model.backbone.weights: {path} is not a {kind} state_dict: "
-                          f"missing {missing[:4]}, unexpected {unexpected[:4]}, shape mismatch {mismatched[:4]}")
+        problems = {"missing": missing, "unexpected": unexpected, "shape mismatch": mismatched}
+        raise ConfigError(f"model.backbone.weights: {source} is not a {kind} state_dict: "
+                          + "; ".join(f"{name} {few(keys)}" for name, keys in problems.items() if keys))
     net.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
 
+def _read_backbone_weights(cfg: BackboneConfig) -> dict[str, Tensor]:
+    return read_state_dict(cfg.weights, "model.backbone.weights", backbone_weights_fix(cfg))
+
+
 def _resnet50_body(cfg: BackboneConfig, num_stages: int) -> tuple[nn.Module, tuple[int, ...]]:
+    """torchvision's ResNet-50 with frozen BatchNorm, from ``cfg.weights`` (torchvision's, mmdet's
+    or Detectron2's names) unless ``cfg.from_scratch``; the first ``5 - trainable_layers`` of
+    conv1, layer1..layer4 are frozen."""
     net = resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
     if cfg.weights is not None:
-        load_weights(net, cfg.weights, "ResNet-50", unused=("fc.",))
+        load_weights(net, resnet_names(_read_backbone_weights(cfg)), str(cfg.weights), "ResNet-50", unused=("fc.",))
     layers = ["layer4", "layer3", "layer2", "layer1", "conv1"][: cfg.trainable_layers]
     for name, param in net.named_parameters():
         if not any(name.startswith(layer) for layer in layers):
@@ -128,7 +133,8 @@ def build_body(cfg: BackboneConfig, num_stages: int) -> tuple[nn.Module, tuple[i
     if cfg.name == "tiny":
         body = TinyBackbone(cfg.channels[:num_stages])
         if cfg.weights is not None:
-            load_weights(body, cfg.weights, f"tiny backbone (channels {list(cfg.channels)})",
+            load_weights(body, _read_backbone_weights(cfg), str(cfg.weights),
+                         f"tiny backbone (channels {list(cfg.channels)})",
                          unused=tuple(f"stages.{i}." for i in range(num_stages, len(cfg.channels))))
         return body, body.channels
     return _resnet50_body(cfg, num_stages)
