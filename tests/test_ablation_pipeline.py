@@ -50,7 +50,7 @@ STAGES = ["prepare", "pretrain", "plan", "runs", "report", "track"]
 def _set(tree: dict, dotted: str, value) -> None:
     *path, last = dotted.split(".")
     for part in path:
-        tree = tree[part]
+        tree = tree.setdefault(part, {})
     tree[last] = value
 
 
