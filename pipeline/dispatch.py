@@ -128,10 +128,14 @@ class PlannedRun:
         return self.plan.name
 
 
-def compute_run_key(config: dict[str, Any], data_digest: str, weights_digest: str | None) -> str:
-    """The identity of a run's result: its resolved config (seed included), its data and its backbone weights."""
-    payload = json.dumps({"config": config, "data": data_digest, "weights": weights_digest},
-                         sort_keys=True, separators=(",", ":"))
+def compute_run_key(config: dict[str, Any], data_digest: str, weights_digest: str | None,
+                    init_digest: str | None = None) -> str:
+    """The identity of a run's result: its resolved config (seed included), its data, its backbone
+    weights and the detector it starts from (``model.init_from``, when set)."""
+    identity = {"config": config, "data": data_digest, "weights": weights_digest}
+    if init_digest is not None:
+        identity["init_from"] = init_digest
+    payload = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -142,16 +146,25 @@ def planned_runs(plan_dir: Path, data_digest: str, root: Path) -> list[PlannedRu
     for entry in read_plan_summary(plan_dir).runs:
         plan_file = plan_path(entry.detector, entry.combo, entry.seed, plan_dir)
         plan = read_run_plan(plan_file)
-        source = plan.config["model"]["backbone"]["weights"]
-        digest = None
-        if source is not None:
-            path = Path(source) if Path(source).is_absolute() else root / source
-            if not path.is_file():
-                raise ConfigError(f"{plan_file}: model.backbone.weights={source} does not exist; pre-train it "
-                                  "(`dvc repro pretrain`) or point the config at the weights file")
-            digest = weights.setdefault(path, file_digest([path]))
-        runs.append(PlannedRun(plan, plan_file, compute_run_key(plan.config, data_digest, digest)))
+        model = plan.config["model"]
+        fix = ("pre-train it (`dvc repro pretrain`; for resnet50 put torchvision's ImageNet state_dict there) "
+               "or point the config at the weights file")
+        digest = _input_digest(plan_file, "model.backbone.weights", model["backbone"]["weights"], root, weights, fix)
+        init = _input_digest(plan_file, "model.init_from", model.get("init_from"), root, weights,
+                             "point it at a `libra train` checkpoint or a detector state_dict")
+        runs.append(PlannedRun(plan, plan_file, compute_run_key(plan.config, data_digest, digest, init)))
     return runs
+
+
+def _input_digest(plan_file: Path, field: str, source: str | None, root: Path, digests: dict[Path, str],
+                  fix: str) -> str | None:
+    """The digest of the file a run's ``field`` names (None if it names none), each file hashed once."""
+    if source is None:
+        return None
+    path = Path(source) if Path(source).is_absolute() else root / source
+    if not path.is_file():
+        raise ConfigError(f"{plan_file}: {field}={source} does not exist; {fix}")
+    return digests.setdefault(path, file_digest([path]))
 
 
 def _aside(directory: Path) -> Path:

@@ -58,6 +58,19 @@ def _dispatch(root: Path, executor: str, said: list[str] | None = None):
                     root / "runs/curves.csv", root=root, say=(said if said is not None else []).append)
 
 
+def test_run_key_follows_the_init_from_checkpoint(synthetic_root, tmp_path):
+    init = tmp_path / "init.ckpt"
+    init.write_bytes(b"first")  # only hashed here
+    _write_ablation(tmp_path, [_plan(synthetic_root, "faster_rcnn", "baseline", 0, **{"model.init_from": str(init)})])
+    [run] = planned_runs(tmp_path / "runs/plan", DIGEST, tmp_path)
+    init.write_bytes(b"second")
+    [retrained] = planned_runs(tmp_path / "runs/plan", DIGEST, tmp_path)
+    assert run.key != retrained.key
+    init.unlink()
+    with pytest.raises(ConfigError, match=r"seed0.yaml: model.init_from=.*init.ckpt does not exist"):
+        planned_runs(tmp_path / "runs/plan", DIGEST, tmp_path)
+
+
 def test_run_key_and_what_each_run_directory_leads_to(synthetic_root, tiny_weights, tmp_path):
     weights = tmp_path / "weights.pt"
     shutil.copy(tiny_weights, weights)
