@@ -54,12 +54,14 @@ def _model(config: str, components: list[str], data_root: Path, device: torch.de
     return model, optimizer, data
 
 
-def _step(model, optimizer, images, targets, device) -> float:
+def timed_step(model, optimizer, images, targets, device, amp: torch.dtype | None = None) -> float:
+    """Seconds of one training step (forward under autocast to ``amp`` when given, backward, SGD step)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    losses = model([im.to(device) for im in images], [{k: v.to(device) if torch.is_tensor(v) else v
-                                                         for k, v in t.items()} for t in targets])
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        losses = model([im.to(device) for im in images], [{k: v.to(device) if torch.is_tensor(v) else v
+                                                             for k, v in t.items()} for t in targets])
     sum(losses.values()).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -82,8 +84,8 @@ def bench_detector(name: str, data_root: Path, steps: int, warmup: int, device: 
         images, targets = batches[i % len(batches)]
         for s in samplers:
             s.seconds = 0.0
-        t_base = _step(base, base_opt, images, targets, device)
-        t_full = _step(full, full_opt, images, targets, device)
+        t_base = timed_step(base, base_opt, images, targets, device)
+        t_full = timed_step(full, full_opt, images, targets, device)
         if i >= warmup:
             times["baseline"].append(t_base)
             times["components"].append(t_full)
