@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from pipeline.ablation import factorial, parse_combo, plan_ablation, read_params, resolve_config, run_key
+from pipeline.ablation import factorial, parse_combo, plan_ablation, read_params, resolve_config, run_key, write_plan
 from pipeline.config import ConfigError, load_config
+from pipeline.runplan import read_plan_summary
 
 CONFIGS = ROOT / "configs"
 
@@ -116,3 +117,27 @@ def test_run_key_changes_with_config_and_data(params):
     assert key == run_key(copy.deepcopy(run.config), "digest-a")
     assert key != run_key(run.config, "digest-b")
     assert key != run_key({**run.config, "train": {**run.config["train"], "seed": 7}}, "digest-a")
+
+
+@pytest.mark.parametrize("section, key, value, named", [
+    ("ablation", "seeds", [0, 0], "params.yaml: ablation.seeds: must be distinct"),
+    ("ablation", "seeds", [], "params.yaml: ablation.seeds"),
+    ("ablation", "design", "grid", "params.yaml: ablation.design"),
+    ("trainer", "devices", True, "params.yaml: trainer.devices"),
+    ("faster_rcnn", "balanced_l2", {"alpha": 0.3}, r"params.yaml: faster_rcnn.balanced_l2: .*unknown keys"),
+])
+def test_params_are_validated_into_typed_models_naming_the_field(params, section, key, value, named):
+    params[section][key] = value
+    with pytest.raises(ConfigError, match=named):
+        plan_ablation(params, CONFIGS)
+
+
+def test_the_plan_summary_reads_back_typed_as_written(params, tmp_path):
+    ablation = plan_ablation(params, CONFIGS)
+    write_plan(ablation, tmp_path / "plan")
+    summary = read_plan_summary(tmp_path / "plan")
+    assert summary == ablation.summary()
+    assert summary.runs[0].plan == Path("runs/plan/faster_rcnn/baseline/seed0.yaml") and summary.seeds == (0, 1, 2)
+    (tmp_path / "plan" / "ablation.yaml").write_text("profile: tiny\nseeds: [0]\n")
+    with pytest.raises(ConfigError, match=r"ablation.yaml .*design"):
+        read_plan_summary(tmp_path / "plan")
