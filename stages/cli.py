@@ -11,7 +11,10 @@ import argparse
 import ast
 import importlib
 import importlib.util
+import logging
+import os
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -28,6 +31,37 @@ STAGES: dict[str, str] = {
     "import-mmdet": "stages.import_mmdet",
 }
 """Sub-command -> module with ``add_arguments(parser)`` and ``run(args)``."""
+
+LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+"""The loggers Lightning's ``rank_zero_info`` writes to (its advertising tips among them)."""
+LIGHTNING_NOT_EMPTY_WARNINGS = (r"Experiment logs directory .* exists and is not empty",
+                                r"Checkpoint directory .* exists and is not empty")
+"""Lightning on a run directory it finds non-empty: expected when a run resumes (its rows and
+checkpoints are kept, see ``pipeline.engine.train``)."""
+
+
+class _DropTips(logging.Filter):
+    """Drops Lightning's "💡 Tip: ..." records (advertising for litlogger / litmodels)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def quiet_third_party_output() -> None:
+    """Keep the console to what concerns the run: no Lightning tips, no deprecation warnings raised in
+    third-party code, no "previous log files will be deleted" or "checkpoint directory is not empty" on a
+    run directory, no MLflow or alembic INFO lines.
+
+    Warnings of this project (modules ``pipeline``, ``stages``) and every error are kept.
+    """
+    for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(?!pipeline\b|stages\b)")
+    for message in LIGHTNING_NOT_EMPTY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
+    for name in LIGHTNING_INFO_LOGGERS:
+        logging.getLogger(name).addFilter(_DropTips())
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def stage_module(name: str) -> ModuleType:
@@ -55,6 +89,7 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if not a.startswith("-")), None)
+    quiet_third_party_output()
     args = build_parser(chosen if chosen in STAGES else None).parse_args(argv)
     try:
         stage_module(args.stage).run(args)

@@ -4,11 +4,16 @@ and the figures the report drew for it on its child run; unchanged runs are reus
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import ROOT
+from test_console import assert_quiet
 from pipeline.ablation import plan_ablation, read_params, write_plan
 from pipeline.tracking import log_ablation
 
@@ -37,6 +42,7 @@ def ablation(tmp_path):
     params["ablation"]["seeds"] = [0]
     params["ablation"]["faster_rcnn"]["table"] = ["baseline"]
     params["ablation"]["retinanet"]["table"] = ["baseline"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     plan = plan_ablation(params, ROOT / "configs")
     write_plan(plan, tmp_path / "runs/plan")
     names = [run.name for run in plan.runs]
@@ -108,3 +114,14 @@ def test_a_malformed_system_metrics_file_is_named(ablation):
     (root / plan.runs[0].run_dir / "system_metrics.csv").write_text("time,what\n1,2\n")
     with pytest.raises(ValueError, match="system_metrics.csv: not a system metrics file"):
         log()
+
+
+def test_libra_track_on_a_new_store_prints_its_summary_and_no_third_party_noise(ablation):
+    root, plan, _ = ablation
+    (root / "manifest.json").write_text(json.dumps({"digest": "d" * 64}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'cli.db'}"}
+    proc = subprocess.run([sys.executable, "-m", "stages.cli", "track", "--manifest", "manifest.json"], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert_quiet(proc)
+    assert f"child runs: {len(plan.runs)} created" in proc.stdout
