@@ -46,11 +46,11 @@ from types import FrameType
 from typing import Any, Literal, Protocol
 
 import submitit
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from pipeline.ablation import file_digest, plan_path
-from pipeline.config import ConfigError, PositiveInt, validate_model
+from pipeline.config import ConfigError, PositiveInt, StrictModel, validate_model
 from pipeline.io import write_json_atomic, write_text_atomic
 from pipeline.runplan import RunPlan, read_plan_summary, read_run_plan
 
@@ -70,11 +70,7 @@ Action = Literal["reused", "resumed", "trained"]
 # ---------------------------------------------------------------- settings
 
 
-class _Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SlurmSettings(_Settings):
+class SlurmSettings(StrictModel):
     """``execution.slurm``: the sbatch options of every run's job."""
 
     partition: str | None = None
@@ -91,7 +87,7 @@ class SlurmSettings(_Settings):
     """More ``#SBATCH`` flags, e.g. ``{account: proj, qos: high, exclusive: true}``."""
 
 
-class ExecutionSettings(_Settings):
+class ExecutionSettings(StrictModel):
     """``execution`` in params.yaml: how ``libra dispatch`` runs the planned runs (not what they compute)."""
 
     executor: Literal["inline", "local", "slurm"] = "local"

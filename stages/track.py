@@ -26,14 +26,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from pipeline.ablation import read_params
-    from pipeline.io import write_text_atomic
+    from pipeline.io import write_json_atomic
     from pipeline.tracking import log_ablation
 
     params = read_params(args.params)
     experiment = (params.get("mlflow") or {}).get("experiment") or "libra-ablation"
     manifest = json.loads(args.manifest.read_text())
     record = log_ablation(args.plan, args.report, manifest, params, experiment)
-    write_text_atomic(args.out, json.dumps(record, indent=1) + "\n")
+    write_json_atomic(args.out, record)
     actions = [r["action"] for r in record["runs"].values()]
     counts = ", ".join(f"{actions.count(a)} {a}" for a in ("created", "replaced", "reused") if a in actions)
     print(f"MLflow {record['tracking_uri']}, experiment {experiment!r}: parent run {record['parent_run_id']} "
