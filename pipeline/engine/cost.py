@@ -48,9 +48,10 @@ COST_KEYS = ("train_wall_s", "train_steps", "train_s_per_step", "train_images_pe
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MB (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process so far, in MB of 2^20 bytes as torch's and mmdet's memory
+    figures (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def device_name(device: torch.device, world_size: int) -> str:
@@ -112,6 +113,10 @@ class TrainingCost(Callback):
         self.totals: dict[str, Any] = {"wall_s": 0.0, "steps": 0, "step_s": 0.0, "images": 0,
                                        "peak_rss_mb": 0.0, "peak_gpu_mem_mb": None}
         self._sampler: SystemMetricsSampler | None = None
+        self._session: dict[str, Any] | None = None
+        """This session's steps, step time and images, from ``on_train_start`` on."""
+        self._start, self._step_start = 0.0, 0.0
+        self._device, self._world_size = torch.device("cpu"), 1
 
     def state_dict(self) -> dict[str, Any]:
         return self._current()
@@ -140,7 +145,7 @@ class TrainingCost(Callback):
 
     def _current(self) -> dict[str, Any]:
         """The run's totals up to now: earlier sessions plus this one's."""
-        if not hasattr(self, "_session"):
+        if self._session is None:
             return dict(self.totals)
         total = self.totals
         gpu = (torch.cuda.max_memory_allocated(self._device) / 2**20 if self._device.type == "cuda" else None)
@@ -160,7 +165,7 @@ class TrainingCost(Callback):
 
     def _finish(self, trainer) -> None:
         """Stops the sampler and writes the totals (a stopped or failed session writes them too)."""
-        if not hasattr(self, "_session"):
+        if self._session is None:
             return
         if self._sampler is not None:
             self._sampler.stop()
