@@ -131,12 +131,18 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
     short, long = args.size, round(args.size * 1333 / 800)
     batch = synthetic_batch(args.images_per_gpu, short, long, device)
-    runs = []
+    runs, failed = [], []
     for detector in detectors:
         for precision in precisions:
             for components in variants(detector).values():
-                run = bench_variant(detector, components, precision, batch, short, long, args.iters,
-                                    args.warmup, device)
+                try:
+                    run = bench_variant(detector, components, precision, batch, short, long, args.iters,
+                                        args.warmup, device)
+                except (RuntimeError, ValueError) as exc:  # e.g. out of memory: the other variants still run
+                    failed.append({"detector": detector, "variant": "+".join(components) or "baseline",
+                                   "precision": precision, "error": f"{type(exc).__name__}: {exc}"[:500]})
+                    print(f"{detector} {failed[-1]['variant']} {precision}: FAILED {failed[-1]['error']}", flush=True)
+                    continue
                 runs.append(run)
                 print(f"{detector} {run['variant']} {precision}: {run['s_per_iter']:.4f} s/iter, "
                       f"{run['images_per_s']:.2f} images/s, peak {run['peak_mem_mb']} MB", flush=True)
@@ -144,11 +150,13 @@ def main() -> None:
     for detector in detectors:
         for precision in precisions:
             mine = {r["variant"]: r for r in runs if r["detector"] == detector and r["precision"] == precision}
-            base = mine["baseline"]
+            base = mine.get("baseline")
+            if base is None:
+                continue
             for name, r in mine.items():
                 if name != "baseline":
                     ratios[f"{detector}/{name}/{precision}"] = round(r["s_per_iter"] / base["s_per_iter"], 3)
-            if detector == "faster_rcnn":
+            if "iou_balanced_sampling" in mine:
                 balanced = mine["iou_balanced_sampling"]
                 sampler[precision] = {"random_ms": base["sampler_ms_per_iter"],
                                       "iou_balanced_ms": balanced["sampler_ms_per_iter"],
@@ -157,7 +165,7 @@ def main() -> None:
     print(json.dumps({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                       "torch": torch.__version__, "threads": torch.get_num_threads(), "weights": "random",
                       "image_size": [short, long], "images_per_gpu": args.images_per_gpu, "iters": args.iters,
-                      "warmup": args.warmup, "runs": runs, "ratio_to_baseline": ratios, "sampler": sampler,
+                      "warmup": args.warmup, "runs": runs, "failed": failed, "ratio_to_baseline": ratios, "sampler": sampler,
                       "peak_rss_mb": round(peak_rss_mb(), 1)}))
 
 

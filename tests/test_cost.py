@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -142,3 +143,16 @@ def test_model_zoo_rows_without_mmdet(tmp_path, monkeypatch):
     (tmp_path / "faster_rcnn" / "metafile.yml").write_text("Models: []\n")
     with pytest.raises(KeyError, match="faster_rcnn/metafile.yml: no model named 'faster-rcnn_r50_fpn_1x_coco'"):
         model_zoo_rows(tmp_path)
+
+
+def test_gpu_benchmark_without_cuda_says_skipped():
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "benchmarks/gpu.py"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("skipped: no CUDA device")
+    assert json.loads(lines[-1]) == {"skipped": "no CUDA device"}
+    usage = subprocess.run([sys.executable, "benchmarks/gpu.py", "--precisions", "fp8"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert usage.returncode == 2 and "--precisions: unknown ['fp8']" in usage.stderr
