@@ -21,7 +21,7 @@ they run again. At the end of each session the totals are written atomically to
 :class:`SystemMetricsSampler` samples MLflow's system-metrics monitors (CPU, memory, disk,
 network, GPU when NVML finds one) in a background thread every ``interval_s`` seconds, and once
 when training ends, appending rows ``timestamp_ms, step, name, value`` (names as MLflow logs them,
-e.g. ``system/cpu_utilization_percentage``) to ``<run>/system_metrics.csv``.
+e.g. ``system/cpu_utilization_percentage``) to ``<run>/system_metrics.csv`` (rewritten atomically).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from pipeline.io import write_json_atomic
+from pipeline.io import write_json_atomic, write_text_atomic
 
 TRAIN_COST_FILE = "train_cost.json"
 SYSTEM_METRICS_FILE = "system_metrics.csv"
@@ -79,7 +79,8 @@ class SystemMetricsSampler:
         self._thread = threading.Thread(target=self._loop, name="system-metrics", daemon=True)
 
     def sample(self) -> None:
-        """Collects every monitor once and appends its rows in one write."""
+        """Collects every monitor once and adds its rows; the file is replaced atomically, so a kill
+        never leaves a torn row."""
         timestamp_ms, step = int(time.time() * 1000), int(self.step())
         rows = []
         for monitor in self.monitors:
@@ -87,9 +88,8 @@ class SystemMetricsSampler:
             rows += [f"{timestamp_ms},{step},system/{name},{value}\n"
                      for name, value in monitor.aggregate_metrics().items()]
             monitor.clear_metrics()
-        new = not self.path.exists()
-        with self.path.open("a") as file:
-            file.write((",".join(SYSTEM_METRICS_COLUMNS) + "\n" if new else "") + "".join(rows))
+        old = self.path.read_text() if self.path.exists() else ",".join(SYSTEM_METRICS_COLUMNS) + "\n"
+        write_text_atomic(self.path, old + "".join(rows))
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
