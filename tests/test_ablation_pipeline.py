@@ -211,7 +211,7 @@ def test_second_repro_has_nothing_to_do_and_relogging_reuses_runs(smoke_repo):
     dvc = str(VENV_BIN / "dvc")
     again = _run([dvc, "repro"], repo, env)
     assert "Running stage" not in again.stdout, again.stdout
-    # dvc.yaml: the ablation pipeline (another dvc.yaml, e.g. tuning/, is not part of the default repro)
+    # dvc.yaml: the ablation pipeline (another dvc.yaml, e.g. configs/studies/, is not part of the default repro)
     assert json.loads(_run([dvc, "status", "--json", "dvc.yaml"], repo, env).stdout) == {}
 
     before = json.loads((repo / "reports/mlflow.json").read_text())

@@ -12,7 +12,7 @@ import yaml
 
 from conftest import ROOT
 
-PIPELINES = ["dvc.yaml", "tuning/dvc.yaml"]
+PIPELINES = ["dvc.yaml", "configs/studies/dvc.yaml"]
 SUBPROCESSES = {"dispatch": ("train", "evaluate")}
 """Commands a stage's command runs as subprocesses (their code is the stage's code too)."""
 
