@@ -80,8 +80,9 @@ class DetectionModule(L.LightningModule):
             dist.all_gather_object(gathered, results)
             results = [r for part in gathered for r in part]
         metrics = evaluate_coco(self.val_gt, results, self.cfg.eval.backend)
-        self.log_dict({f"val/{k}": v for k, v in metrics["bbox"].items()}, prog_bar=False, sync_dist=False)
-        self.log("val/AP50_bar", metrics["bbox"]["AP50"], prog_bar=True, logger=False)
+        self.log_dict({f"val/{k}": v for k, v in metrics["bbox"].items() if k != "AP50"}, prog_bar=False,
+                      sync_dist=False)
+        self.log("val/AP50", metrics["bbox"]["AP50"], prog_bar=True, sync_dist=False)
 
     def configure_optimizers(self):
         t = self.cfg.train
