@@ -50,7 +50,7 @@ from pydantic import Field
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from pipeline.ablation import file_digest, plan_path
-from pipeline.config import ConfigError, PositiveInt, StrictModel, validate_model
+from pipeline.config import ConfigError, PositiveInt, StrictModel, hashed_config, validate_model
 from pipeline.io import write_json_atomic, write_text_atomic
 from pipeline.runplan import RunPlan, read_plan_summary, read_run_plan
 
@@ -128,7 +128,7 @@ def compute_run_key(config: dict[str, Any], data_digest: str, weights_digest: st
                     init_digest: str | None = None) -> str:
     """The identity of a run's result: its resolved config (seed included), its data, its backbone
     weights and the detector it starts from (``model.init_from``, when set)."""
-    identity = {"config": config, "data": data_digest, "weights": weights_digest}
+    identity = {"config": hashed_config(config), "data": data_digest, "weights": weights_digest}
     if init_digest is not None:
         identity["init_from"] = init_digest
     payload = json.dumps(identity, sort_keys=True, separators=(",", ":"))

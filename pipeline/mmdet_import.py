@@ -318,7 +318,7 @@ def _box_loss(t: Translation, path: KeyPath) -> None:
     if kind == "BalancedL1Loss":
         t.ignore(path + ("type",), "Balanced L1")
         t.set_field("components.balanced_l1.enabled", True)
-        t.set_field("components.balanced_l1.variant", "mmdet")
+        t.set_field("components.balanced_l1.formula", "mmdet")
         for name in ("alpha", "gamma", "beta", "loss_weight"):
             t.map(path + (name,), f"components.balanced_l1.{name}")
         t.check(path + ("reduction",), "mean", "mean over the sampled boxes")

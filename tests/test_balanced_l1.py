@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from pipeline.components import balanced_l1_loss
+from pipeline.config import BalancedL1Config
 
 ALPHA, GAMMA = 0.5, 1.5
 B = math.exp(GAMMA / ALPHA) - 1
@@ -39,27 +40,27 @@ def loss_and_grad(x: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor
 
 
 @pytest.mark.parametrize(
-    "variant,closed_form", [("exact", exact_closed_form), ("mmdet", mmdet_closed_form)]
+    "formula,closed_form", [("exact", exact_closed_form), ("mmdet", mmdet_closed_form)]
 )
 @pytest.mark.parametrize("beta", BETAS)
-def test_loss_and_gradient_match_closed_form(beta, variant, closed_form):
+def test_loss_and_gradient_match_closed_form(beta, formula, closed_form):
     x = torch.linspace(-3 * beta, 3 * beta, 601, dtype=torch.float64)
-    loss, grad = loss_and_grad(x, beta=beta, variant=variant)
+    loss, grad = loss_and_grad(x, beta=beta, formula=formula)
     expected = torch.tensor([closed_form(v, beta) for v in x.tolist()], dtype=torch.float64)
     torch.testing.assert_close(loss, expected[:, 0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, expected[:, 1], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("variant", ["exact", "mmdet"])
+@pytest.mark.parametrize("formula", ["exact", "mmdet"])
 @pytest.mark.parametrize("beta", BETAS)
-def test_autograd_matches_finite_differences(beta, variant):
+def test_autograd_matches_finite_differences(beta, formula):
     generator = torch.Generator().manual_seed(0)
     x = (torch.rand(40, generator=generator, dtype=torch.float64) * 2 - 1) * 3 * beta
     x = x[((x.abs() - beta).abs() > 1e-3 * beta) & (x.abs() > 1e-3 * beta)]
     x.requires_grad_(True)
     target = torch.zeros_like(x)
     assert torch.autograd.gradcheck(
-        lambda p: balanced_l1_loss(p, target, beta=beta, variant=variant, reduction="none"), (x,)
+        lambda p: balanced_l1_loss(p, target, beta=beta, formula=formula, reduction="none"), (x,)
     )
 
 
@@ -82,16 +83,16 @@ def test_exact_gradient_vanishes_at_zero(beta):
     assert grad[3] < 1e-4
 
 
-def test_mmdet_variant_jumps_at_small_beta():
+def test_mmdet_formula_jumps_at_small_beta():
     beta = 0.11
     x = torch.tensor([beta - 1e-9, beta + 1e-9, 1e-9], dtype=torch.float64)
-    _, grad = loss_and_grad(x, beta=beta, variant="mmdet")
+    _, grad = loss_and_grad(x, beta=beta, formula="mmdet")
     assert grad[0].item() == pytest.approx(1.70, abs=0.01)
     assert grad[1].item() == pytest.approx(1.50, abs=1e-9)
     assert grad[2].item() > 1.0  # far from 0 next to 0
 
 
-def test_both_variants_equal_paper_formula_at_beta_one():
+def test_both_formulas_equal_paper_formula_at_beta_one():
     x = torch.linspace(-3, 3, 301, dtype=torch.float64)
     a = x.abs()
     paper = torch.where(
@@ -99,8 +100,8 @@ def test_both_variants_equal_paper_formula_at_beta_one():
         ALPHA / B * (B * a + 1) * torch.log(B * a + 1) - ALPHA * a,
         GAMMA * a + GAMMA / B - ALPHA,
     )
-    for variant in ("exact", "mmdet"):
-        loss, _ = loss_and_grad(x, beta=1.0, variant=variant)
+    for formula in ("exact", "mmdet"):
+        loss, _ = loss_and_grad(x, beta=1.0, formula=formula)
         torch.testing.assert_close(loss, paper, rtol=1e-12, atol=1e-12)
 
 
@@ -136,7 +137,7 @@ def test_loss_is_symmetric_and_nonnegative():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"variant": "smooth"}, "variant"),
+        ({"formula": "smooth"}, "formula"),
         ({"reduction": "avg"}, "reduction"),
         ({"alpha": 0.0}, "alpha"),
         ({"beta": -1.0}, "beta"),
@@ -151,3 +152,9 @@ def test_invalid_arguments(kwargs, message):
 def test_shape_mismatch():
     with pytest.raises(ValueError, match="same shape"):
         balanced_l1_loss(torch.zeros(3, 4), torch.zeros(4))
+
+
+def test_config_written_with_the_former_name_variant_reads_as_formula():
+    assert BalancedL1Config.model_validate({"variant": "mmdet"}).formula == "mmdet"
+    assert BalancedL1Config.model_validate({"formula": "mmdet"}).model_dump()["formula"] == "mmdet"
+    assert "variant" not in BalancedL1Config().model_dump()

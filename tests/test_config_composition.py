@@ -87,10 +87,10 @@ def test_detector_defaults_fill_only_what_a_config_leaves_unset():
 
 def test_a_params_knob_reaches_the_ablation_and_the_study_alike(tmp_path):
     params = read_params(ROOT / "params.yaml")
-    params["faster_rcnn"] = {"balanced_l1": {"beta": 0.5, "variant": "mmdet"}}
+    params["faster_rcnn"] = {"balanced_l1": {"beta": 0.5, "formula": "mmdet"}}
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params))
     trial = _trial("balanced_l1", params_file)
     ablation = _factorial_runs(params)["faster_rcnn/BL/seed0"].experiment_config()
-    assert (trial.components.balanced_l1.beta, trial.components.balanced_l1.variant) == (0.5, "mmdet")
+    assert (trial.components.balanced_l1.beta, trial.components.balanced_l1.formula) == (0.5, "mmdet")
     assert trial.components == ablation.components

@@ -19,10 +19,10 @@ import submitit
 import torch
 
 from conftest import ROOT, tiny_overrides
-from pipeline.ablation import Ablation, DetectorAblation, run_dir, write_plan
+from pipeline.ablation import Ablation, DetectorAblation, run_dir, run_key, write_plan
 from pipeline.config import ConfigError, load_config
-from pipeline.dispatch import (ExecutionSettings, RunJob, SlurmBackend, SlurmSettings, decide, describe_exit,
-                               dispatch, execution_settings, make_backend, planned_runs, prepare_run_dir,
+from pipeline.dispatch import (ExecutionSettings, RunJob, SlurmBackend, SlurmSettings, compute_run_key, decide,
+                               describe_exit, dispatch, execution_settings, make_backend, planned_runs, prepare_run_dir,
                                slurm_parameters)
 from pipeline.params import COMPONENTS, DETECTOR_COMPONENTS
 from pipeline.report.build import ReportSettings, write_report
@@ -56,6 +56,14 @@ def _dispatch(root: Path, executor: str, said: list[str] | None = None):
     settings = ExecutionSettings(executor=executor, jobs=2, threads=1, job_dir=root / "jobs")
     return dispatch(root / "runs/plan", root / "data/manifest.json", settings, root / "runs/index.json",
                     root / "runs/curves.csv", root=root, say=(said if said is not None else []).append)
+
+
+def test_run_keys_made_before_balanced_l1_variant_became_formula_are_unchanged():
+    config = {"components": {"balanced_l1": {"enabled": True, "formula": "mmdet", "beta": 0.11}}, "seed": 3}
+    # keys of {"variant": "mmdet"} written by the code before the rename
+    assert run_key(config, "d0") == "b68a189a37f37e4e"
+    assert compute_run_key(config, "d0", "w0") == "c45e4d94d9688359"
+    assert config["components"]["balanced_l1"]["formula"] == "mmdet"
 
 
 def test_run_key_follows_the_init_from_checkpoint(synthetic_root, tmp_path):

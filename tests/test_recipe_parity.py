@@ -33,7 +33,7 @@ RECIPE_EXCEPTIONS = (
     "model.roi_heads.sampling_ratio",
     "model.box_loss.type",
     "components.iou_balanced_sampling.bin_range",
-    "components.balanced_l1.variant",
+    "components.balanced_l1.formula",
     "train.grad_clip",
     "eval.batch_size",
 )

@@ -21,19 +21,19 @@ def balanced_l1_loss(
     alpha: float = 0.5,
     gamma: float = 1.5,
     beta: float = 1.0,
-    variant: str = "exact",
+    formula: str = "exact",
     reduction: str = "mean",
     weight: Tensor | None = None,
 ) -> Tensor:
     """Balanced L1 loss (Libra R-CNN, Pang et al., CVPR 2019, Eq. 8-10) of x = pred - target.
 
-    With ``b = e^(γ/α) - 1`` (so that ``α·ln(b + 1) = γ``), ``variant="exact"`` is::
+    With ``b = e^(γ/α) - 1`` (so that ``α·ln(b + 1) = γ``), ``formula="exact"`` is::
 
         |x| < β:  L = (αβ/b)(b|x|/β + 1)·ln(b|x|/β + 1) - α|x|     dL/d|x| = α·ln(b|x|/β + 1)
         else:     L = γ|x| + γβ/b - αβ                             dL/d|x| = γ
 
     which is the paper's loss rescaled to the threshold ``β``: loss and gradient are continuous
-    at ``β`` and the gradient is 0 at ``x = 0`` for every ``β``. ``variant="mmdet"`` reproduces
+    at ``β`` and the gradient is 0 at ``x = 0`` for every ``β``. ``formula="mmdet"`` reproduces
     mmdet's ``balanced_l1_loss``::
 
         |x| < β:  L = (α/b)(b|x| + 1)·ln(b|x|/β + 1) - α|x|
@@ -45,12 +45,12 @@ def balanced_l1_loss(
     Args:
         pred, target: tensors of the same shape.
         alpha, gamma, beta: the loss parameters, ``alpha > 0`` and ``beta > 0``.
-        variant: ``"exact"`` or ``"mmdet"``.
+        formula: ``"exact"`` or ``"mmdet"``.
         reduction: ``"none"``, ``"mean"`` (over all elements; 0 for empty input) or ``"sum"``.
         weight: optional elementwise weights broadcastable to ``pred``, applied before reduction.
     """
-    if variant not in ("exact", "mmdet"):
-        raise ValueError(f"variant must be 'exact' or 'mmdet', got {variant!r}")
+    if formula not in ("exact", "mmdet"):
+        raise ValueError(f"formula must be 'exact' or 'mmdet', got {formula!r}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if not alpha > 0:
@@ -66,7 +66,7 @@ def balanced_l1_loss(
     b = math.exp(gamma / alpha) - 1
     diff = (pred - target).abs()
     log_term = torch.log(b * diff / beta + 1)
-    if variant == "exact":
+    if formula == "exact":
         inside = alpha * beta / b * (b * diff / beta + 1) * log_term - alpha * diff
         outside = gamma * diff + gamma * beta / b - alpha * beta
     else:

@@ -23,7 +23,7 @@ def build_box_loss(default: BoxLossConfig, balanced_l1: BalancedL1Config) -> Box
     """Balanced L1 (times its ``loss_weight``) when enabled, else the detector's own loss."""
     if balanced_l1.enabled:
         loss = partial(balanced_l1_loss, alpha=balanced_l1.alpha, gamma=balanced_l1.gamma,
-                       beta=balanced_l1.beta, variant=balanced_l1.variant, reduction="none")
+                       beta=balanced_l1.beta, formula=balanced_l1.formula, reduction="none")
         return partial(_weighted, loss, balanced_l1.loss_weight)
     if default.type == "l1":
         return partial(F.l1_loss, reduction="none")

@@ -100,7 +100,7 @@ def _box_losses(results: list[RunResult]) -> dict[str, Any]:
 
     def balanced(bl: dict[str, Any]):
         return lambda x: balanced_l1_loss(x, torch_zeros(x), alpha=bl["alpha"], gamma=bl["gamma"], beta=bl["beta"],
-                                          variant=bl["variant"], reduction="none")
+                                          formula=bl["formula"], reduction="none")
 
     losses: dict[str, Any] = {"smooth L1 (β=1)": smooth_l1(1.0)}
     settings = []
@@ -113,9 +113,9 @@ def _box_losses(results: list[RunResult]) -> dict[str, Any]:
         if bl["enabled"]:
             settings.append(bl)
     if not settings:
-        settings.append({"alpha": 0.5, "gamma": 1.5, "beta": 1.0, "variant": "exact"})
+        settings.append({"alpha": 0.5, "gamma": 1.5, "beta": 1.0, "formula": "exact"})
     for bl in settings:
-        losses[f"Balanced L1 (α={bl['alpha']:g}, γ={bl['gamma']:g}, β={bl['beta']:g}, {bl['variant']})"] = balanced(bl)
+        losses[f"Balanced L1 (α={bl['alpha']:g}, γ={bl['gamma']:g}, β={bl['beta']:g}, {bl['formula']})"] = balanced(bl)
     return losses
 
 
