@@ -1,6 +1,6 @@
 """Training throughput of R50-FPN Faster R-CNN and RetinaNet on one GPU: every component vs the baseline.
 
-For each detector (the ``configs/*_r50_coco_1x.yaml`` recipes), each variant (baseline; all of the
+For each detector (the ``configs/*_r50_coco_1x.yaml`` recipes), each combination (baseline; all of the
 detector's components, as ``benchmarks/step.py``; Faster R-CNN with IoU-balanced sampling alone)
 and each precision (fp32, bf16 and fp16 autocast), it trains a freshly built model on one fixed
 batch of synthetic images (2 per GPU, 1333x800 by default, 8 random boxes each) and reports the
@@ -9,7 +9,7 @@ images/s, and the peak CUDA memory (``torch.cuda.max_memory_allocated``) of the 
 iterations. Weights are random (``model.backbone.from_scratch``): throughput does not depend on
 them. fp16 runs without a GradScaler, which changes no timing that matters here.
 
-Ratios: each variant's s/iter over its detector's baseline at the same precision (the paper
+Ratios: each combination's s/iter over its detector's baseline at the same precision (the paper
 reports about 1.06 for Libra R-CNN), and the IoU-balanced sampler's GPU cost against random
 sampling: the median time inside the R-CNN sampler call per iteration, IoU-balanced / random.
 
@@ -30,7 +30,7 @@ import torch
 from pipeline.config import load_config
 from pipeline.engine.cost import peak_rss_mb
 from pipeline.models import build_detector
-from step import ROOT, VARIANTS, TimedCall, timed_step
+from step import ALL_COMPONENTS, ROOT, TimedCall, timed_step
 
 R50_CONFIGS = {"faster_rcnn": "configs/faster_rcnn_r50_coco_1x.yaml", "retinanet": "configs/retinanet_r50_coco_1x.yaml"}
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -38,9 +38,9 @@ NUM_CLASSES = 80
 BOXES_PER_IMAGE = 8
 
 
-def variants(detector: str) -> dict[str, list[str]]:
-    """Variant name -> enabled components: baseline, all components, and IS alone for Faster R-CNN."""
-    out = {"baseline": [], "all": VARIANTS[detector][1]}
+def combinations(detector: str) -> dict[str, list[str]]:
+    """Combination name -> enabled components: baseline, all components, and IS alone for Faster R-CNN."""
+    out = {"baseline": [], "all": ALL_COMPONENTS[detector][1]}
     if detector == "faster_rcnn":
         out["IS"] = ["iou_balanced_sampling"]
     return out
@@ -62,7 +62,7 @@ def synthetic_batch(images: int, short: int, long: int, device: torch.device, se
     return batch, targets
 
 
-def bench_variant(detector: str, components: list[str], precision: str, batch, short: int, long: int,
+def bench_combination(detector: str, components: list[str], precision: str, batch, short: int, long: int,
                   iters: int, warmup: int, device: torch.device) -> dict:
     """s/iter (median), images/s, peak memory and, for Faster R-CNN, the sampler's ms/iter (median)."""
     overrides = ["model.backbone.weights=null", "model.backbone.from_scratch=true", f"model.min_size={short}",
@@ -87,7 +87,7 @@ def bench_variant(detector: str, components: list[str], precision: str, batch, s
             if sampler is not None:
                 sampler_seconds.append(sampler.seconds)
     s_iter = statistics.median(seconds)
-    result = {"detector": detector, "variant": "+".join(components) or "baseline", "precision": precision,
+    result = {"detector": detector, "combination": "+".join(components) or "baseline", "precision": precision,
               "s_per_iter": round(s_iter, 5), "images_per_s": round(len(images) / s_iter, 3),
               "peak_mem_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda"
               else None}
@@ -103,7 +103,7 @@ def bench_variant(detector: str, components: list[str], precision: str, batch, s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda (default; cuda:N for another GPU) or cpu for a smoke run")
-    parser.add_argument("--iters", type=int, default=20, help="timed iterations per variant and precision (median)")
+    parser.add_argument("--iters", type=int, default=20, help="timed iterations per combination and precision (median)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed iterations before them (cuDNN autotuning, "
                         "allocator warm-up)")
     parser.add_argument("--size", type=int, default=800, help="short image side; the long side is size x 1333/800")
@@ -134,22 +134,23 @@ def main() -> None:
     runs, failed = [], []
     for detector in detectors:
         for precision in precisions:
-            for components in variants(detector).values():
+            for components in combinations(detector).values():
                 try:
-                    run = bench_variant(detector, components, precision, batch, short, long, args.iters,
+                    run = bench_combination(detector, components, precision, batch, short, long, args.iters,
                                         args.warmup, device)
-                except (RuntimeError, ValueError) as exc:  # e.g. out of memory: the other variants still run
-                    failed.append({"detector": detector, "variant": "+".join(components) or "baseline",
+                except (RuntimeError, ValueError) as exc:  # e.g. out of memory: the other combinations still run
+                    failed.append({"detector": detector, "combination": "+".join(components) or "baseline",
                                    "precision": precision, "error": f"{type(exc).__name__}: {exc}"[:500]})
-                    print(f"{detector} {failed[-1]['variant']} {precision}: FAILED {failed[-1]['error']}", flush=True)
+                    print(f"{detector} {failed[-1]['combination']} {precision}: FAILED {failed[-1]['error']}",
+                          flush=True)
                     continue
                 runs.append(run)
-                print(f"{detector} {run['variant']} {precision}: {run['s_per_iter']:.4f} s/iter, "
+                print(f"{detector} {run['combination']} {precision}: {run['s_per_iter']:.4f} s/iter, "
                       f"{run['images_per_s']:.2f} images/s, peak {run['peak_mem_mb']} MB", flush=True)
     ratios, sampler = {}, {}
     for detector in detectors:
         for precision in precisions:
-            mine = {r["variant"]: r for r in runs if r["detector"] == detector and r["precision"] == precision}
+            mine = {r["combination"]: r for r in runs if r["detector"] == detector and r["precision"] == precision}
             base = mine.get("baseline")
             if base is None:
                 continue

@@ -1,7 +1,7 @@
 """One training step with all balanced-learning components vs the baseline step, side by side.
 
 Faster R-CNN tiny: IS + BFP + BL vs baseline. RetinaNet tiny: BFP + BL + IoU-cls + IoU-loc vs
-baseline. Both variants of a detector train on the same batches, timed alternately so they see
+baseline. Both models of a detector train on the same batches, timed alternately so they see
 the same machine load; the median step time of each gives the ratio (with / without). The
 paper reports 1.06 for Libra R-CNN. Also reports the IoU-balanced sampler's share of the
 Faster R-CNN step (time inside the positive + negative sampler calls / step time).
@@ -26,7 +26,7 @@ from pipeline.engine.datamodule import DetectionDataModule
 from pipeline.models import build_detector
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {
+ALL_COMPONENTS = {
     "faster_rcnn": ("configs/faster_rcnn_tiny.yaml", ["iou_balanced_sampling", "bfp", "balanced_l1"]),
     "retinanet": ("configs/retinanet_tiny.yaml", ["bfp", "balanced_l1", "iou_balanced_cls", "iou_balanced_loc"]),
 }
@@ -71,7 +71,7 @@ def timed_step(model, optimizer, images, targets, device, amp: torch.dtype | Non
 
 
 def bench_detector(name: str, data_root: Path, steps: int, warmup: int, device: torch.device) -> dict:
-    config, components = VARIANTS[name]
+    config, components = ALL_COMPONENTS[name]
     base, base_opt, data = _model(config, [], data_root, device)
     full, full_opt, _ = _model(config, components, data_root, device)
     samplers = []
@@ -104,7 +104,7 @@ def bench_detector(name: str, data_root: Path, steps: int, warmup: int, device: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (median reported)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per model (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -114,7 +114,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "synthetic"
         write_synthetic_coco(root, seed=0, num_train=64, num_val=8, image_size=128)
-        results = {name: bench_detector(name, root, args.steps, args.warmup, device) for name in VARIANTS}
+        results = {name: bench_detector(name, root, args.steps, args.warmup, device) for name in ALL_COMPONENTS}
     results["device"] = str(device)
     results["ratio"] = max(r["ratio"] for r in results.values() if isinstance(r, dict))
     print(json.dumps(results))

@@ -26,21 +26,22 @@ from typing import Any
 from pipeline.compose import compose_config
 from pipeline.config import DataConfig, ExperimentConfig, hashed_config, read_yaml
 from pipeline.io import digest_files
-from pipeline.params import DETECTOR_COMPONENTS, Params, combo_name, parse_combo, parse_params
-from pipeline.runplan import (DetectorVariants, PlannedRunEntry, PlanSummary, RunPlan, write_plan_summary,
+from pipeline.params import DETECTOR_COMPONENTS, Params, combination_name, parse_combination, parse_params
+from pipeline.runplan import (DetectorCombinations, PlannedRunEntry, PlanSummary, RunPlan, write_plan_summary,
                               write_run_plan)
 
 
 def factorial(order: tuple[str, ...]) -> list[str]:
     """Every combination of ``order``: baseline first, then by number of components."""
-    return [combo_name(subset, order) for k in range(len(order) + 1) for subset in itertools.combinations(order, k)]
+    return [combination_name(subset, order)
+            for k in range(len(order) + 1) for subset in itertools.combinations(order, k)]
 
 
 @dataclass(frozen=True)
 class DetectorAblation:
     detector: str
     components: tuple[str, ...]
-    variants: tuple[str, ...]
+    combinations: tuple[str, ...]
     """The combinations the design trains, in report order."""
 
 
@@ -57,30 +58,31 @@ class Ablation:
         """What ``runs/plan/ablation.yaml`` holds: the design and its runs."""
         return PlanSummary(
             profile=self.profile, design=self.design, seeds=self.seeds,
-            detectors={d: DetectorVariants(components=a.components, variants=a.variants)
+            detectors={d: DetectorCombinations(components=a.components, combinations=a.combinations)
                        for d, a in self.detectors.items()},
-            runs=tuple(PlannedRunEntry(name=r.name, detector=r.detector, combo=r.combo, seed=r.seed,
-                                       run_dir=r.run_dir, plan=plan_path(r.detector, r.combo, r.seed))
+            runs=tuple(PlannedRunEntry(name=r.name, detector=r.detector, combination=r.combination, seed=r.seed,
+                                       run_dir=r.run_dir, plan=plan_path(r.detector, r.combination, r.seed))
                        for r in self.runs))
 
 
 def write_plan(ablation: Ablation, out: Path) -> None:
-    """``out/<detector>/<combo>/seed<k>.yaml`` per run and ``out/ablation.yaml``; ``out`` is replaced as a whole."""
+    """``out/<detector>/<combination>/seed<k>.yaml`` per run and ``out/ablation.yaml``; ``out`` is replaced
+    as a whole."""
     staging = out.with_name(out.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     for plan in ablation.runs:
-        write_run_plan(plan, plan_path(plan.detector, plan.combo, plan.seed, staging))
+        write_run_plan(plan, plan_path(plan.detector, plan.combination, plan.seed, staging))
     write_plan_summary(ablation.summary(), staging / "ablation.yaml")
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
 
 
-def plan_path(detector: str, combo: str, seed: int, plan_dir: Path = Path("runs/plan")) -> Path:
-    return plan_dir / detector / combo / f"seed{seed}.yaml"
+def plan_path(detector: str, combination: str, seed: int, plan_dir: Path = Path("runs/plan")) -> Path:
+    return plan_dir / detector / combination / f"seed{seed}.yaml"
 
 
-def run_dir(detector: str, combo: str, seed: int, runs_dir: Path = Path("runs")) -> Path:
-    return runs_dir / detector / combo / f"seed{seed}"
+def run_dir(detector: str, combination: str, seed: int, runs_dir: Path = Path("runs")) -> Path:
+    return runs_dir / detector / combination / f"seed{seed}"
 
 
 def resolve_config(params: dict[str, Any] | Params, detector: str, components: tuple[str, ...], seed: int,
@@ -103,23 +105,24 @@ def plan_ablation(params: dict[str, Any], configs_dir: Path = Path("configs")) -
     detectors = {}
     for detector, section in typed.ablation.detectors().items():
         components = section.components or DETECTOR_COMPONENTS[detector]
-        variants = section.table if design == "table" else tuple(factorial(components))
-        detectors[detector] = DetectorAblation(detector, components, variants)
+        combinations = section.table if design == "table" else tuple(factorial(components))
+        detectors[detector] = DetectorAblation(detector, components, combinations)
     runs = []
     for detector, det in detectors.items():
-        for combo in det.variants:
-            components = parse_combo(combo, det.components)
+        for combination in det.combinations:
+            components = parse_combination(combination, det.components)
             config = resolve_config(typed, detector, components, 0, configs_dir).to_dict()
             for seed in typed.ablation.seeds:
                 config = {**config, "train": {**config["train"], "seed": seed}}
-                runs.append(RunPlan(detector=detector, combo=combo, components=components, seed=seed,
-                                    run_dir=run_dir(detector, combo, seed), config=config))
+                runs.append(RunPlan(detector=detector, combination=combination, components=components, seed=seed,
+                                    run_dir=run_dir(detector, combination, seed), config=config))
     return Ablation(typed.profile, design, typed.ablation.seeds, detectors, tuple(runs))
 
 
 def run_key(config: dict[str, Any], dataset_digest: str) -> str:
     """Identity of a run's result: its resolved config (seed included) and its data."""
-    payload = json.dumps({"config": hashed_config(config), "data": dataset_digest}, sort_keys=True, separators=(",", ":"))
+    payload = json.dumps({"config": hashed_config(config), "data": dataset_digest}, sort_keys=True,
+                         separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

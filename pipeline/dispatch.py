@@ -140,7 +140,7 @@ def planned_runs(plan_dir: Path, data_digest: str, root: Path) -> list[PlannedRu
     weights: dict[Path, str] = {}
     runs = []
     for entry in read_plan_summary(plan_dir).runs:
-        plan_file = plan_path(entry.detector, entry.combo, entry.seed, plan_dir)
+        plan_file = plan_path(entry.detector, entry.combination, entry.seed, plan_dir)
         plan = read_run_plan(plan_file)
         model = plan.config["model"]
         fix = ("pre-train it (`dvc repro pretrain`; for resnet50 put torchvision's ImageNet state_dict there) "

@@ -37,12 +37,12 @@ SYNTHETIC_ROOT = Path("data/synthetic")
 """Where the prepare stage writes the built-in set (its DVC output)."""
 
 
-def combo_name(components: tuple[str, ...] | list[str], order: tuple[str, ...]) -> str:
+def combination_name(components: tuple[str, ...] | list[str], order: tuple[str, ...]) -> str:
     chosen = [c for c in order if c in components]
     return "+".join(chosen) if chosen else BASELINE
 
 
-def parse_combo(name: str, order: tuple[str, ...], where: str = "combination") -> tuple[str, ...]:
+def parse_combination(name: str, order: tuple[str, ...], where: str = "combination") -> tuple[str, ...]:
     """``"IS+BL"`` -> ``("IS", "BL")``, checked against the detector's components and their order."""
     if name == BASELINE:
         return ()
@@ -50,9 +50,9 @@ def parse_combo(name: str, order: tuple[str, ...], where: str = "combination") -
     unknown = [p for p in parts if p not in order]
     if unknown:
         raise ConfigError(f"{where} {name!r}: unknown component(s) {unknown}; known here: {list(order)}")
-    if len(set(parts)) != len(parts) or combo_name(parts, order) != name:
+    if len(set(parts)) != len(parts) or combination_name(parts, order) != name:
         raise ConfigError(f"{where} {name!r}: write each component once, in the order {'+'.join(order)} "
-                          f"(here: {combo_name(parts, order)!r})")
+                          f"(here: {combination_name(parts, order)!r})")
     return parts
 
 
@@ -137,7 +137,7 @@ class AblationParams(StrictModel):
             if bad:
                 raise ValueError(f"{where}.components: {bad} are not wired into {detector} (it has {list(known)})")
             for name in section.table:
-                parse_combo(name, section.components or known, f"{where}.table: combination")
+                parse_combination(name, section.components or known, f"{where}.table: combination")
             if len(set(section.table)) != len(section.table):
                 raise ValueError(f"{where}.table lists a combination twice: {list(section.table)}")
             if self.design == "table" and not section.table:

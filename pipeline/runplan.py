@@ -3,14 +3,14 @@
 ``libra plan`` writes one YAML file per (detector, combination, seed) that the ablation design selects::
 
     detector: faster_rcnn
-    combo: IS+BFP
+    combination: IS+BFP
     components: [IS, BFP]
     seed: 0
     run_dir: runs/faster_rcnn/IS+BFP/seed0
     config: {...}           # the resolved experiment config (what `libra train --config` takes)
 
 and ``runs/plan/ablation.yaml`` holds the :class:`PlanSummary` (design, seeds, per detector its
-variants, and every run with its plan file). This module imports nothing heavy, so reading plans
+combinations, and every run with its plan file). This module imports nothing heavy, so reading plans
 stays cheap.
 """
 
@@ -31,7 +31,7 @@ from pipeline.io import write_text_atomic
 @dataclass(frozen=True)
 class RunPlan:
     detector: str
-    combo: str
+    combination: str
     components: tuple[str, ...]
     seed: int
     run_dir: Path
@@ -39,21 +39,21 @@ class RunPlan:
 
     @property
     def name(self) -> str:
-        """``detector/combo/seed<k>``, the run's name in reports and MLflow."""
-        return f"{self.detector}/{self.combo}/seed{self.seed}"
+        """``detector/combination/seed<k>``, the run's name in reports and MLflow."""
+        return f"{self.detector}/{self.combination}/seed{self.seed}"
 
     def experiment_config(self) -> ExperimentConfig:
         return validate_config(self.config, f"plan of {self.name}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"detector": self.detector, "combo": self.combo, "components": list(self.components),
+        return {"detector": self.detector, "combination": self.combination, "components": list(self.components),
                 "seed": self.seed, "run_dir": self.run_dir.as_posix(),
                 "config": self.config}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "<plan>") -> RunPlan:
         try:
-            return cls(detector=str(raw["detector"]), combo=str(raw["combo"]),
+            return cls(detector=str(raw["detector"]), combination=str(raw["combination"]),
                        components=tuple(raw["components"]), seed=int(raw["seed"]),
                        run_dir=Path(raw["run_dir"]), config=dict(raw["config"]))
         except (KeyError, TypeError, ValueError) as exc:
@@ -75,16 +75,16 @@ def read_run_plan(path: Path) -> RunPlan:
 
 
 
-class DetectorVariants(StrictModel):
+class DetectorCombinations(StrictModel):
     components: tuple[str, ...]
-    variants: tuple[str, ...]
+    combinations: tuple[str, ...]
     """The combinations the design trains, in report order."""
 
 
 class PlannedRunEntry(StrictModel):
     name: str
     detector: str
-    combo: str
+    combination: str
     seed: Int
     run_dir: Path
     plan: Path
@@ -97,7 +97,7 @@ class PlanSummary(StrictModel):
     profile: str
     design: str
     seeds: tuple[Int, ...] = Field(min_length=1)
-    detectors: dict[str, DetectorVariants]
+    detectors: dict[str, DetectorCombinations]
     runs: tuple[PlannedRunEntry, ...]
 
 

@@ -5,7 +5,7 @@ Re-logging never duplicates runs silently (see :func:`log_ablation`):
 
 * the parent is identified by ``libra.ablation_key``, a hash of the ablation's parameters and of
   its runs' keys: the same ablation reuses its parent; any parameter change (a ``dvc exp run -S``
-  variant, a knob) makes a new parent, and earlier ablations stay in the store for comparison;
+  experiment, a knob) makes a new parent, and earlier ablations stay in the store for comparison;
 * a child is identified inside its parent by ``libra.run_key``, a hash of the run's resolved
   config (seed included) and the data digest; it is reused when its result files are unchanged
   (tag ``libra.results_digest``) and otherwise replaced: the old run is deleted (MLflow's soft
@@ -209,12 +209,12 @@ def path_digest(paths: list[Path]) -> str:
 
 
 def report_metrics(metrics: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
-    """The report's ``metrics.json`` as parent metrics (``<detector>/<variant>/<name>``,
+    """The report's ``metrics.json`` as parent metrics (``<detector>/<combination>/<name>``,
     ``claims/<claim>/<name>``) and the claims' verdicts as tags (``libra.verdict.<claim>``)."""
     metrics = dict(metrics)
     claims = metrics.pop("claims", {})
-    flat = {f"{det}/{variant}/{name}": value for det, variants in metrics.items()
-            for variant, values in variants.items() for name, value in values.items()
+    flat = {f"{det}/{combination}/{name}": value for det, combinations in metrics.items()
+            for combination, values in combinations.items() for name, value in values.items()
             if isinstance(value, int | float) and not isinstance(value, bool)}
     flat.update({f"claims/{key}/{name}": value for key, values in claims.items()
                  for name, value in values.items() if name != "verdict"})
@@ -261,9 +261,9 @@ def log_ablation(plan_dir: Path, report_dir: Path, manifest: dict[str, Any], par
         spec = ChildSpec(
             name=plan.name, key=keys[plan.name], results_digest=path_digest(digested),
             params=flatten_params(plan.config),
-            tags={**common, "libra.ablation_key": key, "libra.detector": plan.detector, "libra.combo": plan.combo,
-                  "libra.components": ",".join(plan.components) or "none", "libra.seed": str(plan.seed),
-                  "libra.run_dir": plan.run_dir.as_posix()},
+            tags={**common, "libra.ablation_key": key, "libra.detector": plan.detector,
+                  "libra.combination": plan.combination, "libra.components": ",".join(plan.components) or "none",
+                  "libra.seed": str(plan.seed), "libra.run_dir": plan.run_dir.as_posix()},
             epoch_metrics=epoch_metrics(epoch_curves(read_metrics_csv(run / "metrics.csv"))),
             final_metrics=final_metrics(json.loads((run / "metrics.json").read_text())),
             timed_metrics=system_metrics(system_file),

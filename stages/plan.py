@@ -1,6 +1,6 @@
 """`libra plan`: resolve params.yaml into one experiment config per ablation run (the DVC plan stage).
 
-Writes runs/plan/<detector>/<combo>/seed<k>.yaml for every run the ablation design selects and
+Writes runs/plan/<detector>/<combination>/seed<k>.yaml for every run the ablation design selects and
 runs/plan/ablation.yaml, the design and its runs. `libra dispatch` identifies a run by its plan
 file (with the data and weights digests), so a parameter change retrains exactly the runs whose
 resolved config changed.
@@ -23,6 +23,6 @@ def run(args: argparse.Namespace) -> None:
 
     ablation = plan_ablation(read_params(args.params), args.configs)
     write_plan(ablation, args.out)
-    chosen = ", ".join(f"{d}: {len(a.variants)} variants" for d, a in ablation.detectors.items())
+    chosen = ", ".join(f"{d}: {len(a.combinations)} combinations" for d, a in ablation.detectors.items())
     print(f"planned {len(ablation.runs)} runs (profile {ablation.profile}, design {ablation.design}, "
           f"seeds {list(ablation.seeds)}; {chosen}) in {args.out}")

@@ -2,7 +2,7 @@
 
 Reads the plan (runs/plan/ablation.yaml) and every planned run's metrics.json, detections.json,
 metrics.csv and checkpoint, and writes <out>/ablation.md, ablation.csv, metrics.json, figures/*.png and
-each run's figures, runs/<detector>/<combo>/seed<k>/*.png (what `libra track` logs on its MLflow run).
+each run's figures, runs/<detector>/<combination>/seed<k>/*.png (what `libra track` logs on its MLflow run).
 Runs that runs/index.json records as failed are listed with their reason instead (DVC runs this
 stage only after every run finished; run `libra report` by hand to see a partial ablation).
 """
@@ -33,11 +33,11 @@ def run(args: argparse.Namespace) -> None:
     manifest = json.loads(args.manifest.read_text()) if args.manifest.exists() else None
     metrics = write_report(args.plan, args.out, settings, manifest, index=args.index)
     claims = metrics.pop("claims")
-    for detector, variants in metrics.items():
-        for variant, values in variants.items():
+    for detector, combinations in metrics.items():
+        for combination, values in combinations.items():
             delta = (f", ΔAP {values['dAP']:+.1f} [{values.get('dAP_ci_low', float('nan')):+.1f}, "
                      f"{values.get('dAP_ci_high', float('nan')):+.1f}]") if "dAP" in values else ""
-            print(f"{detector:12s} {variant:24s} AP {values['AP']:5.1f}{delta}")
+            print(f"{detector:12s} {combination:24s} AP {values['AP']:5.1f}{delta}")
     for key, claim in claims.items():
         print(f"{key:28s} {claim['delta']:+.2f} [{claim['ci_low']:+.2f}, {claim['ci_high']:+.2f}] {claim['verdict']}")
     print(f"wrote {args.out / 'ablation.md'}, {args.out / 'ablation.csv'}, {args.out / 'figures'} and {args.out / 'runs'}")

@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", type=Path, help="experiment YAML, e.g. configs/faster_rcnn_tiny.yaml")
     source.add_argument("--plan", type=Path,
-                        help="run plan written by `libra plan` (runs/plan/<detector>/<combo>/seed<k>.yaml): "
+                        help="run plan written by `libra plan` (runs/plan/<detector>/<combination>/seed<k>.yaml): "
                              "train its resolved config (what `libra dispatch` runs)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. components.bfp.enabled=true or trainer.devices=2 (repeatable)")

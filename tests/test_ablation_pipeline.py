@@ -29,7 +29,7 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow
 
 VENV_BIN = Path(sys.executable).parent
-# Smoke ablation: per detector the baseline and one variant, one seed; the local executor (2 runs at
+# Smoke ablation: per detector the baseline and one combination, one seed; the local executor (2 runs at
 # once) with one thread per run, so that runs compare exactly with runs trained elsewhere.
 SMOKE = {
     "profile": "smoke",
@@ -42,7 +42,7 @@ SMOKE = {
 }
 TRAINED = [("faster_rcnn", "baseline"), ("faster_rcnn", "IS+BFP+BL"), ("retinanet", "baseline"),
            ("retinanet", "IoU-cls+IoU-loc")]
-RUNS = [f"{detector}/{combo}/seed0" for detector, combo in TRAINED]
+RUNS = [f"{detector}/{combination}/seed0" for detector, combination in TRAINED]
 UNSELECTED = [("faster_rcnn", "BFP"), ("retinanet", "BFP+BL")]
 STAGES = ["prepare", "pretrain", "plan", "runs", "report", "track"]
 
@@ -102,8 +102,8 @@ def test_repro_writes_every_output_with_its_schema(smoke_repo):
     manifest = json.loads((repo / "data/manifest.json").read_text())
     assert manifest["source"] == "synthetic" and manifest["splits"]["val"]["images"] == 8 and len(manifest["digest"]) == 64
 
-    for detector, combo in TRAINED:
-        run = repo / "runs" / detector / combo / "seed0"
+    for detector, combination in TRAINED:
+        run = repo / "runs" / detector / combination / "seed0"
         assert (run / "checkpoints/last.ckpt").exists(), run
         metrics = json.loads((run / "metrics.json").read_text())
         assert set(metrics["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
@@ -111,8 +111,8 @@ def test_repro_writes_every_output_with_its_schema(smoke_repo):
         for name, column in (("train_loss", "train_loss"), ("val_AP", "val_AP")):
             curve = pd.read_csv(run / "curves" / f"{name}.csv")
             assert list(curve.columns) == ["epoch", column] and len(curve) >= 1
-    for detector, combo in UNSELECTED:  # runs outside the design cost nothing: no stage, no directory
-        assert not (repo / "runs" / detector / combo).exists()
+    for detector, combination in UNSELECTED:  # runs outside the design cost nothing: no stage, no directory
+        assert not (repo / "runs" / detector / combination).exists()
     listed = _run([str(VENV_BIN / "dvc"), "stage", "list", "--name-only", "dvc.yaml"], repo, env)
     assert listed.stdout.split() == STAGES
     assert "4 planned runs: 0 reused, 0 to resume, 4 to train; executor local (2 at once" in proc.stdout
@@ -130,14 +130,14 @@ def test_repro_writes_every_output_with_its_schema(smoke_repo):
 
     assert list(table.columns) == list(COLUMNS)
     ours = table[table.source == "ours"]
-    assert sorted(zip(ours.detector, ours.variant)) == sorted(TRAINED)
+    assert sorted(zip(ours.detector, ours.combination)) == sorted(TRAINED)
     assert (ours.seeds == 1).all() and ours["AP"].between(0, 100).all()
-    variants = ours[ours.variant != "baseline"]
-    assert variants["dAP"].notna().all()
-    assert (variants["dAP_ci_low"] <= variants["dAP_ci_high"]).all()
+    combinations = ours[ours.combination != "baseline"]
+    assert combinations["dAP"].notna().all()
+    assert (combinations["dAP_ci_low"] <= combinations["dAP_ci_high"]).all()
     paper = table[table.source == "paper"]
-    assert set(paper.variant) >= {"baseline", "IS+BFP+BL", "IoU-cls+IoU-loc"}
-    assert paper.set_index(["detector", "variant"]).loc[("faster_rcnn", "IS+BFP+BL"), "AP"] == pytest.approx(38.5)
+    assert set(paper.combination) >= {"baseline", "IS+BFP+BL", "IoU-cls+IoU-loc"}
+    assert paper.set_index(["detector", "combination"]).loc[("faster_rcnn", "IS+BFP+BL"), "AP"] == pytest.approx(38.5)
 
     summary = json.loads((repo / "reports/metrics.json").read_text())
     assert set(summary) == {"faster_rcnn", "retinanet", "claims"} and "dAP" in summary["faster_rcnn"]["IS+BFP+BL"]
@@ -167,7 +167,8 @@ def test_mlflow_holds_parent_and_child_runs(smoke_repo):
     parents = [r for r in runs if r.data.tags.get("libra.role") == "ablation"]
     children = [r for r in runs if r.data.tags.get("libra.role") == "run"]
     assert len(parents) == 1 and parents[0].info.run_id == record["parent_run_id"]
-    assert sorted((c.data.tags["libra.detector"], c.data.tags["libra.combo"]) for c in children) == sorted(TRAINED)
+    tagged = [(c.data.tags["libra.detector"], c.data.tags["libra.combination"]) for c in children]
+    assert sorted(tagged) == sorted(TRAINED)
     for child in children:
         tags = child.data.tags
         assert tags["mlflow.parentRunId"] == record["parent_run_id"] and child.info.status == "FINISHED"

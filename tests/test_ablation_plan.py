@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from pipeline.ablation import factorial, parse_combo, plan_ablation, read_params, resolve_config, run_key, write_plan
+from pipeline.ablation import (factorial, parse_combination, plan_ablation, read_params, resolve_config, run_key,
+                               write_plan)
 from pipeline.config import ConfigError, load_config
 from pipeline.runplan import read_plan_summary
 
@@ -27,8 +28,9 @@ def _configs(ablation) -> dict[str, dict]:
 def test_default_ablation_is_the_papers_rows_times_three_seeds(params):
     ablation = plan_ablation(params, CONFIGS)
     assert (ablation.profile, ablation.design, ablation.seeds) == ("tiny", "table", (0, 1, 2))
-    assert ablation.detectors["faster_rcnn"].variants == ("baseline", "IS", "IS+BFP", "IS+BFP+BL")
-    assert ablation.detectors["retinanet"].variants == ("baseline", "BFP+BL", "IoU-cls", "IoU-loc", "IoU-cls+IoU-loc")
+    assert ablation.detectors["faster_rcnn"].combinations == ("baseline", "IS", "IS+BFP", "IS+BFP+BL")
+    assert ablation.detectors["retinanet"].combinations == ("baseline", "BFP+BL", "IoU-cls", "IoU-loc",
+                                                            "IoU-cls+IoU-loc")
     assert len(ablation.runs) == 9 * 3, "only the runs the design selects are planned"
     by_name = {r.name: r for r in ablation.runs}
     full = by_name["faster_rcnn/IS+BFP+BL/seed1"].experiment_config()
@@ -64,7 +66,7 @@ def test_factorial_design_trains_every_combination(params):
     ablation = plan_ablation(params, CONFIGS)
     assert len(ablation.runs) == (8 + 16) * 3
     assert factorial(("IS", "BFP", "BL")) == ["baseline", "IS", "BFP", "BL", "IS+BFP", "IS+BL", "BFP+BL", "IS+BFP+BL"]
-    assert ablation.detectors["faster_rcnn"].variants == tuple(factorial(("IS", "BFP", "BL")))
+    assert ablation.detectors["faster_rcnn"].combinations == tuple(factorial(("IS", "BFP", "BL")))
 
 
 @pytest.mark.parametrize("name, message", [
@@ -74,7 +76,7 @@ def test_factorial_design_trains_every_combination(params):
 ])
 def test_bad_combination_names_are_refused(name, message):
     with pytest.raises(ConfigError, match=message):
-        parse_combo(name, ("IS", "BFP", "BL"))
+        parse_combination(name, ("IS", "BFP", "BL"))
 
 
 def test_params_errors_name_the_key(params):
@@ -91,8 +93,8 @@ def test_params_errors_name_the_key(params):
     with pytest.raises(ConfigError, match="data.root='elsewhere' with data.source=synthetic"):
         plan_ablation(bad, CONFIGS)
     bad = copy.deepcopy(params)
-    bad["ablation"]["faster_rcnn"]["combos"] = ["baseline", "IS"]
-    with pytest.raises(ConfigError, match=r"ablation.faster_rcnn has unknown keys \['combos'\]"):
+    bad["ablation"]["faster_rcnn"]["combinations"] = ["baseline", "IS"]
+    with pytest.raises(ConfigError, match=r"ablation.faster_rcnn has unknown keys \['combinations'\]"):
         plan_ablation(bad, CONFIGS)
     bad = copy.deepcopy(params)
     bad["profiles"]["tiny"]["set"] = {"train": {"epochz": 3}}

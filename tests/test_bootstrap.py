@@ -80,16 +80,16 @@ def _perfect(image_ids):
 
 
 def test_known_answer_half_the_objects_missed():
-    """Baseline finds every object exactly (AP = 1 on any resample); the variant finds those of the
+    """Baseline finds every object exactly (AP = 1 on any resample); the combination finds those of the
     first half of the images only. On a resample with k of its n = 100 draws in the first half, the
-    variant's recall is k/100 at precision 1, so its AP is the share of the 101 recall points <= k/100
+    combination's recall is k/100 at precision 1, so its AP is the share of the 101 recall points <= k/100
     and ΔAP = (k + 1)/101 - 1, with k ~ Binomial(100, 1/2): the interval is known in closed form."""
     n = 100
     gt = _one_box_per_image(n)
     baseline = match_images(gt, _perfect(range(1, n + 1)))
-    variant = match_images(gt, _perfect(range(1, n // 2 + 1)))
+    combination = match_images(gt, _perfect(range(1, n // 2 + 1)))
     counts = resample_counts(n, 4000, seed=0)
-    delta = paired_delta([ap_samples(variant, counts)], [ap_samples(baseline, counts)], confidence=0.95)
+    delta = paired_delta([ap_samples(combination, counts)], [ap_samples(baseline, counts)], confidence=0.95)
 
     def expected(k):
         return np.count_nonzero(RECALL_THRESHOLDS <= k / n) / 101 - 1.0
@@ -120,8 +120,8 @@ def test_seeds_are_paired_and_averaged():
     gt = _one_box_per_image(n)
     counts = resample_counts(n, 500, seed=3)
     baseline = ap_samples(match_images(gt, _perfect(range(1, n + 1))), counts)
-    variants = [ap_samples(match_images(gt, _perfect(range(1, m + 1))), counts) for m in (30, 45)]
-    delta = paired_delta(variants, [baseline, baseline])
+    combinations = [ap_samples(match_images(gt, _perfect(range(1, m + 1))), counts) for m in (30, 45)]
+    delta = paired_delta(combinations, [baseline, baseline])
     per_seed = [np.count_nonzero(RECALL_THRESHOLDS <= m / n) / 101 - 1 for m in (30, 45)]
     assert delta.per_seed == pytest.approx(per_seed)
     assert delta.delta == pytest.approx(np.mean(per_seed))
@@ -146,18 +146,18 @@ def test_no_detections_and_resample_counts():
 
 
 def _seed_spread_case(recalled: tuple[int, ...], n: int = 60, resamples: int = 2000):
-    """Baseline perfect; variant seed k finds the objects of the first ``recalled[k]`` images."""
+    """Baseline perfect; combination seed k finds the objects of the first ``recalled[k]`` images."""
     gt = _one_box_per_image(n)
     counts = resample_counts(n, resamples, seed=3)
     baseline = ap_samples(match_images(gt, _perfect(range(1, n + 1))), counts)
-    variants = [ap_samples(match_images(gt, _perfect(range(1, m + 1))), counts) for m in recalled]
-    return variants, [baseline] * len(recalled)
+    combinations = [ap_samples(match_images(gt, _perfect(range(1, m + 1))), counts) for m in recalled]
+    return combinations, [baseline] * len(recalled)
 
 
 def test_two_level_statistic_draws_seed_pairs_within_each_image_resample():
-    variants, baselines = _seed_spread_case((20, 40, 55), resamples=300)
-    delta = paired_delta(variants, baselines, seed=7)
-    by_seed = np.stack([v.resampled.mean(axis=1) - b.resampled.mean(axis=1) for v, b in zip(variants, baselines)])
+    combinations, baselines = _seed_spread_case((20, 40, 55), resamples=300)
+    delta = paired_delta(combinations, baselines, seed=7)
+    by_seed = np.stack([v.resampled.mean(axis=1) - b.resampled.mean(axis=1) for v, b in zip(combinations, baselines)])
     drawn = seed_draws(3, 300, seed=7)
     expected = np.array([by_seed[drawn[r], r].mean() for r in range(300)])
     assert delta.resampled == pytest.approx(expected, abs=1e-12)
@@ -167,15 +167,15 @@ def test_two_level_statistic_draws_seed_pairs_within_each_image_resample():
 def test_seed_spread_widens_the_interval_beyond_the_image_only_one():
     """Three seeds far apart: the image-only interval is the sampling error of their mean; the
     two-level interval adds the seed spread, so it contains the image-only one and is wider."""
-    variants, baselines = _seed_spread_case((20, 40, 55))
-    delta = paired_delta(variants, baselines)
+    combinations, baselines = _seed_spread_case((20, 40, 55))
+    delta = paired_delta(combinations, baselines)
     assert delta.ci_low < delta.image_ci_low < delta.delta < delta.image_ci_high < delta.ci_high
     assert (delta.ci_high - delta.ci_low) > 1.5 * (delta.image_ci_high - delta.image_ci_low)
 
 
 def test_one_seed_two_level_equals_image_only():
-    variants, baselines = _seed_spread_case((40,))
-    delta = paired_delta(variants, baselines)
+    combinations, baselines = _seed_spread_case((40,))
+    delta = paired_delta(combinations, baselines)
     assert (delta.ci_low, delta.ci_high) == (delta.image_ci_low, delta.image_ci_high)
 
 
@@ -203,10 +203,11 @@ def test_claims_are_tested_where_both_combinations_ran_and_get_their_verdict():
     counts = resample_counts(n, 500, seed=0)
     perfect, half = (ap_samples(match_images(gt, _perfect(range(1, m + 1))), counts) for m in (n, n // 2))
     results, samples = [], {}
-    for combo, sample in (("IS", perfect), ("baseline", half)):
+    for combination, sample in (("IS", perfect), ("baseline", half)):
         for seed in (0, 1):
-            name = f"faster_rcnn/{combo}/seed{seed}"
-            results.append(SimpleNamespace(name=name, plan=SimpleNamespace(detector="faster_rcnn", combo=combo, seed=seed)))
+            name = f"faster_rcnn/{combination}/seed{seed}"
+            plan = SimpleNamespace(detector="faster_rcnn", combination=combination, seed=seed)
+            results.append(SimpleNamespace(name=name, plan=plan))
             samples[name] = sample
     tested = evaluate_claims(results, samples, ReportSettings(resamples=500))
     assert [claim.key for claim, _ in tested] == ["frcnn_IS_gt_baseline"]

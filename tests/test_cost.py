@@ -96,11 +96,11 @@ def test_report_cost_columns_against_hand_computed_ratios():
     params["ablation"]["seeds"] = [0, 1]
     ablation = plan_ablation(params, ROOT / "configs")
     s_per_step = {("baseline", 0): 0.10, ("baseline", 1): 0.30, ("IS", 0): 0.25, ("IS", 1): 0.27}
-    results = [_result(r, s_per_step.get((r.combo, r.seed), 0.4), rss=1000.0 + r.seed, gpu=None)
+    results = [_result(r, s_per_step.get((r.combination, r.seed), 0.4), rss=1000.0 + r.seed, gpu=None)
                if r.detector == "faster_rcnn" else _result(r, None, rss=500.0, gpu=200.0 + 100 * r.seed)
                for r in ablation.runs]
     table = ablation_table(ablation.summary(), results, {}, {}, ZOO)
-    rows = table.set_index(["detector", "variant", "source"])
+    rows = table.set_index(["detector", "combination", "source"])
     assert rows.loc[("faster_rcnn", "baseline", "ours"), "train_time_ratio"] == pytest.approx(1.0)
     assert rows.loc[("faster_rcnn", "IS", "ours"), "train_time_ratio"] == pytest.approx(0.26 / 0.20)
     assert rows.loc[("faster_rcnn", "IS+BFP+BL", "ours"), "train_time_ratio"] == pytest.approx(0.4 / 0.20)
@@ -111,7 +111,7 @@ def test_report_cost_columns_against_hand_computed_ratios():
     zoo = rows.loc[("faster_rcnn", "IS+BFP+BL", "mmdet")]
     assert (zoo["AP"], zoo["peak_mem_mb"], zoo["infer_ms_per_image"]) == (38.3, 4710.4, 52.63)
     faster = table[table.detector == "faster_rcnn"]
-    assert list(faster.source[faster.variant == "IS+BFP+BL"]) == ["ours", "paper", "mmdet"]
+    assert list(faster.source[faster.combination == "IS+BFP+BL"]) == ["ours", "paper", "mmdet"]
 
     lines = "\n".join(detector_markdown(table, "faster_rcnn", 0.95, ZOO))
     assert "| train time × | peak mem (MB) |" in lines
@@ -126,7 +126,7 @@ def test_model_zoo_rows_from_installed_metafiles():
     rows = model_zoo_rows()
     if rows is None:
         pytest.skip("mmdet is not installed")
-    assert {(r.detector, r.variant) for r in rows} == {(d, v) for d, vs in MODEL_ZOO.items() for v in vs}
+    assert {(r.detector, r.combination) for r in rows} == {(d, v) for d, vs in MODEL_ZOO.items() for v in vs}
     by_name = {r.config: r for r in rows}
     libra_frcnn = by_name["libra-faster-rcnn_r50_fpn_1x_coco"]
     assert (libra_frcnn.AP, libra_frcnn.train_mem_mb, libra_frcnn.infer_ms_per_image) == (38.3, 4.6 * 1024, 52.63)

@@ -31,21 +31,21 @@ from pipeline.runplan import RunPlan
 DIGEST = "digest-a"
 
 
-def _plan(data: Path, detector: str, combo: str, seed: int, **sets: object) -> RunPlan:
-    components = () if combo == "baseline" else tuple(combo.split("+"))
+def _plan(data: Path, detector: str, combination: str, seed: int, **sets: object) -> RunPlan:
+    components = () if combination == "baseline" else tuple(combination.split("+"))
     enabled = {f"components.{COMPONENTS[c]}.enabled": "true" for c in components}
     config = load_config(ROOT / "configs" / f"{detector}_tiny.yaml", tiny_overrides(data, **enabled, **sets))
-    return RunPlan(detector, combo, components, seed, run_dir(detector, combo, seed), config.to_dict())
+    return RunPlan(detector, combination, components, seed, run_dir(detector, combination, seed), config.to_dict())
 
 
 def _write_ablation(root: Path, plans: list[RunPlan], digest: str = DIGEST) -> None:
     """``root/runs/plan`` for ``plans`` and a data manifest with ``digest``."""
-    variants: dict[str, list[str]] = {}
+    combinations: dict[str, list[str]] = {}
     for plan in plans:
-        variants.setdefault(plan.detector, [])
-        if plan.combo not in variants[plan.detector]:
-            variants[plan.detector].append(plan.combo)
-    detectors = {d: DetectorAblation(d, DETECTOR_COMPONENTS[d], tuple(v)) for d, v in variants.items()}
+        combinations.setdefault(plan.detector, [])
+        if plan.combination not in combinations[plan.detector]:
+            combinations[plan.detector].append(plan.combination)
+    detectors = {d: DetectorAblation(d, DETECTOR_COMPONENTS[d], tuple(v)) for d, v in combinations.items()}
     seeds = tuple(sorted({p.seed for p in plans}))
     write_plan(Ablation("test", "table", seeds, detectors, tuple(plans)), root / "runs" / "plan")
     (root / "data").mkdir(parents=True, exist_ok=True)

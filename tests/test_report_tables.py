@@ -28,7 +28,7 @@ def table() -> tuple[pd.DataFrame, dict]:
     ablation = plan_ablation(params, ROOT / "configs")
     summary = ablation.summary()
     ap = {"baseline": 0.30, "IS": 0.32, "IS+BFP": 0.33, "IS+BFP+BL": 0.35}
-    results = [RunResult(r, _metrics(ap.get(r.combo, 0.25) + 0.01 * r.seed), [], pd.DataFrame(), None)
+    results = [RunResult(r, _metrics(ap.get(r.combination, 0.25) + 0.01 * r.seed), [], pd.DataFrame(), None)
                for r in ablation.runs]
     deltas = {("faster_rcnn", "IS+BFP+BL"): PairedDelta(0.05, 0.03, 0.07, 0.04, 0.06, (0.05, 0.05), np.zeros(3))}
     correlations = {("retinanet", "IoU-cls"): {"pearson": 0.4, "spearman": 0.35}}
@@ -40,23 +40,24 @@ def test_schema_rows_and_units(table):
     assert list(frame.columns) == list(COLUMNS)
     ours = frame[frame.source == "ours"]
     assert len(ours) == 9 and (ours.seeds == 2).all()
-    row = ours.set_index(["detector", "variant"]).loc[("faster_rcnn", "IS+BFP+BL")]
+    row = ours.set_index(["detector", "combination"]).loc[("faster_rcnn", "IS+BFP+BL")]
     assert row["AP"] == pytest.approx(35.5) and row["AP_sd"] == pytest.approx(np.std([35, 36], ddof=1))
     assert (row["dAP"], row["dAP_ci_low"], row["dAP_ci_high"]) == pytest.approx((5.0, 3.0, 7.0))
     assert (row["dAP_image_ci_low"], row["dAP_image_ci_high"]) == pytest.approx((4.0, 6.0))
     assert row["dAP_sd"] == pytest.approx(0.0)
     assert bool(row["IS"]) and bool(row["BFP"]) and bool(row["BL"]) and pd.isna(row["IoU-cls"])
     assert row["AP@0.50"] == pytest.approx(65.5) and row["AP@0.95"] == pytest.approx(65.5 - 54)
-    paper = frame[frame.source == "paper"].set_index(["detector", "variant"])
+    paper = frame[frame.source == "paper"].set_index(["detector", "combination"])
     assert paper.loc[("faster_rcnn", "baseline"), "AP"] == 35.9
     assert paper.loc[("faster_rcnn", "IS+BFP"), "dAP"] == pytest.approx(1.8)
     assert paper.loc[("retinanet", "IoU-cls+IoU-loc"), "dAP"] == pytest.approx(1.3)
     assert pd.isna(paper.loc[("retinanet", "IoU-cls+IoU-loc"), "AP"])
-    retina = ours.set_index(["detector", "variant"]).loc[("retinanet", "IoU-cls")]
+    retina = ours.set_index(["detector", "combination"]).loc[("retinanet", "IoU-cls")]
     assert retina["score_iou_pearson"] == pytest.approx(0.4) and pd.isna(retina["IS"]) and bool(retina["IoU-cls"])
     # rows keep the design's order, each paper row right after ours
     faster = frame[frame.detector == "faster_rcnn"]
-    assert list(zip(faster.variant, faster.source))[:3] == [("baseline", "ours"), ("baseline", "paper"), ("IS", "ours")]
+    assert list(zip(faster.combination, faster.source))[:3] == [("baseline", "ours"), ("baseline", "paper"),
+                                                                 ("IS", "ours")]
 
 
 def test_summary_metrics_and_markdown(table):
@@ -69,7 +70,7 @@ def test_summary_metrics_and_markdown(table):
     assert metrics["faster_rcnn"]["IS+BFP+BL"]["dAP"] == pytest.approx(5.0)
     assert "dAP" not in metrics["faster_rcnn"]["baseline"]
     lines = "\n".join(detector_markdown(frame, "faster_rcnn", 0.95))
-    assert "| variant | IS | BFP | BL | source | AP |" in lines
+    assert "| combination | IS | BFP | BL | source | AP |" in lines
     assert "| IS+BFP+BL | ✓ | ✓ | ✓ | ours | 35.5 ± 0.7 |" in lines
     assert "5.0 ± 0.0 | [3.0, 7.0] | [4.0, 6.0] |" in lines
     assert "|  | ✓ | ✓ | ✓ | paper | 38.5 | 59.3 | 42.0 | 22.9 | 42.1 | 50.5 | 2.6 |  |  |" in lines

@@ -1,12 +1,12 @@
-"""Paired two-level bootstrap for the AP difference of a variant and its baseline.
+"""Paired two-level bootstrap for the AP difference of a combination and its baseline.
 
 Two sources of variation separate a measured ΔAP from the true one: which validation images were
 evaluated, and the training run's luck (its seed). The interval covers both, in one bootstrap:
 
 * images: every resample draws the validation images with replacement (multinomial counts), and
-  the *same* draw is applied to the variant and the baseline of every seed, because all runs are
+  the *same* draw is applied to the combination and the baseline of every seed, because all runs are
   evaluated on the one validation set; image-to-image variation the runs share cancels in ΔAP;
-* seeds: within the same resample the seed pairs are drawn with replacement (variant seed k stays
+* seeds: within the same resample the seed pairs are drawn with replacement (combination seed k stays
   paired with baseline seed k), and the statistic is the mean ΔAP over the drawn pairs.
 
 The interval is the percentile interval of the resampled statistic. The image-only interval (all
@@ -56,7 +56,7 @@ def ap_samples(matches: ImageMatches, counts: np.ndarray) -> APSamples:
 
 @dataclass(frozen=True)
 class PairedDelta:
-    """AP difference (variant - baseline) in AP units (fractions, not percent)."""
+    """AP difference (combination - baseline) in AP units (fractions, not percent)."""
 
     delta: float
     """Seed-averaged difference on the full validation set."""
@@ -100,22 +100,24 @@ def seed_draws(num_seeds: int, resamples: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, 1]).integers(0, num_seeds, size=(resamples, num_seeds))
 
 
-def paired_delta(variant: list[APSamples], baseline: list[APSamples], confidence: float = 0.95,
+def paired_delta(combination: list[APSamples], baseline: list[APSamples], confidence: float = 0.95,
                  statistic: Statistic = coco_ap, seed: int = 0) -> PairedDelta:
-    """Δ ``statistic`` of ``variant`` over ``baseline`` with the two-level and the image-only interval.
+    """Δ ``statistic`` of ``combination`` over ``baseline`` with the two-level and the image-only interval.
 
-    ``variant[s]`` and ``baseline[s]`` are the samples of seed ``s`` of each, all made with the
+    ``combination[s]`` and ``baseline[s]`` are the samples of seed ``s`` of each, all made with the
     same image resample counts; ``seed`` seeds the draws of seed pairs. ``statistic`` maps AP per
     IoU threshold to the compared number: COCO AP by default, e.g. ``lambda ap: ap[..., 0]`` for AP50.
     """
-    if len(variant) != len(baseline) or not variant:
-        raise ValueError(f"need the same non-zero number of variant and baseline runs, got {len(variant)} and {len(baseline)}")
+    if len(combination) != len(baseline) or not combination:
+        raise ValueError(f"need the same non-zero number of combination and baseline runs, "
+                         f"got {len(combination)} and {len(baseline)}")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    if len({s.resampling for s in (*variant, *baseline)}) != 1:
+    if len({s.resampling for s in (*combination, *baseline)}) != 1:
         raise ValueError("the runs were resampled differently (other images or other counts); cannot pair them")
-    per_seed = tuple(float(statistic(v.full) - statistic(b.full)) for v, b in zip(variant, baseline))
-    by_seed = np.stack([statistic(v.resampled) - statistic(b.resampled) for v, b in zip(variant, baseline)])  # [S, R]
+    per_seed = tuple(float(statistic(c.full) - statistic(b.full)) for c, b in zip(combination, baseline))
+    by_seed = np.stack([statistic(c.resampled) - statistic(b.resampled)
+                        for c, b in zip(combination, baseline)])  # [S, R]
     resamples = by_seed.shape[1]
     drawn = seed_draws(len(per_seed), resamples, seed)
     two_level = by_seed[drawn, np.arange(resamples)[:, None]].mean(axis=1)

@@ -18,7 +18,7 @@ from pipeline.report.localization import detection_ious, score_iou_correlation
 from pipeline.report.per_image import match_images
 from pipeline.report.reference import ModelZooRow, model_zoo_rows
 from pipeline.report.failures import failures_markdown, read_failures
-from pipeline.report.results import RUN_FIGURES_DIR, RunResult, load_results, validation_ground_truth
+from pipeline.report.results import RUN_FIGURES_DIR, RunResult, load_results, runs_of, validation_ground_truth
 from pipeline.report.tables import ablation_table, claims_markdown, detector_markdown, summary_metrics
 from pipeline.runplan import PlanSummary
 from pipeline.io import write_text_atomic
@@ -51,23 +51,23 @@ def _ground_truths(results: list[RunResult]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _paired_runs(results: list[RunResult], detector: str, combo: str, reference: str
+def _paired_runs(results: list[RunResult], detector: str, combination: str, reference: str
                  ) -> tuple[list[RunResult], list[RunResult]]:
-    """The runs of ``combo`` and of ``reference`` for the seeds both have, paired by seed."""
-    runs = {(r.plan.combo, r.plan.seed): r for r in results if r.plan.detector == detector}
-    seeds = sorted(s for c, s in runs if c == combo and (reference, s) in runs)
-    return [runs[(combo, s)] for s in seeds], [runs[(reference, s)] for s in seeds]
+    """The runs of ``combination`` and of ``reference`` for the seeds both have, paired by seed."""
+    runs = {(r.plan.combination, r.plan.seed): r for r in results if r.plan.detector == detector}
+    seeds = sorted(s for c, s in runs if c == combination and (reference, s) in runs)
+    return [runs[(combination, s)] for s in seeds], [runs[(reference, s)] for s in seeds]
 
 
 def compute_deltas(summary: PlanSummary, results: list[RunResult], samples: dict[str, APSamples],
                    settings: ReportSettings) -> dict[tuple[str, str], PairedDelta]:
-    """ΔAP of every variant over its detector's baseline, runs paired by seed."""
+    """ΔAP of every combination over its detector's baseline, runs paired by seed."""
     deltas = {}
     for detector, spec in summary.detectors.items():
-        for combo in spec.variants:
-            variant, baseline = _paired_runs(results, detector, combo, "baseline")
-            if combo != "baseline" and variant:
-                deltas[(detector, combo)] = paired_delta([samples[r.name] for r in variant],
+        for combination in spec.combinations:
+            runs, baseline = _paired_runs(results, detector, combination, "baseline")
+            if combination != "baseline" and runs:
+                deltas[(detector, combination)] = paired_delta([samples[r.name] for r in runs],
                                                          [samples[r.name] for r in baseline],
                                                          settings.confidence, seed=settings.seed)
     return deltas
@@ -78,7 +78,7 @@ def evaluate_claims(results: list[RunResult], samples: dict[str, APSamples],
     """Every claim of :data:`CLAIMS` whose two combinations were both run, with its paired difference."""
     tested = []
     for claim in CLAIMS:
-        claimed, reference = _paired_runs(results, claim.detector, claim.combo, claim.reference)
+        claimed, reference = _paired_runs(results, claim.detector, claim.combination, claim.reference)
         if claimed:
             tested.append((claim, paired_delta([samples[r.name] for r in claimed], [samples[r.name] for r in reference],
                                                settings.confidence, claim.statistic, settings.seed)))
@@ -130,12 +130,13 @@ def draw_run_figures(result: RunResult, gt: dict[str, Any], out_dir: Path) -> li
     """The figures of one run (``libra track`` logs them on its MLflow run): training curves, score vs IoU,
     sampled-negative IoUs."""
     out_dir = Path(out_dir)
-    paths = [figures.training_curves({result.plan.combo: result.curves}, out_dir / "training_curves.png", result.name)]
+    paths = [figures.training_curves({result.plan.combination: result.curves}, out_dir / "training_curves.png",
+                                     result.name)]
     scores, ious = detection_ious(gt, result.detections)
-    paths.append(figures.score_vs_iou({result.plan.combo: (scores, ious, score_iou_correlation(scores, ious))},
+    paths.append(figures.score_vs_iou({result.plan.combination: (scores, ious, score_iou_correlation(scores, ious))},
                                       out_dir / "score_vs_iou.png", result.name))
     if result.negative_iou is not None:
-        paths.append(figures.negative_iou_histogram({result.plan.combo: result.negative_iou},
+        paths.append(figures.negative_iou_histogram({result.plan.combination: result.negative_iou},
                                                     out_dir / "negative_iou.png"))
     return paths
 
@@ -143,7 +144,7 @@ def draw_run_figures(result: RunResult, gt: dict[str, Any], out_dir: Path) -> li
 def write_report(plan_dir: Path, out_dir: Path, settings: ReportSettings, manifest: dict[str, Any] | None = None,
                  root: Path = Path("."), index: Path | None = None) -> dict[str, Any]:
     """Write ``ablation.md``, ``ablation.csv``, ``metrics.json``, ``figures/*.png`` and each run's figures
-    (``runs/<detector>/<combo>/seed<k>/*.png``) under ``out_dir``;
+    (``runs/<detector>/<combination>/seed<k>/*.png``) under ``out_dir``;
     returns the summary metrics (also in ``metrics.json``). The runs that ``index`` (runs/index.json)
     records as failed are listed with their reason instead of reported."""
     out_dir = Path(out_dir)
@@ -167,14 +168,14 @@ def write_report(plan_dir: Path, out_dir: Path, settings: ReportSettings, manife
     correlations, score_panels = {}, {}
     for detector, spec in summary.detectors.items():
         score_panels[detector] = {}
-        for combo in spec.variants:
-            runs = [r for r in results if r.plan.detector == detector and r.plan.combo == combo]
+        for combination in spec.combinations:
+            runs = runs_of(results, detector, combination)
             if not runs:
                 continue
             pairs = [detection_ious(gts[r.name], r.detections) for r in runs]
             scores, ious = np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
-            correlations[(detector, combo)] = score_iou_correlation(scores, ious)
-            score_panels[detector][combo] = (scores, ious, correlations[(detector, combo)])
+            correlations[(detector, combination)] = score_iou_correlation(scores, ious)
+            score_panels[detector][combination] = (scores, ious, correlations[(detector, combination)])
 
     model_zoo = model_zoo_rows()
     table = ablation_table(summary, results, deltas, correlations, model_zoo or ())
@@ -185,8 +186,9 @@ def write_report(plan_dir: Path, out_dir: Path, settings: ReportSettings, manife
 
     fig_dir = out_dir / "figures"
     drawn: list[tuple[str, Path]] = []
-    histograms = {f"{r.plan.combo} seed{r.plan.seed} ({'IoU-balanced' if 'IS' in r.plan.components else 'random'})":
-                  r.negative_iou for r in results if r.negative_iou is not None}
+    histograms = {f"{r.plan.combination} seed{r.plan.seed} "
+                  f"({'IoU-balanced' if 'IS' in r.plan.components else 'random'})": r.negative_iou
+                  for r in results if r.negative_iou is not None}
     if histograms:
         drawn.append(("IoU of sampled negatives, random vs IoU-balanced sampling (Faster R-CNN, whole training)",
                       figures.negative_iou_histogram(histograms, fig_dir / "negative_iou_faster_rcnn.png")))
@@ -194,18 +196,18 @@ def write_report(plan_dir: Path, out_dir: Path, settings: ReportSettings, manife
         if panels:
             title = f"{DETECTOR_TITLES.get(detector, detector)}: detection score vs IoU (seeds pooled)"
             drawn.append((title, figures.score_vs_iou(panels, fig_dir / f"score_vs_iou_{detector}.png", title)))
-    ap_curves = {detector: {combo: list(table[(table.detector == detector) & (table.variant == combo)
+    ap_curves = {detector: {combination: list(table[(table.detector == detector) & (table.combination == combination)
                                               & (table.source == "ours")][[f"AP@{t}" for t in IOU_THRESHOLDS]].iloc[0])
-                            for combo in spec.variants
-                            if any(r.plan.detector == detector and r.plan.combo == combo for r in results)}
+                            for combination in spec.combinations
+                            if runs_of(results, detector, combination)}
                  for detector, spec in summary.detectors.items()}
     drawn.append(("AP by IoU threshold (mean over seeds)",
                   figures.ap_by_iou(ap_curves, [float(t) for t in IOU_THRESHOLDS], fig_dir / "ap_by_iou.png")))
     drawn.append(("Balanced L1 vs smooth L1: loss and gradient",
                   figures.loss_and_gradient(_box_losses(results), fig_dir / "balanced_l1.png")))
     for detector, spec in summary.detectors.items():
-        curves = {combo: _mean_curves([r for r in results if r.plan.detector == detector and r.plan.combo == combo])
-                  for combo in spec.variants}
+        curves = {combination: _mean_curves(runs_of(results, detector, combination))
+                  for combination in spec.combinations}
         title = f"{DETECTOR_TITLES.get(detector, detector)}: training curves (mean over seeds)"
         drawn.append((title, figures.training_curves(curves, fig_dir / f"training_curves_{detector}.png", title)))
     for r in results:
@@ -240,13 +242,14 @@ def _markdown(summary: PlanSummary, table: pd.DataFrame, claims: list[tuple[Clai
         lines += [f"### {title}", "", f"![{title}]({path.relative_to(out_dir).as_posix()})", ""]
     level = f"{round(100 * settings.confidence)}%"
     method = [
-        ("**ΔAP** is the AP of a variant minus the AP of its detector's baseline, averaged over the seeds "
-         "(variant seed k paired with baseline seed k); `±` is the standard deviation of the per-seed differences."),
+        ("**ΔAP** is the AP of a combination minus the AP of its detector's baseline, averaged over the seeds "
+         "(combination seed k paired with baseline seed k); `±` is the standard deviation of the per-seed "
+         "differences."),
         (f"**{level} CI (seeds + images)**: a two-level paired percentile bootstrap, {settings.resamples} resamples "
          f"(seed {settings.seed}). Each resample draws the validation images with replacement and, independently, "
          "the seed pairs with replacement; the statistic is the mean ΔAP over the drawn seed pairs on the drawn "
          "image multiset. The image draw is shared by every run, because every run is evaluated on the same "
-         "validation set; the seed draw keeps variant seed k with baseline seed k. It assumes that seeds are "
+         "validation set; the seed draw keeps combination seed k with baseline seed k. It assumes that seeds are "
          "exchangeable draws of the training noise and images exchangeable draws of the data; with "
          f"{len(summary.seeds)} seeds the seed level has few distinct values, so the interval is coarse and "
          "somewhat narrow (a bootstrap over S items has (S - 1)/S of the sample variance)."),
@@ -260,7 +263,7 @@ def _markdown(summary: PlanSummary, table: pd.DataFrame, claims: list[tuple[Clai
         ("**Verdicts**: *reproduced* when the seeds + images interval of the claimed difference excludes 0 on "
          "the paper's side, *contradicted* when it excludes 0 on the other side, *not resolved* when it contains 0."),
         ("**Score vs IoU**: each detection's IoU with the best-overlapping ground truth of the same class in its "
-         "image (0 if none); Pearson and Spearman correlation over all detections of the variant's seeds."),
+         "image (0 if none); Pearson and Spearman correlation over all detections of the combination's seeds."),
         ("**Sampled negatives**: the IoU histogram the Faster R-CNN sampler accumulates over all training "
          "steps (`model.roi_heads.sampled_negative_iou` in the checkpoint)."),
         ("Paper rows come from the publications (COCO, R50-FPN, 1x); they are context, not targets, for the "

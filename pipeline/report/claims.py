@@ -31,9 +31,9 @@ class Claim:
     """Short identifier, used in ``metrics.json`` and MLflow."""
     text: str
     detector: str
-    combo: str
+    combination: str
     reference: str
-    """The combination ``combo`` is compared with (``combo`` - ``reference``)."""
+    """The combination that ``combination`` is compared with (Δ = ``combination`` - ``reference``)."""
     statistic: Statistic
     measure: str
     """What the statistic is, in words."""

@@ -26,7 +26,7 @@ def _save(fig, path: Path) -> Path:
 
 def negative_iou_histogram(histograms: dict[str, tuple[np.ndarray, np.ndarray]], path: Path,
                            title: str = "IoU of the negatives sampled by the R-CNN head") -> Path:
-    """Fraction of sampled negatives per IoU bin (with their best ground truth), one line per variant."""
+    """Fraction of sampled negatives per IoU bin (with their best ground truth), one line per combination."""
     fig, ax = plt.subplots(figsize=(7, 4))
     upper = 0.0
     for label, (edges, counts) in histograms.items():
@@ -46,7 +46,7 @@ def negative_iou_histogram(histograms: dict[str, tuple[np.ndarray, np.ndarray]],
 
 
 def score_vs_iou(panels: dict[str, tuple[np.ndarray, np.ndarray, dict[str, float]]], path: Path, title: str) -> Path:
-    """One panel per variant: detection score against IoU with the best same-class ground truth."""
+    """One panel per combination: detection score against IoU with the best same-class ground truth."""
     n = max(1, len(panels))
     cols = min(n, 3)
     rows = math.ceil(n / cols)
@@ -66,10 +66,10 @@ def score_vs_iou(panels: dict[str, tuple[np.ndarray, np.ndarray, dict[str, float
 
 
 def ap_by_iou(curves: dict[str, dict[str, list[float]]], thresholds: list[float], path: Path) -> Path:
-    """AP (%) at each IoU threshold, one panel per detector, one line per variant."""
+    """AP (%) at each IoU threshold, one panel per detector, one line per combination."""
     fig, axes = plt.subplots(1, max(1, len(curves)), figsize=(6 * max(1, len(curves)), 4), squeeze=False)
-    for ax, (detector, variants) in zip(axes.flat, curves.items()):
-        for label, values in variants.items():
+    for ax, (detector, combinations) in zip(axes.flat, curves.items()):
+        for label, values in combinations.items():
             ax.plot(thresholds, values, marker="o", markersize=3, label=label)
         ax.set_title(detector)
         ax.set_xlabel("IoU threshold")
@@ -108,7 +108,7 @@ def _side_by_side(left, right, xlabel: str) -> None:
 
 
 def training_curves(curves: dict[str, pd.DataFrame], path: Path, title: str) -> Path:
-    """Training loss and validation AP per epoch, one line per variant (or run)."""
+    """Training loss and validation AP per epoch, one line per combination (or run)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for label, frame in curves.items():
         if "train/loss" in frame:

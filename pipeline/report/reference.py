@@ -38,12 +38,12 @@ PAPER_SOURCES: dict[str, str] = {
 }
 
 
-def paper_row(detector: str, combo: str) -> dict[str, float]:
-    """The published numbers of ``combo`` (empty if none), with ΔAP derived where both APs are known."""
+def paper_row(detector: str, combination: str) -> dict[str, float]:
+    """The published numbers of ``combination`` (empty if none), with ΔAP derived where both APs are known."""
     rows = PAPER_ROWS.get(detector, {})
-    row = dict(rows.get(combo, {}))
+    row = dict(rows.get(combination, {}))
     base = rows.get("baseline", {}).get("AP")
-    if "dAP" not in row and "AP" in row and base is not None and combo != "baseline":
+    if "dAP" not in row and "AP" in row and base is not None and combination != "baseline":
         row["dAP"] = round(row["AP"] - base, 1)
     return row
 
@@ -64,7 +64,7 @@ class ModelZooRow:
     GB x 1024), inference time (ms per image) and the hardware/mode it was timed on."""
 
     detector: str
-    variant: str
+    combination: str
     config: str
     metafile: str
     """Path of the metafile inside the mmdet package, e.g. ``.mim/configs/libra_rcnn/metafile.yml``."""
@@ -87,7 +87,7 @@ def mmdet_configs_dir() -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def _zoo_row(detector: str, variant: str, configs: Path, folder: str, name: str) -> ModelZooRow:
+def _zoo_row(detector: str, combination: str, configs: Path, folder: str, name: str) -> ModelZooRow:
     metafile = configs / folder / "metafile.yml"
     if not metafile.exists():
         raise FileNotFoundError(f"{metafile}: no mmdet model-zoo metafile; install mmdet {MMDET_VERSION} "
@@ -103,7 +103,7 @@ def _zoo_row(detector: str, variant: str, configs: Path, folder: str, name: str)
     hardware = ", ".join(f"{timing[k]}" for k in ("hardware", "mode") if k in timing)
     if "batch size" in timing:
         hardware += f", batch {timing['batch size']}"
-    return ModelZooRow(detector, variant, name, f".mim/configs/{folder}/metafile.yml", float(box_ap),
+    return ModelZooRow(detector, combination, name, f".mim/configs/{folder}/metafile.yml", float(box_ap),
                        None if memory is None else float(memory) * 1024, timing.get("value"), hardware)
 
 
@@ -113,5 +113,5 @@ def model_zoo_rows(configs: Path | None = None) -> list[ModelZooRow] | None:
     configs = configs or mmdet_configs_dir()
     if configs is None:
         return None
-    return [_zoo_row(detector, variant, configs, folder, name)
-            for detector, variants in MODEL_ZOO.items() for variant, (folder, name) in variants.items()]
+    return [_zoo_row(detector, combination, configs, folder, name)
+            for detector, combinations in MODEL_ZOO.items() for combination, (folder, name) in combinations.items()]

@@ -14,7 +14,7 @@ from pipeline.engine.curves import epoch_curves, read_metrics_csv
 from pipeline.runplan import PlanSummary, RunPlan, read_plan_summary, read_run_plan
 
 RUN_FIGURES_DIR = "runs"
-"""Folder of the report directory with one folder of figures per run, ``<detector>/<combo>/seed<k>``."""
+"""Folder of the report directory with one folder of figures per run, ``<detector>/<combination>/seed<k>``."""
 NEGATIVE_IOU_BUFFER = "model.roi_heads.sampled_negative_iou"
 """Prefix, in a Faster R-CNN checkpoint's state_dict, of the IoUHistogram the R-CNN sampler fills."""
 
@@ -56,6 +56,11 @@ def load_run(plan: RunPlan, root: Path = Path(".")) -> RunResult:
     checkpoint = run / "checkpoints" / "last.ckpt"
     histogram = negative_iou_histogram(checkpoint) if plan.detector == "faster_rcnn" and checkpoint.exists() else None
     return RunResult(plan, metrics, detections, epoch_curves(read_metrics_csv(run / "metrics.csv")), histogram)
+
+
+def runs_of(results: list[RunResult], detector: str, combination: str) -> list[RunResult]:
+    """The runs of ``combination`` of ``detector``, in the order of ``results``."""
+    return [r for r in results if r.plan.detector == detector and r.plan.combination == combination]
 
 
 def load_results(plan_dir: Path, root: Path = Path("."), skip: frozenset[str] = frozenset()

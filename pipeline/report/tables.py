@@ -1,4 +1,4 @@
-"""The ablation table: one row per (detector, variant) of ours, the paper's row beside it, in percent."""
+"""The ablation table: one row per (detector, combination) of ours, the paper's row beside it, in percent."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from pipeline.params import COMPONENTS, DETECTOR_COMPONENTS
 from pipeline.report.bootstrap import PairedDelta
 from pipeline.report.claims import VERDICT_CODES, Claim, verdict
 from pipeline.report.reference import PAPER_SOURCES, ModelZooRow, paper_row
-from pipeline.report.results import RunResult
+from pipeline.report.results import RunResult, runs_of
 from pipeline.runplan import PlanSummary
 
 BOX_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_COLUMNS = tuple(f"AP@{t}" for t in IOU_THRESHOLDS)
 DELTA_COLUMNS = ("dAP", "dAP_sd", "dAP_ci_low", "dAP_ci_high", "dAP_image_ci_low", "dAP_image_ci_high")
-COLUMNS = ("detector", "variant", "source", *COMPONENTS, "seeds", *BOX_METRICS, "AP_sd", *IOU_COLUMNS,
+COLUMNS = ("detector", "combination", "source", *COMPONENTS, "seeds", *BOX_METRICS, "AP_sd", *IOU_COLUMNS,
            *DELTA_COLUMNS, "score_iou_pearson", "score_iou_spearman", "train_time_ratio", "peak_mem_mb",
            "infer_ms_per_image")
 """Columns of ``ablation.csv``. Source: ours, paper or mmdet (the model zoo). Components: True/False
@@ -40,8 +40,8 @@ def _sd(values: list[float]) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
 
 
-def _components(detector: str, combo: str) -> dict[str, Any]:
-    parts = set(combo.split("+")) if combo != "baseline" else set()
+def _components(detector: str, combination: str) -> dict[str, Any]:
+    parts = set(combination.split("+")) if combination != "baseline" else set()
     return {c: (c in parts) if c in DETECTOR_COMPONENTS[detector] else pd.NA for c in COMPONENTS}
 
 
@@ -65,56 +65,55 @@ def ablation_table(summary: PlanSummary, results: list[RunResult],
                    deltas: dict[tuple[str, str], PairedDelta],
                    correlations: dict[tuple[str, str], dict[str, float]],
                    model_zoo: Sequence[ModelZooRow] = ()) -> pd.DataFrame:
-    """Rows in design order: ours for every variant, then the paper's row where the paper has one,
+    """Rows in design order: ours for every combination, then the paper's row where the paper has one,
     then the mmdet model zoo's where ``model_zoo`` has one."""
     rows = []
     for detector, spec in summary.detectors.items():
-        baseline_s = _mean(_cost([r for r in results if r.plan.detector == detector and r.plan.combo == "baseline"],
-                                 "train_s_per_step"))
-        for combo in spec.variants:
-            runs = [r for r in results if r.plan.detector == detector and r.plan.combo == combo]
+        baseline_s = _mean(_cost(runs_of(results, detector, "baseline"), "train_s_per_step"))
+        for combination in spec.combinations:
+            runs = runs_of(results, detector, combination)
             if not runs:
                 continue
-            row: dict[str, Any] = {"detector": detector, "variant": combo, "source": "ours",
-                                   **_components(detector, combo), "seeds": len(runs)}
+            row: dict[str, Any] = {"detector": detector, "combination": combination, "source": "ours",
+                                   **_components(detector, combination), "seeds": len(runs)}
             for metric in BOX_METRICS:
                 row[metric] = float(np.mean([_percent(r.metrics["bbox"][metric]) for r in runs]))
             row["AP_sd"] = _sd([_percent(r.metrics["bbox"]["AP"]) for r in runs])
             for t, column in zip(IOU_THRESHOLDS, IOU_COLUMNS):
                 row[column] = float(np.mean([_percent(r.metrics["ap_per_iou"][t]) for r in runs]))
-            delta = deltas.get((detector, combo))
+            delta = deltas.get((detector, combination))
             if delta is not None:
                 row.update(dAP=_percent(delta.delta), dAP_sd=_percent(delta.seed_sd),
                            dAP_ci_low=_percent(delta.ci_low), dAP_ci_high=_percent(delta.ci_high),
                            dAP_image_ci_low=_percent(delta.image_ci_low),
                            dAP_image_ci_high=_percent(delta.image_ci_high))
-            corr = correlations.get((detector, combo), {})
+            corr = correlations.get((detector, combination), {})
             row.update(score_iou_pearson=corr.get("pearson", float("nan")),
                        score_iou_spearman=corr.get("spearman", float("nan")),
                        train_time_ratio=_mean(_cost(runs, "train_s_per_step")) / baseline_s,
                        peak_mem_mb=_mean([m for m in map(_peak_memory_mb, runs) if m is not None]))
             rows.append(row)
-            paper = paper_row(detector, combo)
+            paper = paper_row(detector, combination)
             if paper:
-                rows.append({"detector": detector, "variant": combo, "source": "paper",
-                             **_components(detector, combo), **paper})
+                rows.append({"detector": detector, "combination": combination, "source": "paper",
+                             **_components(detector, combination), **paper})
             for zoo in model_zoo:
-                if (zoo.detector, zoo.variant) == (detector, combo):
-                    rows.append({"detector": detector, "variant": combo, "source": "mmdet",
-                                 **_components(detector, combo), "AP": zoo.AP, "peak_mem_mb": zoo.train_mem_mb,
+                if (zoo.detector, zoo.combination) == (detector, combination):
+                    rows.append({"detector": detector, "combination": combination, "source": "mmdet",
+                                 **_components(detector, combination), "AP": zoo.AP, "peak_mem_mb": zoo.train_mem_mb,
                                  "infer_ms_per_image": zoo.infer_ms_per_image})
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
 def summary_metrics(table: pd.DataFrame, claims: list[tuple[Claim, PairedDelta]]) -> dict[str, Any]:
-    """The DVC metrics file of the report: ``{detector: {variant: {AP, AP_sd, AP50, AP75, dAP,
+    """The DVC metrics file of the report: ``{detector: {combination: {AP, AP_sd, AP50, AP75, dAP,
     dAP_ci_low, dAP_ci_high}}}`` of our rows (NaN values left out), and ``claims``: per claim its
     difference and interval (percent), verdict and verdict code (1 / 0 / -1)."""
     out: dict[str, Any] = {}
     for row in table[table["source"] == "ours"].to_dict("records"):
         values = {k: round(float(row[k]), 3) for k in ("AP", "AP_sd", "AP50", "AP75", "dAP", "dAP_ci_low", "dAP_ci_high")
                   if row[k] is not None and not pd.isna(row[k])}
-        out.setdefault(row["detector"], {})[row["variant"]] = values
+        out.setdefault(row["detector"], {})[row["combination"]] = values
     out["claims"] = {claim.key: {"delta": round(_percent(d.delta), 3), "ci_low": round(_percent(d.ci_low), 3),
                                  "ci_high": round(_percent(d.ci_high), 3), "verdict": verdict(d),
                                  "verdict_code": VERDICT_CODES[verdict(d)]}
@@ -125,7 +124,7 @@ def summary_metrics(table: pd.DataFrame, claims: list[tuple[Claim, PairedDelta]]
 def claims_markdown(claims: list[tuple[Claim, PairedDelta]], confidence: float) -> list[str]:
     """The verdict table: claim, comparison, paper, ours with its two-level interval, verdict."""
     level = f"{round(100 * confidence)}%"
-    rows = [[claim.text, f"{claim.combo} vs {claim.reference} ({claim.detector})", claim.measure, claim.paper,
+    rows = [[claim.text, f"{claim.combination} vs {claim.reference} ({claim.detector})", claim.measure, claim.paper,
              f"{_percent(d.delta):+.2f}", f"[{_percent(d.ci_low):+.2f}, {_percent(d.ci_high):+.2f}]",
              f"**{verdict(d)}**"] for claim, d in claims]
     return _md_table(["claim", "comparison", "measure", "paper", "ours (AP points)", f"{level} CI (seeds + images)",
@@ -159,12 +158,12 @@ def detector_markdown(table: pd.DataFrame, detector: str, confidence: float,
     part = table[table["detector"] == detector]
     comps = list(DETECTOR_COMPONENTS[detector])
     level = f"{round(100 * confidence)}%"
-    header = ["variant", *comps, "source", "AP", "AP50", "AP75", "APs", "APm", "APl", "ΔAP",
+    header = ["combination", *comps, "source", "AP", "AP50", "AP75", "APs", "APm", "APl", "ΔAP",
               f"ΔAP {level} CI (seeds + images)", f"ΔAP {level} CI (images only)", "train time ×", "peak mem (MB)"]
     rows = []
     for r in part.to_dict("records"):
         ours = r["source"] == "ours"
-        rows.append([r["variant"] if ours else "", *("✓" if r[c] is True else "" for c in comps), r["source"],
+        rows.append([r["combination"] if ours else "", *("✓" if r[c] is True else "" for c in comps), r["source"],
                      _pm(r["AP"], r["AP_sd"]) if ours else _fmt(r["AP"]),
                      *(_fmt(r[m]) for m in BOX_METRICS[1:]),
                      _pm(r["dAP"], r["dAP_sd"]) if ours else _fmt(r["dAP"]),
@@ -175,7 +174,8 @@ def detector_markdown(table: pd.DataFrame, detector: str, confidence: float,
     if model_zoo is None:
         lines += ["mmdet rows: not shown, mmdet is not installed (`pip install mmdet==3.3.0`).", ""]
     else:
-        cited = [f"{z.variant}: {z.citation}, inference {_fmt(z.infer_ms_per_image, 2)} ms/image ({z.infer_hardware})"
+        cited = [f"{z.combination}: {z.citation}, inference {_fmt(z.infer_ms_per_image, 2)} ms/image "
+                 f"({z.infer_hardware})"
                  for z in model_zoo if z.detector == detector]
         lines += [f"mmdet rows (training memory as the zoo's GB x 1024): {'; '.join(cited)}.", ""] if cited else []
     lines += [("Training cost: `train time ×` is the mean training time per optimizer step over seeds divided "
@@ -183,11 +183,11 @@ def detector_markdown(table: pd.DataFrame, detector: str, confidence: float,
                "rank 0's peak resident set size on CPU), mean over seeds."), ""]
     ours = part[part["source"] == "ours"]
     lines += ["AP (%) at each IoU threshold, mean over seeds:", ""]
-    lines += _md_table(["variant", *(t for t in IOU_THRESHOLDS)],
-                       [[r["variant"], *(_fmt(r[c]) for c in IOU_COLUMNS)] for r in ours.to_dict("records")])
+    lines += _md_table(["combination", *(t for t in IOU_THRESHOLDS)],
+                       [[r["combination"], *(_fmt(r[c]) for c in IOU_COLUMNS)] for r in ours.to_dict("records")])
     lines += ["", ("Correlation of detection score and IoU with the best-matching ground truth of the same class "
                    "(all detections, seeds pooled):"), ""]
-    lines += _md_table(["variant", "Pearson r", "Spearman ρ"],
-                       [[r["variant"], _fmt(r["score_iou_pearson"], 3), _fmt(r["score_iou_spearman"], 3)]
+    lines += _md_table(["combination", "Pearson r", "Spearman ρ"],
+                       [[r["combination"], _fmt(r["score_iou_pearson"], 3), _fmt(r["score_iou_spearman"], 3)]
                         for r in ours.to_dict("records")])
     return lines

@@ -240,7 +240,7 @@ class StudySpec(StrictModel):
     def corner_points(self, limit: int = 256) -> list[dict[str, Any]]:
         """Combinations of each parameter's extremes (all choices of categoricals), to validate configs early."""
         grids = [[(p.key, v) for v in p.corners()] for p in self.params.values()]
-        return [dict(combo) for combo in itertools.islice(itertools.product(*grids), limit)]
+        return [dict(point) for point in itertools.islice(itertools.product(*grids), limit)]
 
 
 def format_override(key: str, value: Any) -> str:
