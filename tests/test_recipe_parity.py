@@ -35,6 +35,7 @@ RECIPE_EXCEPTIONS = (
     "components.iou_balanced_sampling.bin_range",
     "components.balanced_l1.formula",
     "train.grad_clip",
+    "train.warmup_ratio",
     "eval.batch_size",
 )
 """Fields where ours keeps the papers' (mmdetection v1) recipe or its own choice; rows of docs/recipe.md."""
