@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.compose import compose_config
-from pipeline.config import DataConfig, ExperimentConfig, hashed_config, read_yaml
+from pipeline.config import DataConfig, ExperimentConfig, read_yaml
 from pipeline.io import digest_files
 from pipeline.params import DETECTOR_COMPONENTS, Params, combination_name, parse_combination, parse_params
 from pipeline.runplan import (DetectorCombinations, PlannedRunEntry, PlanSummary, RunPlan, write_plan_summary,
@@ -117,13 +117,6 @@ def plan_ablation(params: dict[str, Any], configs_dir: Path = Path("configs")) -
                 runs.append(RunPlan(detector=detector, combination=combination, components=components, seed=seed,
                                     run_dir=run_dir(detector, combination, seed), config=config))
     return Ablation(typed.profile, design, typed.ablation.seeds, detectors, tuple(runs))
-
-
-def run_key(config: dict[str, Any], dataset_digest: str) -> str:
-    """Identity of a run's result: its resolved config (seed included) and its data."""
-    payload = json.dumps({"config": hashed_config(config), "data": dataset_digest}, sort_keys=True,
-                         separators=(",", ":"))
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def file_digest(paths: list[Path]) -> str:

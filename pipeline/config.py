@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import (AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
 
@@ -210,9 +210,8 @@ class BalancedL1Config(StrictModel):
     gamma: Float = Field(1.5, gt=0)
     beta: Float = Field(1.0, gt=0)
     """Where the loss turns linear; per detector in :data:`DETECTOR_COMPONENT_DEFAULTS`."""
-    formula: Literal["exact", "mmdet"] = Field("exact", validation_alias=AliasChoices("formula", "variant"))
-    """``exact`` or ``mmdet`` (see :func:`pipeline.components.losses.balanced_l1_loss`); configs written
-    before it was renamed name it ``variant``."""
+    formula: Literal["exact", "mmdet"] = "exact"
+    """``exact`` or ``mmdet`` (see :func:`pipeline.components.losses.balanced_l1_loss`)."""
     loss_weight: Float = Field(1.0, ge=0)
 
 
@@ -248,17 +247,6 @@ DETECTOR_COMPONENT_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 wherever a config leaves the field unset: ``detector -> section of components -> {field: value}``.
 BFP integrates at P4 (level 2 of Faster R-CNN's P2-P6, 1 of RetinaNet's P3-P7); Balanced L1's
 ``beta`` is the smooth-L1 ``beta`` of the loss it replaces."""
-
-
-def hashed_config(config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` as run keys hash it: ``components.balanced_l1.formula`` under its first name,
-    ``variant``, so that the keys of runs made before the rename still name the same results."""
-    balanced_l1 = config.get("components", {}).get("balanced_l1", {})
-    if "formula" not in balanced_l1:
-        return config
-    hashed = copy.deepcopy(config)
-    hashed["components"]["balanced_l1"] = {("variant" if k == "formula" else k): v for k, v in balanced_l1.items()}
-    return hashed
 
 
 def with_detector_defaults(raw: Any) -> Any:

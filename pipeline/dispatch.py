@@ -28,7 +28,6 @@ SIGTERM or SIGINT stops every job (each saves a checkpoint to resume from) and s
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import shlex
@@ -50,11 +49,10 @@ from pydantic import Field
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from pipeline.ablation import file_digest, plan_path
-from pipeline.config import ConfigError, PositiveInt, StrictModel, hashed_config, validate_model
+from pipeline.config import ConfigError, PositiveInt, StrictModel, validate_model
 from pipeline.io import write_json_atomic, write_text_atomic
-from pipeline.runplan import RunPlan, read_plan_summary, read_run_plan
+from pipeline.runplan import RUN_KEY_FILE, RunPlan, compute_run_key, read_plan_summary, read_run_plan
 
-RUN_KEY_FILE = "run_key"
 """In a run directory: the key of the run it holds, written before training starts."""
 LOG_FILE = "dispatch.log"
 """In a run directory: the output of every train and evaluate attempt, appended."""
@@ -122,17 +120,6 @@ class PlannedRun:
     @property
     def name(self) -> str:
         return self.plan.name
-
-
-def compute_run_key(config: dict[str, Any], data_digest: str, weights_digest: str | None,
-                    init_digest: str | None = None) -> str:
-    """The identity of a run's result: its resolved config (seed included), its data, its backbone
-    weights and the detector it starts from (``model.init_from``, when set)."""
-    identity = {"config": hashed_config(config), "data": data_digest, "weights": weights_digest}
-    if init_digest is not None:
-        identity["init_from"] = init_digest
-    payload = json.dumps(identity, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def planned_runs(plan_dir: Path, data_digest: str, root: Path) -> list[PlannedRun]:

@@ -16,6 +16,8 @@ stays cheap.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,3 +114,27 @@ def read_plan_summary(plan_dir: Path) -> PlanSummary:
     except OSError as exc:
         raise ConfigError(f"{path}: no ablation plan ({exc.strerror}); run `libra plan` (or `dvc repro`) first") from None
     return validate_model(PlanSummary, raw, f"{path} (written by `libra plan`)")
+
+
+RUN_KEY_FILE = "run_key"
+"""``<run_dir>/run_key``: the key of the result in the directory, written before the run trains."""
+
+
+def compute_run_key(config: dict[str, Any], data_digest: str, weights_digest: str | None,
+                    init_digest: str | None = None) -> str:
+    """The identity of a run's result: its resolved config (seed included), its data, its backbone
+    weights and the detector it starts from (``model.init_from``, when set)."""
+    identity = {"config": config, "data": data_digest, "weights": weights_digest}
+    if init_digest is not None:
+        identity["init_from"] = init_digest
+    payload = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def read_run_key(run_dir: Path) -> str:
+    """The key ``libra dispatch`` wrote to ``run_dir``; a ConfigError naming the file when there is none."""
+    path = Path(run_dir) / RUN_KEY_FILE
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: missing; the run was not made by `libra dispatch` (run `dvc repro`)") from None

@@ -7,7 +7,8 @@ Re-logging never duplicates runs silently (see :func:`log_ablation`):
   its runs' keys: the same ablation reuses its parent; any parameter change (a ``dvc exp run -S``
   experiment, a knob) makes a new parent, and earlier ablations stay in the store for comparison;
 * a child is identified inside its parent by ``libra.run_key``, a hash of the run's resolved
-  config (seed included) and the data digest; it is reused when its result files are unchanged
+  config (seed included), its data, its backbone weights (and its `model.init_from` checkpoint) as
+  `libra dispatch` wrote it to `<run>/run_key`; it is reused when its result files are unchanged
   (tag ``libra.results_digest``) and otherwise replaced: the old run is deleted (MLflow's soft
   delete: lifecycle "deleted", restorable, purged by ``mlflow gc``) and a new one logged.
 
@@ -227,10 +228,10 @@ def log_ablation(plan_dir: Path, report_dir: Path, manifest: dict[str, Any], par
 
     Returns what was done: store, experiment, parent run id and per child its run id and action.
     """
-    from pipeline.ablation import ablation_key, run_key
+    from pipeline.ablation import ablation_key
     from pipeline.engine.curves import epoch_curves, read_metrics_csv
     from pipeline.report.results import RUN_FIGURES_DIR
-    from pipeline.runplan import read_plan_summary, read_run_plan
+    from pipeline.runplan import read_plan_summary, read_run_key, read_run_plan
 
     tracker = AblationTracker(experiment, uri)  # the store first: fail fast when it does not answer
     report_dir = Path(report_dir)
@@ -240,7 +241,7 @@ def log_ablation(plan_dir: Path, report_dir: Path, manifest: dict[str, Any], par
     summary = read_plan_summary(plan_dir)
     plans = [read_run_plan(root / entry.plan) for entry in summary.runs]
     dataset_digest = manifest["digest"]
-    keys = {p.name: run_key(p.config, dataset_digest) for p in plans}
+    keys = {p.name: read_run_key(root / p.run_dir) for p in plans}
     parent_params = flatten_params(ablation_params(params))
     key = ablation_key(parent_params, sorted(keys.values()))
     commit, dirty = git_state(root)

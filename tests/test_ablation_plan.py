@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from pipeline.ablation import (factorial, parse_combination, plan_ablation, read_params, resolve_config, run_key,
+from pipeline.ablation import (factorial, parse_combination, plan_ablation, read_params, resolve_config,
                                write_plan)
 from pipeline.config import ConfigError, load_config
-from pipeline.runplan import read_plan_summary
+from pipeline.runplan import compute_run_key, read_plan_summary
 
 CONFIGS = ROOT / "configs"
 
@@ -113,12 +113,13 @@ def test_paper_scale_path_resolves_the_coco_recipe(params):
     assert cfg.components.bfp.refine_level == 2
 
 
-def test_run_key_changes_with_config_and_data(params):
+def test_run_key_changes_with_config_data_and_weights(params):
     run = plan_ablation(params, CONFIGS).runs[0]
-    key = run_key(run.config, "digest-a")
-    assert key == run_key(copy.deepcopy(run.config), "digest-a")
-    assert key != run_key(run.config, "digest-b")
-    assert key != run_key({**run.config, "train": {**run.config["train"], "seed": 7}}, "digest-a")
+    key = compute_run_key(run.config, "digest-a", "weights-a")
+    assert key == compute_run_key(copy.deepcopy(run.config), "digest-a", "weights-a")
+    assert key != compute_run_key(run.config, "digest-b", "weights-a")
+    assert key != compute_run_key(run.config, "digest-a", "weights-b")
+    assert key != compute_run_key({**run.config, "train": {**run.config["train"], "seed": 7}}, "digest-a", "weights-a")
 
 
 @pytest.mark.parametrize("section, key, value, named", [

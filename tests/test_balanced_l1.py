@@ -152,9 +152,3 @@ def test_invalid_arguments(kwargs, message):
 def test_shape_mismatch():
     with pytest.raises(ValueError, match="same shape"):
         balanced_l1_loss(torch.zeros(3, 4), torch.zeros(4))
-
-
-def test_config_written_with_the_former_name_variant_reads_as_formula():
-    assert BalancedL1Config.model_validate({"variant": "mmdet"}).formula == "mmdet"
-    assert BalancedL1Config.model_validate({"formula": "mmdet"}).model_dump()["formula"] == "mmdet"
-    assert "variant" not in BalancedL1Config().model_dump()
