@@ -36,9 +36,16 @@ def run(args: argparse.Namespace) -> None:
     if args.out.exists() and not args.force:
         raise FileExistsError(f"{args.out} exists; pass --force to overwrite it")
     imported = import_mmdet(args.config)
-    for kind, label in (("difference", "known difference"), ("warning", "warning"), ("error", "ERROR")):
-        for leaf in imported.of_kind(kind):
-            print(f"import-mmdet: {label}: {leaf.path} = {leaf.value!r}: {leaf.note}")
+    for leaf in imported.of_kind("difference"):
+        print(f"import-mmdet: known difference: {leaf.path} = {leaf.value!r}: {leaf.note}")
+    warned: dict[str, list[str]] = {}
+    for leaf in imported.of_kind("warning"):
+        warned.setdefault(leaf.note, []).append(leaf.path)
+    for note, paths in warned.items():
+        shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+        print(f"import-mmdet: warning: {note}: {shown} (not used; listed in full at the top of {args.out})")
+    for leaf in imported.of_kind("error"):
+        print(f"import-mmdet: ERROR: {leaf.path} = {leaf.value!r}: {leaf.note}")
     errors = imported.of_kind("error")
     counts = {kind: len(imported.of_kind(kind)) for kind in ("mapped", "fixed", "difference", "ignored", "warning")}
     print(f"import-mmdet: {imported.source}: {len(imported.leaves)} settings: "

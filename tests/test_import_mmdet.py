@@ -99,7 +99,10 @@ def test_warnings_alone_write_the_config(tmp_path, capsys):
     config = _user_config(tmp_path, "default_hooks = dict(logger=dict(interval=10))\nlog_level = 'DEBUG'\n")
     out = tmp_path / "ours.yaml"
     assert main(["import-mmdet", str(config), "--out", str(out)]) == 0
-    assert "warning: default_hooks.logger.interval = 10" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "warning: hooks: checkpoints, logging, timers, visualization: default_hooks." in printed
+    assert f"listed in full at the top of {out}" in printed
+    assert "default_hooks.logger.interval = 10" in out.read_text()
     assert "#   log_level = 'DEBUG'" in out.read_text()
 
 
