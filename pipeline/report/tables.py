@@ -27,7 +27,8 @@ COLUMNS = ("detector", "combination", "source", *COMPONENTS, "seeds", *BOX_METRI
 (empty where the detector has no such component); metrics in percent; ``AP_sd`` and ``dAP_sd`` over
 seeds; ``dAP_ci_*`` the two-level (seeds and images) paired bootstrap interval, ``dAP_image_ci_*``
 the image-only one; score-IoU correlations of the detections pooled over seeds;
-``train_time_ratio`` the mean training s/step over seeds divided by the baseline's;
+``train_time_ratio`` the median training s/step over seeds divided by the baseline's (the median, so
+that one run slowed by another process on the machine does not move it);
 ``peak_mem_mb`` the mean over seeds of the peak training memory (CUDA ``max_memory_allocated`` on a
 GPU, rank 0's peak RSS on CPU; the zoo's training memory); ``infer_ms_per_image`` the zoo's."""
 
@@ -55,6 +56,10 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def _median(values: list[float]) -> float:
+    return float(np.median(values)) if values else float("nan")
+
+
 def _peak_memory_mb(run: RunResult) -> float | None:
     cost = run.metrics.get("cost", {})
     gpu = cost.get("train_peak_gpu_mem_mb")
@@ -69,7 +74,7 @@ def ablation_table(summary: PlanSummary, results: list[RunResult],
     then the mmdet model zoo's where ``model_zoo`` has one."""
     rows = []
     for detector, spec in summary.detectors.items():
-        baseline_s = _mean(_cost(runs_of(results, detector, "baseline"), "train_s_per_step"))
+        baseline_s = _median(_cost(runs_of(results, detector, "baseline"), "train_s_per_step"))
         for combination in spec.combinations:
             runs = runs_of(results, detector, combination)
             if not runs:
@@ -90,7 +95,7 @@ def ablation_table(summary: PlanSummary, results: list[RunResult],
             corr = correlations.get((detector, combination), {})
             row.update(score_iou_pearson=corr.get("pearson", float("nan")),
                        score_iou_spearman=corr.get("spearman", float("nan")),
-                       train_time_ratio=_mean(_cost(runs, "train_s_per_step")) / baseline_s,
+                       train_time_ratio=_median(_cost(runs, "train_s_per_step")) / baseline_s,
                        peak_mem_mb=_mean([m for m in map(_peak_memory_mb, runs) if m is not None]))
             rows.append(row)
             paper = paper_row(detector, combination)
@@ -178,8 +183,9 @@ def detector_markdown(table: pd.DataFrame, detector: str, confidence: float,
                  f"({z.infer_hardware})"
                  for z in model_zoo if z.detector == detector]
         lines += [f"mmdet rows (training memory as the zoo's GB x 1024): {'; '.join(cited)}.", ""] if cited else []
-    lines += [("Training cost: `train time ×` is the mean training time per optimizer step over seeds divided "
-               "by the baseline's; `peak mem` the peak training memory (CUDA `max_memory_allocated` on a GPU, "
+    lines += [("Training cost: `train time ×` is the median training time per optimizer step over seeds "
+               "divided by the baseline's (runs timed one at a time; the median keeps one run slowed by another "
+               "process from moving it); `peak mem` the peak training memory (CUDA `max_memory_allocated` on a GPU, "
                "rank 0's peak resident set size on CPU), mean over seeds."), ""]
     ours = part[part["source"] == "ours"]
     lines += ["AP (%) at each IoU threshold, mean over seeds:", ""]
