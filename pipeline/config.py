@@ -64,6 +64,12 @@ class BackboneConfig(StrictModel):
         return self
 
 
+def _check_iou_thresholds(bg_iou_thresh: float, fg_iou_thresh: float) -> None:
+    """Matches below ``bg_iou_thresh`` are negatives, at or above ``fg_iou_thresh`` positives."""
+    if bg_iou_thresh > fg_iou_thresh:
+        raise ValueError(f"bg_iou_thresh ({bg_iou_thresh}) must not exceed fg_iou_thresh ({fg_iou_thresh})")
+
+
 class RPNConfig(StrictModel):
     pre_nms_top_n_train: PositiveInt = 2000
     post_nms_top_n_train: PositiveInt = 2000
@@ -91,10 +97,7 @@ class RoIHeadsConfig(StrictModel):
 
     @model_validator(mode="after")
     def _thresholds(self) -> "RoIHeadsConfig":
-        if self.bg_iou_thresh > self.fg_iou_thresh:
-            raise ValueError(
-                f"bg_iou_thresh ({self.bg_iou_thresh}) must not exceed fg_iou_thresh ({self.fg_iou_thresh})"
-            )
+        _check_iou_thresholds(self.bg_iou_thresh, self.fg_iou_thresh)
         return self
 
 
@@ -131,10 +134,7 @@ class RetinaNetConfig(StrictModel):
 
     @model_validator(mode="after")
     def _thresholds(self) -> "RetinaNetConfig":
-        if self.bg_iou_thresh > self.fg_iou_thresh:
-            raise ValueError(
-                f"bg_iou_thresh ({self.bg_iou_thresh}) must not exceed fg_iou_thresh ({self.fg_iou_thresh})"
-            )
+        _check_iou_thresholds(self.bg_iou_thresh, self.fg_iou_thresh)
         if self.extra_from == "c5" and self.min_level == 2:
             raise ValueError("extra_from: c5 needs min_level: 3 (with min_level: 2 the pyramid's P6 is max-pooled "
                              "from P5); set min_level: 3 or extra_from: p5")
