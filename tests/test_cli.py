@@ -23,8 +23,10 @@ def test_help_lists_every_stage_and_explains_every_option():
 @pytest.mark.parametrize("args, named", [
     (("train", "--config", "configs/nope.yaml", "--out", "{tmp}/run"), "configs/nope.yaml"),
     (("train", "--config", "configs/faster_rcnn_tiny.yaml", "--set", "train.lr=-1", "--out", "{tmp}/run"), "train.lr"),
-    (("train", "--config", "configs/faster_rcnn_tiny.yaml", "--set", "data.root={tmp}/none", "--out", "{tmp}/run"),
-     "libra prepare"),
+    (("train", "--config", "configs/faster_rcnn_tiny.yaml", "--set", "data.root={tmp}/none",
+      "--set", "model.backbone.weights=null", "--out", "{tmp}/run"), "libra prepare"),
+    (("train", "--config", "configs/faster_rcnn_tiny.yaml", "--set", "model.backbone.weights={tmp}/none.pt",
+      "--out", "{tmp}/run"), "libra pretrain"),
     (("evaluate", "--run", "{tmp}"), "config.yaml"),
     (("pretrain", "--out", "{tmp}/run/w.pt", "--set", "epochs=0"), "epochs"),
     (("pretrain", "--out", "{tmp}/run/w.pt", "--set", "colour=red"), "colour"),
