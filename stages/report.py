@@ -16,7 +16,7 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"),
-                        help="parameters file (its report section: bootstrap_resamples, confidence, seed)")
+                        help="parameters file (its report section: bootstrap_resamples, confidence, seed, rope, power, target_mde)")
     parser.add_argument("--plan", type=Path, default=Path("runs/plan"), help="plan directory written by `libra plan`")
     parser.add_argument("--manifest", type=Path, default=Path("data/manifest.json"),
                         help="data manifest written by `libra prepare --manifest` (optional)")
@@ -39,5 +39,7 @@ def run(args: argparse.Namespace) -> None:
                      f"{values.get('dAP_ci_high', float('nan')):+.1f}]") if "dAP" in values else ""
             print(f"{detector:12s} {combination:24s} AP {values['AP']:5.1f}{delta}")
     for key, claim in claims.items():
-        print(f"{key:28s} {claim['delta']:+.2f} [{claim['ci_low']:+.2f}, {claim['ci_high']:+.2f}] {claim['verdict']}")
+        print(f"{key:28s} {claim['delta']:+.2f} [{claim['ci_low']:+.2f}, {claim['ci_high']:+.2f}] {claim['verdict']:13s}"
+              f" MDE {claim['mde']:.2f} (SE seeds {claim.get('se_seed', float('nan')):.2f}, "
+              f"images {claim['se_image']:.2f})")
     print(f"wrote {args.out / 'ablation.md'}, {args.out / 'ablation.csv'}, {args.out / 'figures'} and {args.out / 'runs'}")

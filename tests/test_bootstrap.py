@@ -180,9 +180,11 @@ def test_one_seed_two_level_equals_image_only():
 
 
 @pytest.mark.parametrize("low, high, expected", [(0.1, 0.5, "reproduced"), (-0.5, -0.1, "contradicted"),
-                                                 (-0.1, 0.5, "not resolved"), (0.0, 0.5, "not resolved")])
+                                                 (-0.1, 0.5, "not resolved"), (0.0, 0.5, "not resolved"),
+                                                 (-0.4, 0.3, "equivalent"), (-0.5, 0.3, "not resolved"),
+                                                 (0.1, 0.3, "reproduced"), (-0.3, -0.1, "contradicted")])
 def test_verdicts_read_the_interval(low, high, expected):
-    assert verdict(PairedDelta((low + high) / 2, low, high, low, high, (0.0,), np.zeros(1))) == expected
+    assert verdict(low, high, rope=0.5) == expected
 
 
 def test_high_iou_statistic():
@@ -210,6 +212,10 @@ def test_claims_are_tested_where_both_combinations_ran_and_get_their_verdict():
             results.append(SimpleNamespace(name=name, plan=plan))
             samples[name] = sample
     tested = evaluate_claims(results, samples, ReportSettings(resamples=500))
-    assert [claim.key for claim, _ in tested] == ["frcnn_IS_gt_baseline"]
-    delta = tested[0][1]
-    assert delta.delta == pytest.approx(1 - 51 / 101) and verdict(delta) == "reproduced"
+    assert [c.claim.key for c in tested] == ["frcnn_IS_gt_baseline"]
+    assert tested[0].delta.delta == pytest.approx(1 - 51 / 101)
+    assert tested[0].verdict == "reproduced" and tested[0].adjusted_verdict == "reproduced"
+    # one claim: the Bonferroni interval is the plain one; identical seeds: no seed part of the SE
+    assert (tested[0].adjusted_low, tested[0].adjusted_high) == pytest.approx(
+        (100 * tested[0].delta.ci_low, 100 * tested[0].delta.ci_high))
+    assert tested[0].split.seed_sd == pytest.approx(0) and tested[0].split.images == n

@@ -10,7 +10,7 @@ from conftest import ROOT
 from pipeline.ablation import plan_ablation, read_params
 from pipeline.engine.coco_eval import IOU_THRESHOLDS
 from pipeline.report.bootstrap import PairedDelta
-from pipeline.report.claims import CLAIMS
+from pipeline.report.claims import CLAIMS, assess_claims
 from pipeline.report.results import RunResult
 from pipeline.report.tables import COLUMNS, ablation_table, detector_markdown, summary_metrics
 
@@ -30,7 +30,8 @@ def table() -> tuple[pd.DataFrame, dict]:
     ap = {"baseline": 0.30, "IS": 0.32, "IS+BFP": 0.33, "IS+BFP+BL": 0.35}
     results = [RunResult(r, _metrics(ap.get(r.combination, 0.25) + 0.01 * r.seed), [], pd.DataFrame(), None)
                for r in ablation.runs]
-    deltas = {("faster_rcnn", "IS+BFP+BL"): PairedDelta(0.05, 0.03, 0.07, 0.04, 0.06, (0.05, 0.05), np.zeros(3))}
+    deltas = {("faster_rcnn", "IS+BFP+BL"): PairedDelta(0.05, 0.03, 0.07, 0.04, 0.06, (0.05, 0.05), np.zeros(3),
+                                                        np.zeros(3), 96)}
     correlations = {("retinanet", "IoU-cls"): {"pearson": 0.4, "spearman": 0.35}}
     return ablation_table(summary, results, deltas, correlations), summary
 
@@ -63,10 +64,22 @@ def test_schema_rows_and_units(table):
 def test_summary_metrics_and_markdown(table):
     frame, _ = table
     claim = CLAIMS[2]
-    metrics = summary_metrics(frame, [(claim, PairedDelta(-0.02, -0.03, -0.01, -0.025, -0.015, (-0.02,), np.zeros(3)))])
+    # two seeds 1 AP point apart; image resamples with sd 0.5 AP points
+    image_resampled = np.array([-0.025, -0.015] * 50)
+    delta = PairedDelta(-0.02, -0.03, -0.01, -0.025, -0.015, (-0.025, -0.015), np.linspace(-0.03, -0.01, 101),
+                        image_resampled, 96)
+    [assessed] = assess_claims([(claim, delta)], confidence=0.95, rope=0.5, power=0.8)
+    metrics = summary_metrics(frame, [assessed])
     assert set(metrics) == {"faster_rcnn", "retinanet", "claims"}
-    assert metrics["claims"] == {claim.key: {"delta": -2.0, "ci_low": -3.0, "ci_high": -1.0,
-                                             "verdict": "contradicted", "verdict_code": -1}}
+    image_se = 100 * np.std(image_resampled, ddof=1)
+    seed_se = 100 * np.std([-0.025, -0.015], ddof=1) / np.sqrt(2)
+    se = np.hypot(image_se, seed_se)
+    assert metrics["claims"] == {claim.key: {
+        "delta": -2.0, "ci_low": -3.0, "ci_high": -1.0, "verdict": "contradicted", "verdict_code": -1,
+        "adjusted_ci_low": -2.95, "adjusted_ci_high": -1.05, "adjusted_verdict": "contradicted",
+        "adjusted_verdict_code": -1, "se": round(se, 3), "se_seed": round(seed_se, 3),
+        "se_image": round(image_se, 3), "seed_sd": round(seed_se * np.sqrt(2), 3),
+        "mde": round(2.8015852 * se, 3), "seeds": 2, "images": 96}}
     assert metrics["faster_rcnn"]["IS+BFP+BL"]["dAP"] == pytest.approx(5.0)
     assert "dAP" not in metrics["faster_rcnn"]["baseline"]
     lines = "\n".join(detector_markdown(frame, "faster_rcnn", 0.95))

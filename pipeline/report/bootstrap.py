@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 
 from pipeline.report.per_image import ImageMatches, average_precision
+from pipeline.report.power import VarianceSplit
 
 
 def resample_counts(num_images: int, resamples: int, seed: int) -> np.ndarray:
@@ -45,13 +46,15 @@ class APSamples:
     """[R, T]"""
     resampling: str
     """Fingerprint of the images and resample counts, so that only paired samples are compared."""
+    num_images: int
 
 
 def ap_samples(matches: ImageMatches, counts: np.ndarray) -> APSamples:
     """AP of ``matches`` on the full set and on every resample of ``counts`` (see :func:`resample_counts`)."""
     fingerprint = hashlib.sha256(np.asarray(matches.image_ids, dtype=np.int64).tobytes()
                                  + np.ascontiguousarray(counts, dtype=np.int64).tobytes()).hexdigest()
-    return APSamples(average_precision(matches)[0], average_precision(matches, counts), fingerprint)
+    return APSamples(average_precision(matches)[0], average_precision(matches, counts), fingerprint,
+                     matches.num_images)
 
 
 @dataclass(frozen=True)
@@ -70,11 +73,24 @@ class PairedDelta:
     """The difference for each seed pair (full set)."""
     resampled: np.ndarray
     """[R] the two-level statistic of each resample."""
+    image_resampled: np.ndarray
+    """[R] the image-only statistic of each resample (the mean over every seed pair)."""
+    num_images: int
+    """How many validation images the runs were evaluated on."""
 
     @property
     def seed_sd(self) -> float:
         """Sample standard deviation of the per-seed differences (NaN with one seed)."""
         return float(np.std(self.per_seed, ddof=1)) if len(self.per_seed) > 1 else float("nan")
+
+    def interval(self, confidence: float) -> tuple[float, float]:
+        """The two-level percentile interval at another ``confidence`` (e.g. a multiplicity-adjusted one)."""
+        return _percentile_interval(self.resampled, confidence)
+
+    def variance_split(self) -> VarianceSplit:
+        """The seed and image parts of the difference's standard error, in AP points."""
+        image_se = float(np.std(self.image_resampled[np.isfinite(self.image_resampled)], ddof=1))
+        return VarianceSplit(100 * self.seed_sd, 100 * image_se, len(self.per_seed), self.num_images)
 
 
 Statistic = Callable[[np.ndarray], np.ndarray]
@@ -122,5 +138,7 @@ def paired_delta(combination: list[APSamples], baseline: list[APSamples], confid
     drawn = seed_draws(len(per_seed), resamples, seed)
     two_level = by_seed[drawn, np.arange(resamples)[:, None]].mean(axis=1)
     low, high = _percentile_interval(two_level, confidence)
-    image_low, image_high = _percentile_interval(by_seed.mean(axis=0), confidence)
-    return PairedDelta(float(np.mean(per_seed)), low, high, image_low, image_high, per_seed, two_level)
+    image_only = by_seed.mean(axis=0)
+    image_low, image_high = _percentile_interval(image_only, confidence)
+    return PairedDelta(float(np.mean(per_seed)), low, high, image_low, image_high, per_seed, two_level, image_only,
+                       combination[0].num_images)

@@ -12,14 +12,15 @@ import pandas as pd
 
 from pipeline.engine.coco_eval import IOU_THRESHOLDS
 from pipeline.report import figures
-from pipeline.report.claims import CLAIMS, Claim
+from pipeline.report.claims import CLAIMS, ClaimResult, assess_claims
 from pipeline.report.bootstrap import APSamples, PairedDelta, ap_samples, paired_delta, resample_counts
 from pipeline.report.localization import detection_ious, score_iou_correlation
 from pipeline.report.per_image import match_images
 from pipeline.report.reference import ModelZooRow, model_zoo_rows
 from pipeline.report.failures import failures_markdown, read_failures
 from pipeline.report.results import RUN_FIGURES_DIR, RunResult, load_results, runs_of, validation_ground_truth
-from pipeline.report.tables import ablation_table, claims_markdown, detector_markdown, summary_metrics
+from pipeline.report.tables import (ablation_table, claims_markdown, detector_markdown, power_markdown,
+                                    summary_metrics)
 from pipeline.runplan import PlanSummary
 from pipeline.io import write_text_atomic
 
@@ -31,12 +32,16 @@ class ReportSettings:
     resamples: int = 1000
     confidence: float = 0.95
     seed: int = 0
+    rope: float = 0.5
+    power: float = 0.8
+    target_mde: float = 1.0
 
     @classmethod
     def from_params(cls, section: dict[str, Any] | None) -> ReportSettings:
         section = section or {}
         return cls(int(section.get("bootstrap_resamples", 1000)), float(section.get("confidence", 0.95)),
-                   int(section.get("seed", 0)))
+                   int(section.get("seed", 0)), float(section.get("rope", 0.5)), float(section.get("power", 0.8)),
+                   float(section.get("target_mde", 1.0)))
 
 
 def _ground_truths(results: list[RunResult]) -> dict[str, dict[str, Any]]:
@@ -74,15 +79,16 @@ def compute_deltas(summary: PlanSummary, results: list[RunResult], samples: dict
 
 
 def evaluate_claims(results: list[RunResult], samples: dict[str, APSamples],
-                settings: ReportSettings) -> list[tuple[Claim, PairedDelta]]:
-    """Every claim of :data:`CLAIMS` whose two combinations were both run, with its paired difference."""
+                    settings: ReportSettings) -> list[ClaimResult]:
+    """Every claim of :data:`CLAIMS` whose two combinations were both run: its paired difference, verdicts
+    and power."""
     tested = []
     for claim in CLAIMS:
         claimed, reference = _paired_runs(results, claim.detector, claim.combination, claim.reference)
         if claimed:
             tested.append((claim, paired_delta([samples[r.name] for r in claimed], [samples[r.name] for r in reference],
                                                settings.confidence, claim.statistic, settings.seed)))
-    return tested
+    return assess_claims(tested, settings.confidence, settings.rope, settings.power)
 
 
 def _box_losses(results: list[RunResult]) -> dict[str, Any]:
@@ -218,7 +224,8 @@ def write_report(plan_dir: Path, out_dir: Path, settings: ReportSettings, manife
     return metrics
 
 
-def _markdown(summary: PlanSummary, table: pd.DataFrame, claims: list[tuple[Claim, PairedDelta]], settings: ReportSettings, manifest: dict[str, Any] | None,
+def _markdown(summary: PlanSummary, table: pd.DataFrame, claims: list[ClaimResult], settings: ReportSettings,
+              manifest: dict[str, Any] | None,
               results: list[RunResult], drawn: list[tuple[str, Path]], out_dir: Path, failures: dict[str, str],
               model_zoo: list[ModelZooRow] | None) -> str:
     val_images = results[0].metrics.get("num_images")
@@ -232,7 +239,16 @@ def _markdown(summary: PlanSummary, table: pd.DataFrame, claims: list[tuple[Clai
         *failures_markdown(failures),
     ]
     if claims:
-        lines += ["## Verdicts on the papers' claims", "", *claims_markdown(claims, settings.confidence), ""]
+        lines += ["## Verdicts on the papers' claims", "", *claims_markdown(claims, settings.confidence, settings.rope),
+                  "", "## What this design can detect", "",
+                  (f"Standard error of each claim's difference (AP points) and its parts: seeds (the spread of the "
+                   f"per-seed differences / √seeds) and validation images (the image bootstrap); MDE: the smallest "
+                   f"effect this design detects with {round(100 * settings.power)}% power at the "
+                   f"{round(100 * settings.confidence)}% level. The last columns give the seeds a target MDE of "
+                   f"{settings.target_mde:g} AP needs with as many, 4x and 16x as many validation images, and "
+                   "with infinitely many (— : the image part alone exceeds it). `libra plan --power` computes "
+                   "this for any target."), "",
+                  *power_markdown(claims, settings.confidence, settings.power, settings.target_mde), ""]
     for detector in summary.detectors:
         if (table["detector"] == detector).any():
             lines += [f"## {DETECTOR_TITLES.get(detector, detector)}", ""]
@@ -261,7 +277,18 @@ def _markdown(summary: PlanSummary, table: pd.DataFrame, claims: list[tuple[Clai
          "equals evaluating the multiset with duplicated images re-indexed (up to the order of equal scores); "
          "with every image drawn once it reproduces COCOeval's AP exactly."),
         ("**Verdicts**: *reproduced* when the seeds + images interval of the claimed difference excludes 0 on "
-         "the paper's side, *contradicted* when it excludes 0 on the other side, *not resolved* when it contains 0."),
+         "the paper's side, *contradicted* when it excludes 0 on the other side, *equivalent* when it contains 0 "
+         f"and lies inside the region of practical equivalence ±{settings.rope:g} AP (`report.rope`), *not "
+         "resolved* when it contains 0 and reaches past ±rope (the design is too small to tell: see its MDE)."),
+        (f"**Multiplicity**: the {len(claims)} claims are tested together. The Bonferroni column widens each "
+         f"interval to confidence 1 - {1 - settings.confidence:.2g}/{max(len(claims), 1)}, so that all its "
+         f"verdicts hold together at {level}; the per-claim verdict holds for that claim alone. The adjusted "
+         "interval is a percentile of the same resamples, so its far tail rests on few of them."),
+        ("**Power**: SE² = s²/S + v, with s the standard deviation of the per-seed differences over the S "
+         "seeds and v the bootstrap variance of the seed-averaged difference over image resamples; v shrinks "
+         "as 1/images, the seed part only with more seeds (s is measured on these images and keeps the part "
+         "of the training noise that shows only on them: an upper bound for more images). MDE = "
+         "(z(1 - α/2) + z(power)) · SE, a normal approximation; with few seeds s itself is uncertain."),
         ("**Score vs IoU**: each detection's IoU with the best-overlapping ground truth of the same class in its "
          "image (0 if none); Pearson and Spearman correlation over all detections of the combination's seeds."),
         ("**Sampled negatives**: the IoU histogram the Faster R-CNN sampler accumulates over all training "

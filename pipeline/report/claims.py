@@ -1,11 +1,17 @@
 """The papers' claims that the ablation tests, each with a verdict from its two-level interval.
 
 A claim compares two combinations of one detector with a statistic of AP per IoU threshold; the
-paper says the difference (claimed - reference) is positive. The verdict reads the interval:
+paper says the difference (claimed - reference) is positive. The verdict reads the interval, given a
+region of practical equivalence ±rope (AP points) around 0:
 
 * ``reproduced``: it excludes 0 on the paper's side (low > 0);
 * ``contradicted``: it excludes 0 on the other side (high < 0);
-* ``not resolved``: it contains 0.
+* ``equivalent``: it contains 0 and lies inside (-rope, +rope): no effect of practical size;
+* ``not resolved``: it contains 0 and reaches past ±rope: too few seeds or images to tell.
+
+Multiplicity: the claims are a family of m tests. Each claim also gets a Bonferroni-adjusted
+interval (confidence 1 - (1 - confidence) / m) and the verdict read from it, which holds for all m
+claims together at the report's confidence.
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.report.bootstrap import PairedDelta, Statistic, coco_ap
+from pipeline.report.power import VarianceSplit
 
-VERDICT_CODES = {"reproduced": 1, "not resolved": 0, "contradicted": -1}
+VERDICT_CODES = {"reproduced": 1, "not resolved": 0, "contradicted": -1, "equivalent": 2}
 """Numeric form of the verdict, so ``dvc metrics diff`` shows when one flips."""
 
 
@@ -64,9 +71,42 @@ CLAIMS: tuple[Claim, ...] = (
 )
 
 
-def verdict(delta: PairedDelta) -> str:
-    if delta.ci_low > 0:
+def verdict(low: float, high: float, rope: float) -> str:
+    """The verdict of an interval [low, high] on a claimed positive difference (see the module docstring)."""
+    if low > 0:
         return "reproduced"
-    if delta.ci_high < 0:
+    if high < 0:
         return "contradicted"
+    if -rope < low and high < rope:
+        return "equivalent"
     return "not resolved"
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    """A tested claim: its paired difference, verdicts and power (intervals and effects in AP points)."""
+
+    claim: Claim
+    delta: PairedDelta
+    verdict: str
+    adjusted_low: float
+    adjusted_high: float
+    """Bonferroni-adjusted interval over the family of tested claims."""
+    adjusted_verdict: str
+    split: VarianceSplit
+    mde: float
+    """Minimum detectable effect of this design (two-sided at the report's confidence, the report's power)."""
+
+
+def assess_claims(tested: list[tuple[Claim, PairedDelta]], confidence: float, rope: float, power: float
+                  ) -> list[ClaimResult]:
+    """Verdicts, Bonferroni-adjusted verdicts and power of ``tested`` claims; ``rope`` in AP points."""
+    family = max(len(tested), 1)
+    adjusted_confidence = 1 - (1 - confidence) / family
+    results = []
+    for claim, delta in tested:
+        low, high = (100 * v for v in delta.interval(adjusted_confidence))
+        split = delta.variance_split()
+        results.append(ClaimResult(claim, delta, verdict(100 * delta.ci_low, 100 * delta.ci_high, rope), low, high,
+                                   verdict(low, high, rope), split, split.mde(confidence, power)))
+    return results

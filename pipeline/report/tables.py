@@ -12,7 +12,7 @@ import pandas as pd
 from pipeline.engine.coco_eval import IOU_THRESHOLDS
 from pipeline.params import COMPONENTS, DETECTOR_COMPONENTS
 from pipeline.report.bootstrap import PairedDelta
-from pipeline.report.claims import VERDICT_CODES, Claim, verdict
+from pipeline.report.claims import VERDICT_CODES, ClaimResult
 from pipeline.report.reference import PAPER_SOURCES, ModelZooRow, paper_row
 from pipeline.report.results import RunResult, runs_of
 from pipeline.runplan import PlanSummary
@@ -110,30 +110,59 @@ def ablation_table(summary: PlanSummary, results: list[RunResult],
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
-def summary_metrics(table: pd.DataFrame, claims: list[tuple[Claim, PairedDelta]]) -> dict[str, Any]:
+def summary_metrics(table: pd.DataFrame, claims: list[ClaimResult]) -> dict[str, Any]:
     """The DVC metrics file of the report: ``{detector: {combination: {AP, AP_sd, AP50, AP75, dAP,
     dAP_ci_low, dAP_ci_high}}}`` of our rows (NaN values left out), and ``claims``: per claim its
-    difference and interval (percent), verdict and verdict code (1 / 0 / -1)."""
+    difference, interval and Bonferroni-adjusted interval (AP points), verdicts and their codes
+    (:data:`VERDICT_CODES`), the standard error with its seed and image parts, the minimum detectable
+    effect and the seeds and images it was measured with."""
     out: dict[str, Any] = {}
     for row in table[table["source"] == "ours"].to_dict("records"):
         values = {k: round(float(row[k]), 3) for k in ("AP", "AP_sd", "AP50", "AP75", "dAP", "dAP_ci_low", "dAP_ci_high")
                   if row[k] is not None and not pd.isna(row[k])}
         out.setdefault(row["detector"], {})[row["combination"]] = values
-    out["claims"] = {claim.key: {"delta": round(_percent(d.delta), 3), "ci_low": round(_percent(d.ci_low), 3),
-                                 "ci_high": round(_percent(d.ci_high), 3), "verdict": verdict(d),
-                                 "verdict_code": VERDICT_CODES[verdict(d)]}
-                     for claim, d in claims}
+    out["claims"] = {c.claim.key: _rounded({
+        "delta": _percent(c.delta.delta), "ci_low": _percent(c.delta.ci_low), "ci_high": _percent(c.delta.ci_high),
+        "verdict": c.verdict, "verdict_code": VERDICT_CODES[c.verdict],
+        "adjusted_ci_low": c.adjusted_low, "adjusted_ci_high": c.adjusted_high,
+        "adjusted_verdict": c.adjusted_verdict, "adjusted_verdict_code": VERDICT_CODES[c.adjusted_verdict],
+        "se": c.split.se(), "se_seed": c.split.seed_se, "se_image": c.split.image_se, "seed_sd": c.split.seed_sd,
+        "mde": c.mde, "seeds": c.split.seeds, "images": c.split.images}) for c in claims}
     return out
 
 
-def claims_markdown(claims: list[tuple[Claim, PairedDelta]], confidence: float) -> list[str]:
-    """The verdict table: claim, comparison, paper, ours with its two-level interval, verdict."""
+def _rounded(values: dict[str, Any]) -> dict[str, Any]:
+    """Floats to 3 decimals; NaN (e.g. a seed spread from one seed) left out, as JSON has no NaN."""
+    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in values.items()
+            if not (isinstance(v, float) and math.isnan(v))}
+
+
+def claims_markdown(claims: list[ClaimResult], confidence: float, rope: float) -> list[str]:
+    """The verdict table: claim, comparison, paper, ours with its interval and the Bonferroni-adjusted one,
+    both verdicts, and the minimum detectable effect."""
     level = f"{round(100 * confidence)}%"
-    rows = [[claim.text, f"{claim.combination} vs {claim.reference} ({claim.detector})", claim.measure, claim.paper,
-             f"{_percent(d.delta):+.2f}", f"[{_percent(d.ci_low):+.2f}, {_percent(d.ci_high):+.2f}]",
-             f"**{verdict(d)}**"] for claim, d in claims]
+    rows = [[c.claim.text, f"{c.claim.combination} vs {c.claim.reference} ({c.claim.detector})", c.claim.measure,
+             c.claim.paper, f"{_percent(c.delta.delta):+.2f}",
+             f"[{_percent(c.delta.ci_low):+.2f}, {_percent(c.delta.ci_high):+.2f}]", f"**{c.verdict}**",
+             f"[{c.adjusted_low:+.2f}, {c.adjusted_high:+.2f}]", c.adjusted_verdict, f"{c.mde:.2f}"]
+            for c in claims]
     return _md_table(["claim", "comparison", "measure", "paper", "ours (AP points)", f"{level} CI (seeds + images)",
-                      "verdict"], rows)
+                      "verdict", f"Bonferroni {level} CI (×{len(claims)})", "verdict (family)", "MDE"], rows)
+
+
+def power_markdown(claims: list[ClaimResult], confidence: float, power: float, target_mde: float) -> list[str]:
+    """Per claim: its standard error and the seed and image parts, the MDE, and the seeds a target MDE needs
+    with these validation images, 4x and 16x as many, and infinitely many."""
+    def needed(c: ClaimResult, scale: float) -> str:
+        seeds = c.split.seeds_needed(target_mde, confidence, power, c.split.images * scale)
+        return "—" if seeds is None else str(seeds)
+
+    images = claims[0].split.images if claims else 0
+    rows = [[c.claim.key, f"{c.split.se():.2f}", f"{c.split.seed_se:.2f}", f"{c.split.image_se:.2f}",
+             f"{c.mde:.2f}", *(needed(c, scale) for scale in (1, 4, 16, math.inf))] for c in claims]
+    return _md_table(["claim", "SE", "seed part", "image part", "MDE",
+                      f"seeds for MDE {target_mde:g} ({images} images)", f"({4 * images} images)",
+                      f"({16 * images} images)", "(images → ∞)"], rows)
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
