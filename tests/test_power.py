@@ -55,3 +55,42 @@ def test_an_effect_of_the_mde_is_detected_with_the_stated_power():
     observed = effect + seed_noise + image_noise
     rejected = np.abs(observed / split.se()) > 1.959964
     assert rejected.mean() == pytest.approx(0.8, abs=0.025)
+
+
+def _metrics_file(path, claims):
+    import json
+
+    path.write_text(json.dumps({"claims": claims}))
+    return path
+
+
+def test_libra_plan_power_prints_the_seeds_a_target_needs(tmp_path):
+    from conftest import libra
+
+    split = VarianceSplit(seed_sd=1.2, image_se=0.6, seeds=3, images=96)
+    report = _metrics_file(tmp_path / "metrics.json", {
+        "c1": {"seed_sd": 1.2, "se_image": 0.6, "seeds": 3, "images": 96},
+        "c2": {"seed_sd": 0.3, "se_image": 0.1, "seeds": 3, "images": 96}})
+    out = libra("plan", "--power", "--report", str(report), "--target-mde", "2.0", "--images", "96", "inf").stdout
+    seeds_c1 = split.seeds_needed(2.0, 0.95, 0.8, 96), split.seeds_needed(2.0, 0.95, 0.8, math.inf)
+    assert seeds_c1[0] > seeds_c1[1] >= 2
+    c1 = next(line for line in out.splitlines() if line.startswith("c1 ")).split()
+    assert c1 == ["c1", f"{split.mde(0.95, 0.8):.2f}", str(seeds_c1[0]), str(seeds_c1[1])]
+    assert f"every claim with 96 images: {seeds_c1[0]} seeds" in out
+    unreachable = libra("plan", "--power", "--report", str(report), "--target-mde", "1.0", "--images", "96").stdout
+    assert "every claim with 96 images: unreachable" in unreachable
+
+
+@pytest.mark.parametrize("claims, message", [
+    (None, "No such file"),
+    ({"c1": {"delta": 1.0}}, "claims.c1: no se_image/seeds/images"),
+    ({}, "no claim was tested"),
+])
+def test_libra_plan_power_bad_report_is_a_clear_error(tmp_path, claims, message):
+    from conftest import libra
+
+    report = tmp_path / "metrics.json"
+    if claims is not None:
+        _metrics_file(report, claims)
+    proc = libra("plan", "--power", "--report", str(report), check=False)
+    assert proc.returncode == 2 and message in proc.stderr and str(report) in proc.stderr

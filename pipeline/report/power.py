@@ -77,3 +77,25 @@ class VarianceSplit:
         if allowed <= 0 or math.isnan(self.seed_sd):
             return None
         return math.ceil(self.image_se ** 2 * self.images / allowed)
+
+
+def read_splits(metrics: dict) -> dict[str, VarianceSplit]:
+    """Per claim key, the variance split a report's ``metrics.json`` (its ``claims``) recorded."""
+    splits = {}
+    for key, claim in metrics.get("claims", {}).items():
+        try:
+            splits[key] = VarianceSplit(float(claim.get("seed_sd", math.nan)), float(claim["se_image"]),
+                                        int(claim["seeds"]), int(claim["images"]))
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"claims.{key}: no se_image/seeds/images; the report predates the power "
+                             "columns, rerun `libra report`") from None
+    return splits
+
+
+def power_plan(splits: dict[str, VarianceSplit], target_mde: float, confidence: float, power: float,
+               images: list[float]) -> list[dict[str, object]]:
+    """Per claim: its MDE as measured, and for each count of validation images in ``images`` the seeds a
+    target MDE needs (None: unreachable, the image part alone exceeds it)."""
+    return [{"claim": key, "seeds": split.seeds, "images": split.images, "mde": split.mde(confidence, power),
+             "seeds_needed": {n: split.seeds_needed(target_mde, confidence, power, n) for n in images}}
+            for key, split in splits.items()]
