@@ -215,7 +215,25 @@ def test_claims_are_tested_where_both_combinations_ran_and_get_their_verdict():
     assert [c.claim.key for c in tested] == ["frcnn_IS_gt_baseline"]
     assert tested[0].delta.delta == pytest.approx(1 - 51 / 101)
     assert tested[0].verdict == "reproduced" and tested[0].adjusted_verdict == "reproduced"
-    # one claim: the Bonferroni interval is the plain one; identical seeds: no seed part of the SE
+    # one claim: the Bonferroni interval is the normal 95% one; identical seeds: no seed part of the SE
+    sd = 100 * np.std(tested[0].delta.resampled, ddof=1)
     assert (tested[0].adjusted_low, tested[0].adjusted_high) == pytest.approx(
-        (100 * tested[0].delta.ci_low, 100 * tested[0].delta.ci_high))
+        (100 * tested[0].delta.delta - 1.959964 * sd, 100 * tested[0].delta.delta + 1.959964 * sd))
     assert tested[0].split.seed_sd == pytest.approx(0) and tested[0].split.images == n
+
+
+def test_bonferroni_intervals_widen_with_the_number_of_claims_and_verdicts_follow():
+    """Two claims at 95%: each adjusted interval is Δ ± z(1 - 0.05/4) · sd; a claim whose plain interval
+    excludes 0 but whose adjusted one does not is reproduced alone, not resolved in the family."""
+    from pipeline.report.claims import CLAIMS, assess_claims
+
+    rng = np.random.default_rng(0)
+    resampled = 0.01 + 0.0048 * rng.standard_normal(4000)  # Δ = 1 AP point, sd 0.48: 95% excludes 0, 98.75% not
+    low, high = np.quantile(resampled, [0.025, 0.975])
+    delta = PairedDelta(0.01, low, high, low, high, (0.01, 0.01), resampled, resampled, 100)
+    results = assess_claims([(CLAIMS[0], delta), (CLAIMS[1], delta)], confidence=0.95, rope=0.5, power=0.8)
+    z = 2.241403  # norm.ppf(1 - 0.05 / 4)
+    sd = 100 * np.std(resampled, ddof=1)
+    for result in results:
+        assert (result.adjusted_low, result.adjusted_high) == pytest.approx((1 - z * sd, 1 + z * sd), abs=1e-4)
+        assert result.verdict == "reproduced" and result.adjusted_verdict == "not resolved"

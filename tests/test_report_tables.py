@@ -74,9 +74,10 @@ def test_summary_metrics_and_markdown(table):
     image_se = 100 * np.std(image_resampled, ddof=1)
     seed_se = 100 * np.std([-0.025, -0.015], ddof=1) / np.sqrt(2)
     se = np.hypot(image_se, seed_se)
+    sd = 100 * np.std(np.linspace(-0.03, -0.01, 101), ddof=1)  # one claim: Bonferroni changes nothing
     assert metrics["claims"] == {claim.key: {
         "delta": -2.0, "ci_low": -3.0, "ci_high": -1.0, "verdict": "contradicted", "verdict_code": -1,
-        "adjusted_ci_low": -2.95, "adjusted_ci_high": -1.05, "adjusted_verdict": "contradicted",
+        "adjusted_ci_low": round(-2.0 - 1.959964 * sd, 3), "adjusted_ci_high": round(-2.0 + 1.959964 * sd, 3), "adjusted_verdict": "contradicted",
         "adjusted_verdict_code": -1, "se": round(se, 3), "se_seed": round(seed_se, 3),
         "se_image": round(image_se, 3), "seed_sd": round(seed_se * np.sqrt(2), 3),
         "mde": round(2.8015852 * se, 3), "seeds": 2, "images": 96}}

@@ -283,7 +283,8 @@ def _markdown(summary: PlanSummary, table: pd.DataFrame, claims: list[ClaimResul
         (f"**Multiplicity**: the {len(claims)} claims are tested together. The Bonferroni column widens each "
          f"interval to confidence 1 - {1 - settings.confidence:.2g}/{max(len(claims), 1)}, so that all its "
          f"verdicts hold together at {level}; the per-claim verdict holds for that claim alone. The adjusted "
-         "interval is a percentile of the same resamples, so its far tail rests on few of them."),
+         "interval is Δ ± z · sd of the same two-level resamples (a normal interval: a percentile that far "
+         "out would rest on a few resamples)."),
         ("**Power**: SE² = s²/S + v, with s the standard deviation of the per-seed differences over the S "
          "seeds and v the bootstrap variance of the seed-averaged difference over image resamples; v shrinks "
          "as 1/images, the seed part only with more seeds (s is measured on these images and keeps the part "

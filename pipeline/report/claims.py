@@ -10,8 +10,9 @@ region of practical equivalence ±rope (AP points) around 0:
 * ``not resolved``: it contains 0 and reaches past ±rope: too few seeds or images to tell.
 
 Multiplicity: the claims are a family of m tests. Each claim also gets a Bonferroni-adjusted
-interval (confidence 1 - (1 - confidence) / m) and the verdict read from it, which holds for all m
-claims together at the report's confidence.
+interval (confidence 1 - (1 - confidence) / m; normal, from the two-level resamples' standard
+deviation) and the verdict read from it, which holds for all m claims together at the report's
+confidence.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def assess_claims(tested: list[tuple[Claim, PairedDelta]], confidence: float, ro
     adjusted_confidence = 1 - (1 - confidence) / family
     results = []
     for claim, delta in tested:
-        low, high = (100 * v for v in delta.interval(adjusted_confidence))
+        low, high = (100 * v for v in delta.normal_interval(adjusted_confidence))
         split = delta.variance_split()
         results.append(ClaimResult(claim, delta, verdict(100 * delta.ci_low, 100 * delta.ci_high, rope), low, high,
                                    verdict(low, high, rope), split, split.mde(confidence, power)))
