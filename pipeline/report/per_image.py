@@ -116,30 +116,36 @@ def _first_at_least(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
 
 
 def _category_precision(cat: CategoryMatches, weights: np.ndarray) -> np.ndarray:
-    """Mean interpolated precision over the 101 recall points, [R, T], for image weights [R, I]."""
+    """Mean interpolated precision over the 101 recall points, [R, T], for image weights [R, I].
+
+    Only true positives are visited: recall first reaches a recall point at a true positive, and the
+    interpolated precision (the best precision at that recall or beyond) is attained at one, since a
+    false positive's precision is below that of the true positive before it. Per threshold that is a
+    cumulative sum over its true positives and a lookup of the counted detections before each.
+    """
     resamples, thresholds = weights.shape[0], cat.tp.shape[0]
+    out = np.zeros((resamples, thresholds))
     if not cat.tp.any():
-        return np.zeros((resamples, thresholds))
+        return out
     # detections after the last true positive (at the loosest threshold) change no interpolated precision
     last = int(np.nonzero(cat.tp.any(axis=0))[0][-1]) + 1
-    tp_flags, fp_flags = cat.tp[:, :last], cat.fp[:, :last]
+    tp_flags, counted = cat.tp[:, :last], (cat.tp | cat.fp)[:, :last]
     w = weights[:, cat.image_index[:last]].astype(float)
-    tp = np.cumsum(w[:, None, :] * tp_flags[None], axis=2)
-    counted = tp_flags | fp_flags
-    if (counted == counted[:1]).all():  # no ignored detections: one cumulative count serves every threshold
-        fp = np.cumsum(w * counted[0], axis=1)[:, None, :] - tp
-    else:
-        fp = np.cumsum(w[:, None, :] * fp_flags[None], axis=2)
-    num_gt = (weights @ cat.gt_count).astype(float)
-    recall = tp / np.maximum(num_gt, 1.0)[:, None, None]
-    precision = tp / (fp + tp + _EPS)
-    precision = np.maximum.accumulate(precision[..., ::-1], axis=2)[..., ::-1]
-    flat_recall = recall.reshape(resamples * thresholds, last)
-    index = _first_at_least(flat_recall, RECALL_THRESHOLDS)
-    flat_precision = precision.reshape(resamples * thresholds, last)
-    picked = np.take_along_axis(flat_precision, np.minimum(index, last - 1), axis=1)
-    picked[index >= last] = 0.0
-    return picked.mean(axis=1).reshape(resamples, thresholds)
+    shared = (counted == counted[:1]).all()  # no ignored detections: one count of the detections for all t
+    seen = np.cumsum(w * counted[0], axis=1) if shared else None
+    num_gt = np.maximum((weights @ cat.gt_count).astype(float), 1.0)[:, None]
+    for t in range(thresholds):
+        positions = np.flatnonzero(tp_flags[t])
+        if not positions.size:
+            continue
+        tp = np.cumsum(w[:, positions], axis=1)
+        detections = (seen if shared else np.cumsum(w * counted[t], axis=1))[:, positions]
+        precision = np.maximum.accumulate((tp / (detections + _EPS))[:, ::-1], axis=1)[:, ::-1]
+        index = _first_at_least(tp / num_gt, RECALL_THRESHOLDS)
+        picked = np.take_along_axis(precision, np.minimum(index, positions.size - 1), axis=1)
+        picked[index >= positions.size] = 0.0
+        out[:, t] = picked.mean(axis=1)
+    return out
 
 
 def average_precision(matches: ImageMatches, weights: np.ndarray | None = None, chunk: int = 50) -> np.ndarray:
