@@ -22,7 +22,8 @@ from pathlib import Path
 import yaml
 
 from pipeline.ablation import Ablation, plan_ablation, read_params, write_plan
-from pipeline.dispatch import ExecutionSettings, cores, dispatch
+from pipeline.dispatch import ExecutionSettings, dispatch
+from pipeline.processes import cores
 
 ROOT = Path(__file__).resolve().parents[1]
 

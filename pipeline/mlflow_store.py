@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from filelock import FileLock
+
 from pipeline.io import flatten
-from pipeline.locks import FileLock
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -105,13 +106,13 @@ _HELD_LOCKS: set[Path] = set()
 @contextmanager
 def store_lock(uri: str) -> Iterator[None]:
     """Excludes the other processes of this host from a local SQLite store's get-or-create steps:
-    ``flock`` on ``<database>.lock`` beside it; re-entrant within a process. Nothing for other stores."""
+    a file lock (``filelock``) on ``<database>.lock`` beside it; re-entrant within a process. Nothing for other stores."""
     database = sqlite_path(uri)
     path = database.with_name(database.name + ".lock").absolute() if database else None
     if path is None or path in _HELD_LOCKS:
         yield
         return
-    lock = FileLock(path)
+    lock = FileLock(path, thread_local=False)
     try:
         lock.acquire()
     except OSError as exc:

@@ -4,8 +4,8 @@ Every section is checked when the file is read, so a typo or a bad value fails b
 planned, with the field named (``params.yaml: ablation.seeds: ...``). Values that end up in a
 run's experiment config (``data``, ``trainer``, ``profiles.<p>.set``, the component knobs) are
 checked once more, with their defaults, by :mod:`pipeline.config` when the config is composed
-(:mod:`pipeline.compose`). ``pretrain``, ``execution``, ``report`` and ``mlflow`` are read and
-validated by the stages that use them.
+(:mod:`pipeline.compose`). ``execution`` is typed by :class:`pipeline.execution.ExecutionSettings`;
+``pretrain``, ``report`` and ``mlflow`` are read and validated by the stages that use them.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.config import ConfigError, Int, StrictModel, read_yaml, validate_model
+from pipeline.execution import ExecutionSettings
 
 COMPONENTS: dict[str, str] = {
     "IS": "iou_balanced_sampling",
@@ -169,7 +170,7 @@ class Params(StrictModel):
     faster_rcnn: ComponentKnobs = ComponentKnobs()
     retinanet: ComponentKnobs = ComponentKnobs()
     pretrain: dict[str, Any] = {}
-    execution: dict[str, Any] = {}
+    execution: ExecutionSettings = ExecutionSettings()
     report: dict[str, Any] = {}
     mlflow: dict[str, Any] = {}
 

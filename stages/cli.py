@@ -24,6 +24,7 @@ STAGES: dict[str, str] = {
     "plan": "stages.plan",
     "train": "stages.train",
     "evaluate": "stages.evaluate",
+    "run": "stages.run",
     "dispatch": "stages.dispatch",
     "report": "stages.report",
     "track": "stages.track",

@@ -18,13 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from pipeline.engine.evaluate import evaluate_run
+    from pipeline.engine.evaluate import evaluate_run, resolve_device
 
-    device = args.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    metrics = evaluate_run(args.run, args.checkpoint, args.backend, device)
+    metrics = evaluate_run(args.run, args.checkpoint, args.backend, resolve_device(args.device))
     print(json.dumps({"bbox": metrics["bbox"], "detections": metrics["num_detections"]}))
     print(f"wrote {args.run / 'metrics.json'} and {args.run / 'detections.json'}")

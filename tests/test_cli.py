@@ -28,6 +28,7 @@ def test_help_lists_every_stage_and_explains_every_option():
     (("train", "--config", "configs/faster_rcnn_tiny.yaml", "--set", "model.backbone.weights={tmp}/none.pt",
       "--out", "{tmp}/run"), "libra pretrain"),
     (("evaluate", "--run", "{tmp}"), "config.yaml"),
+    (("run", "--plan", "{tmp}/missing.yaml", "--out", "{tmp}/run"), "missing.yaml"),
     (("pretrain", "--out", "{tmp}/run/w.pt", "--set", "epochs=0"), "epochs"),
     (("pretrain", "--out", "{tmp}/run/w.pt", "--set", "colour=red"), "colour"),
     (("pretrain", "--out", "{tmp}/run/w.pt", "--params", "{tmp}/missing.yaml"), "missing.yaml"),

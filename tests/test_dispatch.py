@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import submitit
 import torch
+import yaml
 
 from conftest import ROOT, tiny_overrides
 from pipeline.ablation import Ablation, DetectorAblation, run_dir, write_plan
@@ -26,7 +27,8 @@ from pipeline.config import ConfigError, load_config
 from pipeline.dispatch import (ExecutionSettings, RunJob, SlurmBackend, SlurmSettings, decide,
                                describe_exit, dispatch, execution_settings, make_backend, planned_runs, prepare_run_dir,
                                slurm_parameters)
-from pipeline.params import COMPONENTS, DETECTOR_COMPONENTS
+from pipeline.dispatch.job import EVALUATION_STARTED, failed_step
+from pipeline.params import COMPONENTS, DETECTOR_COMPONENTS, parse_params
 from pipeline.report.build import ReportSettings, write_report
 from pipeline.runplan import RunPlan, compute_run_key
 
@@ -124,8 +126,19 @@ def test_execution_settings_and_exit_descriptions(synthetic_root, tmp_path):
                                                           "checkpoint", signal.SIGTERM)
     status, reason, _ = describe_exit("train", -signal.SIGKILL, "")
     assert status == "failed" and "killed by SIGKILL" in reason
-    status, reason, _ = describe_exit("evaluate", 1, "noise\nlibra evaluate: error: no such checkpoint\nbye\n")
-    assert (status, reason) == ("failed", "evaluate exited with 1: libra evaluate: error: no such checkpoint")
+    status, reason, _ = describe_exit("evaluate", 1, "noise\nlibra run: error: no such checkpoint\nbye\n")
+    assert (status, reason) == ("failed", "evaluate exited with 1: libra run: error: no such checkpoint")
+    training = "epoch 1/1 step 4 loss 1.0\nlibra run: error: non-finite training loss\n"
+    assert failed_step(training) == "train"
+    assert failed_step(f"{training}{EVALUATION_STARTED} runs/x on cpu\nTraceback\n") == "evaluate"
+
+
+def test_execution_defaults_live_in_the_settings_model_and_params_are_typed_by_it():
+    assert ExecutionSettings().executor == "inline"
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert parse_params(params).execution == ExecutionSettings.model_validate(params["execution"])
+    with pytest.raises(ConfigError, match=r"execution.executor"):
+        parse_params({**params, "execution": {"executor": "cluster"}})
 
 
 COST_KEYS = {"cost", "train_time_ratio", "peak_mem_mb", "infer_ms_per_image"}
@@ -183,7 +196,7 @@ def test_a_failed_run_does_not_stop_the_others_and_alone_is_retried(synthetic_ro
     assert outcome.exit_code == 1 and outcome.unfinished == [bad]
     assert outcome.statuses[good].status == "trained"
     assert outcome.statuses[bad].status == "failed"
-    assert "train exited with 1: libra train: error: non-finite training loss at epoch 1" in outcome.statuses[bad].reason
+    assert "train exited with 1: libra run: error: non-finite training loss at epoch 1" in outcome.statuses[bad].reason
     index = json.loads((tmp_path / "runs/index.json").read_text())["runs"]
     assert "metrics" in index[good] and "metrics" not in index[bad] and index[bad]["status"] == "failed"
 
@@ -191,7 +204,7 @@ def test_a_failed_run_does_not_stop_the_others_and_alone_is_retried(synthetic_ro
                  index=tmp_path / "runs/index.json")
     markdown = (tmp_path / "reports/ablation.md").read_text()
     assert "## Failed runs" in markdown
-    assert f"| {bad} | failed | train exited with 1: libra train: error: non-finite training loss" in markdown
+    assert f"| {bad} | failed | train exited with 1: libra run: error: non-finite training loss" in markdown
 
     said: list[str] = []
     again = _dispatch(tmp_path, "local", said)
@@ -259,7 +272,7 @@ def test_preempted_job_saves_a_checkpoint_requeues_and_resumes(synthetic_root, t
     result = job.result()
     assert result.status == "finished", result
     log = (tmp_path / run.plan.run_dir / "dispatch.log").read_text()
-    assert log.count(" train --plan ") == 2 and "stopped by SIGTERM; saved" in log and "Restored all states" in log
+    assert log.count(" run --plan ") == 2 and "stopped by SIGTERM; saved" in log and "Restored all states" in log
     assert "preempted" in job.stdout() and "Requeued job" in job.stdout()
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 6 * 4
     assert (tmp_path / run.plan.run_dir / "metrics.json").exists()
@@ -292,10 +305,10 @@ def test_slurm_job_script_asks_for_the_runs_resources(synthetic_root, tmp_path, 
                  "#SBATCH --cpus-per-task=8", "#SBATCH --mem=64GB", "#SBATCH --account=proj", "#SBATCH --exclusive",
                  "#SBATCH --job-name=libra:faster_rcnn/IS/seed0", "export OMP_NUM_THREADS=8"):
         assert line in script.splitlines(), f"{line!r} not in\n{script}"
-    train = f"-m stages.cli train --plan {run.plan_file} --out {run.plan.run_dir} --resume"
-    assert train in script and "srun --unbuffered" in script and "-m submitit.core._submit" in script
+    command = f"-m stages.cli run --plan {run.plan_file} --out {run.plan.run_dir} --resume --device auto"
+    assert command in script and "srun --unbuffered" in script and "-m submitit.core._submit" in script
     submitted = submitit.helpers.DelayedSubmission.load(handle.job.paths.submitted_pickle).function
-    assert submitted.train_command() == [sys.executable, *train.split()]
+    assert submitted.command() == [sys.executable, *command.split()]
     assert handle.job.job_id == "123"
 
     wrong = ExecutionSettings(executor="slurm", slurm=SlurmSettings(gpus_per_node=8))

@@ -13,7 +13,7 @@ import yaml
 from conftest import ROOT
 
 PIPELINES = ["dvc.yaml", "configs/studies/dvc.yaml"]
-SUBPROCESSES = {"dispatch": ("train", "evaluate")}
+SUBPROCESSES = {"dispatch": ("run",)}
 """Commands a stage's command runs as subprocesses (their code is the stage's code too)."""
 
 

@@ -56,3 +56,17 @@ def write_curve_files(run_dir: Path) -> None:
         if path.exists() and path.read_text() == text:
             continue
         write_text_atomic(path, text)
+
+
+def write_runs_curves(run_dirs: dict[str, Path], path: Path) -> None:
+    """One CSV of the curves of every run (name -> run directory): run, epoch, train_loss, val_AP
+    (empty where not logged)."""
+    frames = []
+    for name, run_dir in run_dirs.items():
+        curves = epoch_curves(read_metrics_csv(Path(run_dir) / "metrics.csv"))
+        if curves.empty:
+            continue
+        frames.append(pd.DataFrame({"run": name, "epoch": curves["epoch"],
+                                    "train_loss": curves.get("train/loss"), "val_AP": curves.get("val/AP")}))
+    table = pd.concat(frames) if frames else pd.DataFrame(columns=["run", "epoch", "train_loss", "val_AP"])
+    write_text_atomic(path, table.to_csv(index=False, float_format="%.6g"))

@@ -53,6 +53,13 @@ def load_trained_model(run: Path, checkpoint: str = "last") -> tuple[ExperimentC
     return cfg, model, data
 
 
+def resolve_device(name: str) -> str:
+    """``name`` as a torch device; ``auto``: cuda if available, else cpu."""
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def evaluate_run(run: Path, checkpoint: str = "last", backend: Backend | None = None,
                  device: str = "cpu") -> dict[str, Any]:
     """Predict the val split with the run's checkpoint and COCO-evaluate; writes both files atomically.

@@ -13,15 +13,11 @@ at once.
 from __future__ import annotations
 
 import csv
-import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import lightning as L
@@ -41,8 +37,8 @@ from pipeline.engine.datamodule import DetectionDataModule
 from pipeline.engine.module import DetectionModule
 from pipeline.io import replace_atomic, write_json_atomic
 from pipeline.models import check_backbone_weights, init_detector
+from pipeline.signals import StopRequest, handling_stop_signals
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 INIT_REPORT_FILE = "init_from.json"
 """What ``model.init_from`` loaded and re-initialised, in a fresh run that has it."""
 
@@ -161,36 +157,22 @@ class StopOnSignal(Callback):
 
     def __init__(self, checkpoint: Path):
         self.checkpoint = checkpoint
-        self.signum: int | None = None
+        self.request = StopRequest()
+        """The handler to install for SIGTERM and SIGINT while training (:func:`handling_stop_signals`)."""
 
-    def _request(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None:  # a second signal: stop at once
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-        self.signum = signum
-
-    @contextmanager
-    def installed(self) -> Iterator[None]:
-        """The handlers, while in this block (only the main thread can set them: elsewhere, none)."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {signum: signal.signal(signum, self._request) for signum in STOP_SIGNALS}
-        try:
-            yield
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+    @property
+    def signum(self) -> int | None:
+        return self.request.signum
 
     def on_train_start(self, trainer, pl_module) -> None:
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._request)
+            signal.signal(signal.SIGTERM, self.request)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         requested = torch.tensor(self.signum or 0, device=pl_module.device)
         signum = int(trainer.strategy.reduce(requested, reduce_op="max"))
         if signum:
-            self.signum = signum
+            self.request.signum = signum
             raise _StopRequested()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
@@ -319,7 +301,7 @@ def train(cfg: ExperimentConfig, out: Path, resume: bool = False, progress_bar: 
     if initialised is not None:
         print(initialised.summary(), flush=True)
         write_json_atomic(out / INIT_REPORT_FILE, initialised.to_dict())
-    with stop.installed():
+    with handling_stop_signals(stop.request):
         try:
             trainer.fit(module, datamodule=data, ckpt_path=last if checkpoint is not None else None)
         except (_StopRequested, SIGTERMException):

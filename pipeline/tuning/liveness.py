@@ -1,7 +1,7 @@
 """Which worker owns a running trial, and failing the trials of workers that died.
 
 Optuna's JournalStorage (and SQLite without heartbeats) keeps a killed worker's trial RUNNING
-forever. Each trial therefore records its owner (host, process id, process start time) as the user
+forever. Each trial therefore records its owner (host, process id, process creation time) as the user
 attribute ``worker`` the moment it starts. Before a worker starts a trial it marks FAIL every
 RUNNING trial owned by a process of *this host* that no longer exists (or is a zombie, or whose id
 was reused by a newer process). Trials of other hosts are left to the RDB heartbeat
@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import optuna
+import psutil
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
@@ -23,44 +24,25 @@ OWNER_ATTR = "worker"
 FAIL_REASON_ATTR = "fail_reason"
 
 
-def _proc_stat(pid: int) -> list[str] | None:
-    try:
-        text = open(f"/proc/{pid}/stat").read()
-    except OSError:
-        return None
-    # the command name (field 2) may hold spaces; fields after its closing parenthesis are plain
-    return text[text.rindex(")") + 2:].split()
-
-
-def process_start(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (Linux), to tell a reused pid apart."""
-    fields = _proc_stat(pid)
-    return int(fields[19]) if fields else None
-
-
 def worker_identity() -> dict[str, Any]:
     pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "start": process_start(pid)}
+    return {"host": socket.gethostname(), "pid": pid, "start": psutil.Process(pid).create_time()}
 
 
 def owner_alive(owner: dict[str, Any]) -> bool | None:
     """True/False for a process on this host; None when the owner is on another host (unknown)."""
     if owner.get("host") != socket.gethostname():
         return None
-    pid = int(owner["pid"])
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        process = psutil.Process(int(owner["pid"]))
+        if process.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            return False
+        start = owner.get("start")
+        return start is None or process.create_time() == float(start)
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        pass
-    fields = _proc_stat(pid)
-    if fields is None:
-        return os.path.exists(f"/proc/{pid}") or not os.path.isdir("/proc")
-    if fields[0] in ("Z", "X"):
-        return False
-    start = owner.get("start")
-    return start is None or int(fields[19]) == int(start)
+    except psutil.AccessDenied:  # it exists; whether its id was reused cannot be told
+        return True
 
 
 def fail_dead_trials(study: optuna.Study,

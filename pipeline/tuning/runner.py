@@ -32,6 +32,7 @@ from optuna.trial import TrialState
 
 from pipeline.config import ExperimentConfig
 from pipeline.mlflow_store import git_state, project_root
+from pipeline.processes import cores, start_process
 from pipeline.tuning.liveness import fail_dead_trials
 from pipeline.tuning.mlflow_runs import StudyTracker
 from pipeline.tuning.outputs import write_reports
@@ -212,7 +213,7 @@ def spawn_workers(opts: TuneOptions, p: Prepared) -> list[int]:
     user_threads = any(o.split("=", 1)[0].strip() == "trainer.num_threads" for o in opts.overrides)
     threads = None
     if trainer.accelerator == "cpu" and not user_threads:
-        threads = max(1, (os.cpu_count() or 1) // opts.workers)
+        threads = max(1, cores() // opts.workers)
         print(f"{opts.workers} CPU workers: trainer.num_threads={threads} each", flush=True)
     gpus = 0
     if trainer.accelerator in ("gpu", "cuda", "auto") and "CUDA_VISIBLE_DEVICES" not in os.environ:
@@ -221,10 +222,10 @@ def spawn_workers(opts: TuneOptions, p: Prepared) -> list[int]:
         gpus = torch.cuda.device_count()
     procs = []
     for index in range(opts.workers):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "LIBRA_TUNE_WORKER": str(index)}
+        env = {"LIBRA_TUNE_WORKER": str(index)}
         if gpus > 1:
             env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
-        procs.append(subprocess.Popen(_worker_argv(opts, p, threads), env=env))
+        procs.append(start_process(_worker_argv(opts, p, threads), threads=threads, env=env))
     try:
         return [proc.wait() for proc in procs]
     except KeyboardInterrupt:

@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Literal
 
 import optuna
+from filelock import FileLock
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
-from pipeline.locks import FileLock
 from pipeline.mlflow_store import connect_timeout_args, project_root
 
 ENV_STORAGE = "LIBRA_OPTUNA_STORAGE"
@@ -40,6 +40,22 @@ HEARTBEAT_GRACE = 180
 
 class StorageError(ValueError):
     """The storage URL is malformed, its driver is missing, or it cannot be reached."""
+
+
+class NoLock:
+    """The lock of a storage on a database server: none, its transactions and heartbeats coordinate the workers."""
+
+    def acquire(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+    def __enter__(self) -> NoLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -62,10 +78,13 @@ class StorageTarget:
 
         return make_url(self.url).render_as_string(hide_password=True)
 
-    def lock(self) -> FileLock:
+    def lock(self) -> FileLock | NoLock:
         """Held while a worker counts the trials and starts the next, and while a local storage is
-        opened (SQLite creates its tables then: two processes doing it at once collide)."""
-        return FileLock(self.path.with_name(self.path.name + ".tune.lock") if self.path else None)
+        opened (SQLite creates its tables then: two processes doing it at once collide). ``release``
+        may be called more than once."""
+        if self.path is None:
+            return NoLock()
+        return FileLock(self.path.with_name(self.path.name + ".tune.lock"), thread_local=False)
 
     def open(self, connect_timeout: float = 10.0,
              on_stale: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None) -> BaseStorage:

@@ -1,0 +1,96 @@
+"""The planned runs with their keys, what each run directory needs (reuse, resume, train) and readying it."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pipeline.ablation import file_digest, plan_path
+from pipeline.config import ConfigError
+from pipeline.io import write_text_atomic
+from pipeline.runplan import RUN_KEY_FILE, RunPlan, compute_run_key, read_plan_summary, read_run_plan
+
+Action = Literal["reused", "resumed", "trained"]
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    plan: RunPlan
+    plan_file: Path
+    key: str
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+
+def planned_runs(plan_dir: Path, data_digest: str, root: Path) -> list[PlannedRun]:
+    """The runs of ``plan_dir/ablation.yaml`` in plan order, each with its key."""
+    weights: dict[Path, str] = {}
+    runs = []
+    for entry in read_plan_summary(plan_dir).runs:
+        plan_file = plan_path(entry.detector, entry.combination, entry.seed, plan_dir)
+        plan = read_run_plan(plan_file)
+        model = plan.config["model"]
+        fix = ("pre-train it (`dvc repro pretrain`; for resnet50 put torchvision's ImageNet state_dict there) "
+               "or point the config at the weights file")
+        digest = _input_digest(plan_file, "model.backbone.weights", model["backbone"]["weights"], root, weights, fix)
+        init = _input_digest(plan_file, "model.init_from", model.get("init_from"), root, weights,
+                             "point it at a `libra train` checkpoint or a detector state_dict")
+        runs.append(PlannedRun(plan, plan_file, compute_run_key(plan.config, data_digest, digest, init)))
+    return runs
+
+
+def _input_digest(plan_file: Path, field: str, source: str | None, root: Path, digests: dict[Path, str],
+                  fix: str) -> str | None:
+    """The digest of the file a run's ``field`` names (None if it names none), each file hashed once."""
+    if source is None:
+        return None
+    path = Path(source) if Path(source).is_absolute() else root / source
+    if not path.is_file():
+        raise ConfigError(f"{plan_file}: {field}={source} does not exist; {fix}")
+    return digests.setdefault(path, file_digest([path]))
+
+
+def discarded_dir(directory: Path) -> Path:
+    """Where an old run directory is moved before it is deleted."""
+    return directory.with_name(f".{directory.name}.discarded")
+
+
+def decide(run: PlannedRun, root: Path) -> Action:
+    """What ``run``'s directory needs (see :mod:`pipeline.dispatch`)."""
+    directory = root / run.plan.run_dir
+    key_file = directory / RUN_KEY_FILE
+    if key_file.exists() and key_file.read_text().strip() == run.key:
+        if (directory / "metrics.json").exists():
+            return "reused"
+        if (directory / "checkpoints" / "last.ckpt").exists():
+            return "resumed"
+    return "trained"
+
+
+def prepare_run_dir(run: PlannedRun, root: Path) -> str | None:
+    """Makes ``run``'s directory ready for its job; returns why an old directory was discarded, if one was."""
+    directory = root / run.plan.run_dir
+    key_file = directory / RUN_KEY_FILE
+    old_key = key_file.read_text().strip() if key_file.exists() else None
+    discarded = None
+    if directory.exists() and old_key != run.key:
+        aside = discarded_dir(directory)
+        shutil.rmtree(aside, ignore_errors=True)
+        directory.rename(aside)
+        shutil.rmtree(aside)
+        discarded = (f"its config, data or weights changed (key {old_key} -> {run.key})" if old_key
+                     else "no run_key: not started by libra dispatch")
+    directory.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(key_file, run.key + "\n")
+    return discarded
+
+
+def resumed_step(run: PlannedRun, root: Path) -> int:
+    """The optimizer step ``run``'s last checkpoint was saved at."""
+    from pipeline.engine.checkpoint import read_checkpoint
+
+    return int(read_checkpoint(root / run.plan.run_dir / "checkpoints" / "last.ckpt").get("global_step", 0))
