@@ -15,7 +15,7 @@ from pipeline.config import load_config
 from pipeline.engine.train import train
 from pipeline.models import build_detector
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.trains
 
 CASES = {
     "IS": ("faster_rcnn", ["components.iou_balanced_sampling.enabled=true",

@@ -29,7 +29,7 @@ def _sets(root, **extra) -> list[str]:
     return [arg for s in tiny_overrides(root, **extra) for arg in ("--set", s)]
 
 
-@pytest.mark.slow
+@pytest.mark.trains
 def test_cost_recorded_after_training_and_evaluation(synthetic_root, tmp_path):
     run = tmp_path / "run"
     libra("train", "--config", "configs/retinanet_tiny.yaml", "--out", str(run), *_sets(synthetic_root))
@@ -54,7 +54,8 @@ def test_cost_recorded_after_training_and_evaluation(synthetic_root, tmp_path):
     assert all(float(r["value"]) >= 0 for r in rows)
 
 
-@pytest.mark.slow
+@pytest.mark.trains
+@pytest.mark.slow  # fast: the test above, and test_hostile_input's resumes that log every step once
 def test_resumed_run_counts_every_step_once(synthetic_root, tmp_path):
     run = tmp_path / "run"
     sets = _sets(synthetic_root, **{"train.epochs": 3, "data.max_images": 12})

@@ -158,6 +158,7 @@ def _without_cost(tree: Any) -> Any:
     return tree
 
 
+@pytest.mark.slow  # fast: the SIGTERM test below runs two local jobs at once
 def test_local_executor_runs_two_at_once_and_reports_as_one_after_another(synthetic_root, tmp_path):
     """2 runs x 1 thread through submitit's LocalExecutor: the same report as inline, one after another."""
     plans = [_plan(synthetic_root, "faster_rcnn", "baseline", 0), _plan(synthetic_root, "faster_rcnn", "IS", 0)]

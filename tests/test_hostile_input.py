@@ -27,7 +27,7 @@ from pipeline.config import load_config, save_config
 from pipeline.engine.checkpoint import CheckpointError, read_checkpoint
 from pipeline.report.results import negative_iou_histogram
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.trains
 
 CONFIG = "configs/faster_rcnn_tiny.yaml"
 EPOCHS, STEPS_PER_EPOCH = 2, 4  # 16 images of batch 4
@@ -198,7 +198,8 @@ def test_sigkill_mid_epoch_then_resume_logs_every_step_once(synthetic_root, full
     assert list(_rows(run)[0]) == list(_rows(full_run)[0]), "same columns"
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signum, code", [pytest.param(signal.SIGTERM, 143, id="SIGTERM"),
+                                          pytest.param(signal.SIGINT, 130, id="SIGINT", marks=pytest.mark.slow)])
 def test_signal_saves_a_resumable_checkpoint_and_exits_nonzero(synthetic_root, full_run, tmp_path, signum, code):
     run = tmp_path / "stopped"
     proc = _start(synthetic_root, run)

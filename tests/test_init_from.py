@@ -18,7 +18,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.engine.train import INIT_REPORT_FILE, TrainingStopped, train
 from pipeline.models import build_detector, init_detector
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.trains
 CONFIG = Path("configs/faster_rcnn_tiny.yaml")
 PREDICTOR = ["roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.cls_score.bias",
              "roi_heads.box_predictor.bbox_pred.weight", "roi_heads.box_predictor.bbox_pred.bias"]

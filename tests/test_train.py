@@ -14,7 +14,7 @@ import torch
 from conftest import ROOT, libra, tiny_overrides
 from pipeline.engine.coco_eval import IOU_THRESHOLDS
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.trains
 
 
 def _sets(root, **extra) -> list[str]:
@@ -59,6 +59,7 @@ def test_train_then_evaluate_writes_schema(synthetic_root, tmp_path):
     assert json.loads((run / "metrics.json").read_text()) == metrics
 
 
+@pytest.mark.slow  # fast: test_hostile_input's SIGKILL/SIGTERM mid-epoch, resumed to uninterrupted weights
 def test_resume_after_kill_matches_uninterrupted(synthetic_root, tmp_path):
     sets = _sets(synthetic_root, **{"train.epochs": 3, "data.max_images": 12})
     full, killed = tmp_path / "full", tmp_path / "killed"
@@ -96,6 +97,7 @@ def test_ddp_two_processes_match_one(synthetic_root, tmp_path):
     assert _max_diff(one, two) < 1e-4
 
 
+@pytest.mark.slow  # fast: test_dispatch's failed run (non-finite loss, retried from the last good step)
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(synthetic_root, tmp_path):
     run = tmp_path / "nan"
     sets = _sets(synthetic_root, **{"train.epochs": 3, "train.optimizer": "sgd", "train.milestones": "[1]",

@@ -208,14 +208,12 @@ def test_bad_input_fails_early_and_leaves_nothing(case, tmp_path, monkeypatch, c
         args["extra"] = ["--set", "components.balanced_l1.alpha=0.3"]
     elif case == "unknown_profile":
         args["profile"] = "huge"
-    start = time.monotonic()
     rc = libra_main(["tune", "--study", args["study"], "--profile", args["profile"], "--storage", args["storage"],
                      "--studies-dir", str(studies), "--out", str(tmp_path / "reports"), "--work-dir",
                      str(tmp_path / "runs"), "--set", f"data.root={synthetic_root}",
                      "--set", f"model.backbone.weights={tiny_weights_path(synthetic_root)}", *args["extra"]])
     err = capsys.readouterr().err
     assert rc == 2 and "libra tune: error:" in err and expected in err, err
-    assert time.monotonic() - start < 30, "fails fast"
     assert not storage.exists(), "no Optuna study created"
     assert not mlflow_db.exists(), "MLflow not touched: no run"
     assert not (tmp_path / "reports").exists() and not (tmp_path / "runs").exists()
