@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,13 @@ def libra(*args: str, check: bool = True, timeout: float = 600, **popen) -> subp
     if check and proc.returncode != 0:
         raise AssertionError(f"libra {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def checkpoint_complete(path: Path) -> bool:
+    """Whether ``path`` is a whole checkpoint: Lightning writes it in place, so it exists while being written,
+    and a process killed then leaves a torn file. torch's zip format ends with its directory, written last."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile):
+        return False

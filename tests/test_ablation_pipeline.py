@@ -24,7 +24,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, checkpoint_complete
 
 pytestmark = pytest.mark.slow
 
@@ -287,7 +287,7 @@ def test_killed_run_resumes_from_its_checkpoint_and_a_changed_one_starts_afresh(
         for name in {resumed, changed} - set(killed):
             key_file, last = repo / "runs" / name / "run_key", repo / "runs" / name / "checkpoints" / "last.ckpt"
             started = key_file.exists() and key_file.read_text().strip() != old_keys[name]
-            pid = _train_process(repo, name) if started and last.exists() else None
+            pid = _train_process(repo, name) if started and checkpoint_complete(last) else None
             if pid is not None:
                 os.kill(pid, signal.SIGKILL)
                 killed[name] = pid

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, libra, tiny_overrides
+from conftest import ROOT, checkpoint_complete, libra, tiny_overrides
 from pipeline.engine.coco_eval import IOU_THRESHOLDS
 
 pytestmark = pytest.mark.trains
@@ -68,7 +68,7 @@ def test_resume_after_kill_matches_uninterrupted(synthetic_root, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "stages.cli", "train", "--config", "configs/faster_rcnn_tiny.yaml",
                              "--out", str(killed), *sets], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (killed / "checkpoints" / "last.ckpt").exists():
+    while not checkpoint_complete(killed / "checkpoints" / "last.ckpt"):  # SIGKILL must not tear it
         assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
