@@ -245,7 +245,7 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
-    sampler = IoUBalancedNegativeSampler(args.num_bins, args.floor_thr, args.floor_fraction)
+    sampler = IoUBalancedNegativeSampler(args.num_bins, args.floor_thr, args.floor_fraction, "negatives")
     max_iou, gt_index = make_batch(args.images, args.proposals, args.seed, device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)

@@ -197,8 +197,10 @@ class BFPConfig(StrictModel):
     """Libra R-CNN Balanced Feature Pyramid after the FPN."""
 
     enabled: bool = False
-    refine_level: Int = Field(2, ge=0)
-    """Pyramid level (0: finest) the levels are gathered to; per detector in :data:`DETECTOR_COMPONENT_DEFAULTS`."""
+    refine_level: Int = Field(4, ge=2)
+    """Pyramid level ``k`` of ``P_k`` (stride ``2^k``) the levels are gathered to and refined at, on every
+    detector and profile: Libra R-CNN's 4 ("integrate at C4's resolution": mmdet's index 2 of Faster
+    R-CNN's P2-P6, 1 of RetinaNet's P3-P7). A level the detector's pyramid lacks is refused when it is built."""
     refine_type: Literal["none", "conv", "non_local"] = "non_local"
 
 
@@ -211,7 +213,7 @@ class BalancedL1Config(StrictModel):
     beta: Float = Field(1.0, gt=0)
     """Where the loss turns linear; per detector in :data:`DETECTOR_COMPONENT_DEFAULTS`."""
     formula: Literal["exact", "mmdet"] = "exact"
-    """``exact`` or ``mmdet`` (see :func:`pipeline.components.losses.balanced_l1_loss`)."""
+    """``exact`` or ``mmdet`` (see :func:`pipeline.components.balanced_l1.balanced_l1_loss`)."""
     loss_weight: Float = Field(1.0, ge=0)
 
 
@@ -239,14 +241,12 @@ class ComponentsConfig(StrictModel):
 
 
 DETECTOR_COMPONENT_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    "faster_rcnn": {"iou_balanced_sampling": {"instance_balanced_pos": True},
-                    "bfp": {"refine_level": 2}, "balanced_l1": {"beta": 1.0}},
-    "retinanet": {"bfp": {"refine_level": 1}, "balanced_l1": {"beta": 0.11}},
+    "faster_rcnn": {"iou_balanced_sampling": {"instance_balanced_pos": True}, "balanced_l1": {"beta": 1.0}},
+    "retinanet": {"balanced_l1": {"beta": 0.11}},
 }
 """Libra's component settings that differ by detector (mmdet's libra_rcnn configs), filled in
 wherever a config leaves the field unset: ``detector -> section of components -> {field: value}``.
-BFP integrates at P4 (level 2 of Faster R-CNN's P2-P6, 1 of RetinaNet's P3-P7); Balanced L1's
-``beta`` is the smooth-L1 ``beta`` of the loss it replaces."""
+Balanced L1's ``beta`` is the smooth-L1 ``beta`` of the loss it replaces."""
 
 
 def with_detector_defaults(raw: Any) -> Any:
@@ -281,6 +281,9 @@ class DataConfig(StrictModel):
     num_val: PositiveInt = 96
     image_size: Int = Field(128, ge=32)
     num_workers: Int = Field(0, ge=0)
+    cache_mb: Int = Field(1024, ge=0)
+    """Keep a split's decoded images in memory (float32, decoded once) when they take at most this many
+    MiB (sizes from the annotation file; the built-in 960 training images: 180 MiB); 0: decode every time."""
     max_image_pixels: PositiveInt = 89_478_485
     filter_empty: bool = False
     """Leave training images without any annotation out of training (mmdet's ``filter_empty_gt``);
@@ -373,6 +376,31 @@ class PretrainConfig(StrictModel):
     lr: Float = Field(0.004, gt=0)
     weight_decay: Float = Field(1e-4, ge=0)
     num_threads: PositiveInt | None = None
+
+
+class ReportConfig(StrictModel):
+    """The ``report`` section of params.yaml: the statistics of ``libra report`` and ``libra plan --power``."""
+
+    bootstrap_resamples: PositiveInt = 1000
+    """Paired image resamples for the ΔAP confidence intervals."""
+    confidence: Float = Field(0.95, gt=0, lt=1)
+    """Confidence level of the intervals (before the Bonferroni adjustment over claims)."""
+    seed: Int = Field(0, ge=0)
+    """Seed of the bootstrap resampling."""
+    rope: Float = Field(0.5, gt=0)
+    """Region of practical equivalence, in AP points: a difference whose interval lies inside ±rope is
+    'equivalent'."""
+    power: Float = Field(0.8, gt=0, lt=1)
+    """Target power of the minimum detectable effect (MDE)."""
+    target_mde: Float = Field(1.0, gt=0)
+    """The MDE, in AP points, that the power table asks the seeds for (``libra plan --power``'s default)."""
+
+
+class MlflowConfig(StrictModel):
+    """The ``mlflow`` section of params.yaml (the store is ``$MLFLOW_TRACKING_URI``, else the repository's)."""
+
+    experiment: str = Field("libra-ablation", min_length=1)
+    """The MLflow experiment ``libra track`` logs the ablation to."""
 
 
 class ExperimentConfig(StrictModel):

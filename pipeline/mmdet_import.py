@@ -307,7 +307,8 @@ def _neck(t: Translation, detector: str) -> int:
             t.set_field("components.bfp.enabled", True)
             t.map(path + ("in_channels",), "model.fpn_channels")
             t.check(path + ("num_levels",), 5, "five pyramid levels")
-            t.map(path + ("refine_level",), "components.bfp.refine_level")
+            # mmdet's refine_level indexes the FPN's outputs, ours names the level P_k
+            t.map(path + ("refine_level",), "components.bfp.refine_level", lambda index: min_level + index)
             t.map(path + ("refine_type",), "components.bfp.refine_type", lambda v: "none" if v is None else v)
     return min_level
 

@@ -5,7 +5,8 @@ planned, with the field named (``params.yaml: ablation.seeds: ...``). Values tha
 run's experiment config (``data``, ``trainer``, ``profiles.<p>.set``, the component knobs) are
 checked once more, with their defaults, by :mod:`pipeline.config` when the config is composed
 (:mod:`pipeline.compose`). ``execution`` is typed by :class:`pipeline.execution.ExecutionSettings`;
-``pretrain``, ``report`` and ``mlflow`` are read and validated by the stages that use them.
+``pretrain``, ``report`` and ``mlflow`` by :class:`pipeline.config.PretrainConfig`,
+:class:`pipeline.config.ReportConfig` and :class:`pipeline.config.MlflowConfig`, their defaults' one home.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from pipeline.config import ConfigError, Int, StrictModel, read_yaml, validate_model
+from pipeline.config import (ConfigError, Int, MlflowConfig, PretrainConfig, ReportConfig, StrictModel, read_yaml,
+                             validate_model)
 from pipeline.execution import ExecutionSettings
 
 COMPONENTS: dict[str, str] = {
@@ -70,7 +72,7 @@ class ProfileParams(StrictModel):
     """Base config suffix: detector ``d`` trains from ``configs/<d>_<config>.yaml``."""
     data: SyntheticSizeParams = SyntheticSizeParams()
     pretrain: dict[str, Any] = {}
-    """Overrides of the ``pretrain`` section (validated by ``libra pretrain``)."""
+    """Overrides of the ``pretrain`` section (validated with it into :class:`pipeline.config.PretrainConfig`)."""
     set: dict[str, Any] = {}
     """Config overrides for every run, in the structure of the experiment config."""
 
@@ -169,14 +171,24 @@ class Params(StrictModel):
     ablation: AblationParams
     faster_rcnn: ComponentKnobs = ComponentKnobs()
     retinanet: ComponentKnobs = ComponentKnobs()
-    pretrain: dict[str, Any] = {}
+    pretrain: PretrainConfig = PretrainConfig()
     execution: ExecutionSettings = ExecutionSettings()
-    report: dict[str, Any] = {}
-    mlflow: dict[str, Any] = {}
+    report: ReportConfig = ReportConfig()
+    mlflow: MlflowConfig = MlflowConfig()
 
     @model_validator(mode="after")
     def _known_profile(self) -> Params:
         self.profile_params(self.profile)
+        return self
+
+    @model_validator(mode="after")
+    def _profile_pretrain(self) -> Params:
+        for name, profile in self.profiles.items():
+            try:
+                PretrainConfig.model_validate({**self.pretrain.model_dump(exclude_unset=True), **profile.pretrain})
+            except ValidationError as exc:
+                problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+                raise ValueError(f"profiles.{name}.pretrain: {problems}") from None
         return self
 
     def profile_params(self, name: str) -> ProfileParams:

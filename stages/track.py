@@ -27,10 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     from pipeline.ablation import read_params
     from pipeline.io import write_json_atomic
+    from pipeline.params import parse_params
     from pipeline.tracking import log_ablation
 
     params = read_params(args.params)
-    experiment = (params.get("mlflow") or {}).get("experiment") or "libra-ablation"
+    experiment = parse_params(params, str(args.params)).mlflow.experiment
     manifest = json.loads(args.manifest.read_text())
     record = log_ablation(args.plan, args.report, manifest, params, experiment)
     write_json_atomic(args.out, record)

@@ -110,7 +110,7 @@ def test_paper_scale_path_resolves_the_coco_recipe(params):
     assert cfg.model.backbone.name == "resnet50" and cfg.train.epochs == 12
     assert cfg.data.root == Path("/data/coco") and cfg.data.val_annotations.name == "instances_val2017.json"
     assert (cfg.trainer.devices, cfg.trainer.num_nodes, cfg.trainer.strategy) == (8, 2, "ddp")
-    assert cfg.components.bfp.refine_level == 2
+    assert cfg.components.bfp.refine_level == 4
 
 
 def test_run_key_changes_with_config_data_and_weights(params):

@@ -11,6 +11,11 @@ B = math.exp(GAMMA / ALPHA) - 1
 BETAS = [1.0, 0.11, 1 / 9]
 
 
+def paper_loss(pred: torch.Tensor, target: torch.Tensor, **changes) -> torch.Tensor:
+    """Balanced L1 with the paper's alpha and gamma, beta 1 and the exact formula, but ``changes``."""
+    return balanced_l1_loss(pred, target, **{"alpha": ALPHA, "gamma": GAMMA, "beta": 1.0, "formula": "exact", **changes})
+
+
 def exact_closed_form(x: float, beta: float) -> tuple[float, float]:
     """Loss and gradient of DESIGN §5's Balanced L1, written out per scalar."""
     a = abs(x)
@@ -34,7 +39,7 @@ def mmdet_closed_form(x: float, beta: float) -> tuple[float, float]:
 
 def loss_and_grad(x: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.clone().requires_grad_(True)
-    loss = balanced_l1_loss(x, torch.zeros_like(x), reduction="none", **kwargs)
+    loss = paper_loss(x, torch.zeros_like(x), reduction="none", **kwargs)
     loss.sum().backward()
     return loss.detach(), x.grad
 
@@ -60,7 +65,7 @@ def test_autograd_matches_finite_differences(beta, formula):
     x.requires_grad_(True)
     target = torch.zeros_like(x)
     assert torch.autograd.gradcheck(
-        lambda p: balanced_l1_loss(p, target, beta=beta, formula=formula, reduction="none"), (x,)
+        lambda p: paper_loss(p, target, beta=beta, formula=formula, reduction="none"), (x,)
     )
 
 
@@ -109,21 +114,21 @@ def test_reductions_and_weight():
     generator = torch.Generator().manual_seed(1)
     pred = torch.randn(6, 4, generator=generator)
     target = torch.randn(6, 4, generator=generator)
-    elementwise = balanced_l1_loss(pred, target, reduction="none")
+    elementwise = paper_loss(pred, target, reduction="none")
     assert elementwise.shape == (6, 4)
-    torch.testing.assert_close(balanced_l1_loss(pred, target, reduction="sum"), elementwise.sum())
-    torch.testing.assert_close(balanced_l1_loss(pred, target), elementwise.mean())
+    torch.testing.assert_close(paper_loss(pred, target, reduction="sum"), elementwise.sum())
+    torch.testing.assert_close(paper_loss(pred, target), elementwise.mean())
 
     weight = torch.rand(6, 1, generator=generator)
     torch.testing.assert_close(
-        balanced_l1_loss(pred, target, reduction="sum", weight=weight), (elementwise * weight).sum()
+        paper_loss(pred, target, reduction="sum", weight=weight), (elementwise * weight).sum()
     )
     torch.testing.assert_close(
-        balanced_l1_loss(pred, target, weight=weight), (elementwise * weight).mean()
+        paper_loss(pred, target, weight=weight), (elementwise * weight).mean()
     )
 
     empty = torch.zeros(0, 4, requires_grad=True)
-    assert balanced_l1_loss(empty, empty.detach()).item() == 0.0
+    assert paper_loss(empty, empty.detach()).item() == 0.0
 
 
 def test_loss_is_symmetric_and_nonnegative():
@@ -146,9 +151,9 @@ def test_loss_is_symmetric_and_nonnegative():
 def test_invalid_arguments(kwargs, message):
     x = torch.zeros(3)
     with pytest.raises(ValueError, match=message):
-        balanced_l1_loss(x, x, **kwargs)
+        paper_loss(x, x, **kwargs)
 
 
 def test_shape_mismatch():
     with pytest.raises(ValueError, match="same shape"):
-        balanced_l1_loss(torch.zeros(3, 4), torch.zeros(4))
+        paper_loss(torch.zeros(3, 4), torch.zeros(4))

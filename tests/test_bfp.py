@@ -20,24 +20,24 @@ def pyramid(names, sizes, seed=0, batch=2) -> "OrderedDict[str, torch.Tensor]":
     )
 
 
-def reference_without_refine(features, refine_level):
+def reference_without_refine(features, refine_index):
     """Gather by pooling finer / interpolating coarser levels, average, scatter back, add."""
     maps = list(features.values())
-    height, width = maps[refine_level].shape[-2:]
+    height, width = maps[refine_index].shape[-2:]
     gathered = []
     for i, x in enumerate(maps):
-        if i < refine_level:
+        if i < refine_index:
             gathered.append(F.adaptive_max_pool2d(x, (height, width)))
-        elif i > refine_level:
+        elif i > refine_index:
             gathered.append(F.interpolate(x, size=(height, width), mode="nearest"))
         else:
             gathered.append(x)
     mean = sum(gathered) / len(gathered)
     out = OrderedDict()
     for i, (name, x) in enumerate(features.items()):
-        if i < refine_level:
+        if i < refine_index:
             out[name] = x + F.interpolate(mean, size=x.shape[-2:], mode="nearest")
-        elif i > refine_level:
+        elif i > refine_index:
             out[name] = x + F.adaptive_max_pool2d(mean, x.shape[-2:])
         else:
             out[name] = x + mean
@@ -47,9 +47,9 @@ def reference_without_refine(features, refine_level):
 @pytest.mark.parametrize("layout", [FASTER_RCNN, RETINANET], ids=["faster_rcnn", "retinanet"])
 @pytest.mark.parametrize("refine_type", ["none", "conv", "non_local"])
 def test_keeps_keys_order_and_shapes(layout, refine_type):
-    names, sizes, refine_level = layout
+    names, sizes, refine_index = layout
     features = pyramid(names, sizes)
-    bfp = BalancedFeaturePyramid(CHANNELS, len(names), refine_level, refine_type)
+    bfp = BalancedFeaturePyramid(CHANNELS, len(names), refine_index, refine_type)
     out = bfp(features)
     assert list(out.keys()) == names
     for name in names:
@@ -58,10 +58,10 @@ def test_keeps_keys_order_and_shapes(layout, refine_type):
 
 @pytest.mark.parametrize("layout", [FASTER_RCNN, RETINANET], ids=["faster_rcnn", "retinanet"])
 def test_no_refine_is_gather_mean_scatter(layout):
-    names, sizes, refine_level = layout
+    names, sizes, refine_index = layout
     features = pyramid(names, sizes, seed=1)
-    out = BalancedFeaturePyramid(CHANNELS, len(names), refine_level, "none")(features)
-    expected = reference_without_refine(features, refine_level)
+    out = BalancedFeaturePyramid(CHANNELS, len(names), refine_index, "none")(features)
+    expected = reference_without_refine(features, refine_index)
     for name in names:
         torch.testing.assert_close(out[name], expected[name])
 
@@ -69,7 +69,7 @@ def test_no_refine_is_gather_mean_scatter(layout):
 @pytest.mark.parametrize("refine_type", ["none", "conv", "non_local"])
 def test_gradients_reach_inputs_and_upstream(refine_type):
     torch.manual_seed(0)
-    names, sizes, refine_level = FASTER_RCNN
+    names, sizes, refine_index = FASTER_RCNN
     upstream = nn.Conv2d(3, CHANNELS, 3, padding=1)
     image = torch.randn(2, 3, sizes[0], sizes[0], requires_grad=True)
     base = upstream(image)
@@ -78,7 +78,7 @@ def test_gradients_reach_inputs_and_upstream(refine_type):
     )
     for x in features.values():
         x.retain_grad()
-    bfp = BalancedFeaturePyramid(CHANNELS, len(names), refine_level, refine_type)
+    bfp = BalancedFeaturePyramid(CHANNELS, len(names), refine_index, refine_type)
     if refine_type == "non_local":
         nn.init.normal_(bfp.refine.out.weight, std=0.1)  # leave the identity start
     out = bfp(features)
@@ -92,10 +92,10 @@ def test_gradients_reach_inputs_and_upstream(refine_type):
 
 
 def test_non_local_starts_as_identity_then_changes():
-    names, sizes, refine_level = FASTER_RCNN
+    names, sizes, refine_index = FASTER_RCNN
     features = pyramid(names, sizes, seed=2)
-    none = BalancedFeaturePyramid(CHANNELS, len(names), refine_level, "none")(features)
-    bfp = BalancedFeaturePyramid(CHANNELS, len(names), refine_level, "non_local")
+    none = BalancedFeaturePyramid(CHANNELS, len(names), refine_index, "none")(features)
+    bfp = BalancedFeaturePyramid(CHANNELS, len(names), refine_index, "non_local")
     for name in names:
         torch.testing.assert_close(bfp(features)[name], none[name])
     nn.init.normal_(bfp.refine.out.weight, std=0.1)
@@ -103,12 +103,12 @@ def test_non_local_starts_as_identity_then_changes():
 
 
 def test_invalid_configuration():
-    with pytest.raises(ValueError, match="refine_level"):
-        BalancedFeaturePyramid(CHANNELS, 5, refine_level=5)
-    with pytest.raises(ValueError, match="refine_level"):
-        BalancedFeaturePyramid(CHANNELS, 5, refine_level=-1)
+    with pytest.raises(ValueError, match="refine_index"):
+        BalancedFeaturePyramid(CHANNELS, 5, refine_index=5, refine_type="none")
+    with pytest.raises(ValueError, match="refine_index"):
+        BalancedFeaturePyramid(CHANNELS, 5, refine_index=-1, refine_type="none")
     with pytest.raises(ValueError, match="refine_type"):
-        BalancedFeaturePyramid(CHANNELS, 5, refine_type="attention")
+        BalancedFeaturePyramid(CHANNELS, 5, refine_index=2, refine_type="attention")
     names, sizes, _ = FASTER_RCNN
     with pytest.raises(ValueError, match="expected 4 feature levels, got 5"):
-        BalancedFeaturePyramid(CHANNELS, 4, refine_level=2)(pyramid(names, sizes))
+        BalancedFeaturePyramid(CHANNELS, 4, refine_index=2, refine_type="none")(pyramid(names, sizes))

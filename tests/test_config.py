@@ -2,15 +2,25 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, ExperimentConfig, RetinaNetConfig, load_config
+from pipeline.config import (ConfigError, MlflowConfig, ReportConfig, RetinaNetConfig, load_config, read_yaml,
+                             save_config, validate_model)
+from pipeline.io import flatten
+from pipeline.params import load_params
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if "study" not in p.name], ids=lambda p: p.name)
-def test_shipped_configs_validate(path):
+def test_shipped_configs_validate(path, tmp_path):
+    """Every value a shipped config sets is the validated config's, its file name names its detector, and
+    the saved config reads back equal."""
     cfg = load_config(path)
-    assert isinstance(cfg, ExperimentConfig)
+    assert path.name.startswith(f"{cfg.model.detector}_")
+    resolved = flatten(cfg.to_dict())
+    for key, value in flatten(read_yaml(path)).items():
+        assert resolved[key] == value, key
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
 
 
 def test_paper_recipes():
@@ -23,7 +33,7 @@ def test_paper_recipes():
         assert cfg.train.lr == lr and cfg.train.lr_scaling_batch == 16
         assert (cfg.model.min_size, cfg.model.max_size) == (800, 1333)
         assert cfg.model.backbone.name == "resnet50"
-    assert frcnn.components.bfp.refine_level == 2 and retina.components.bfp.refine_level == 1
+    assert frcnn.components.bfp.refine_level == retina.components.bfp.refine_level == 4  # P4 on P2-P6 and P3-P7
     assert (frcnn.model.rpn.neg_pos_ub, frcnn.model.roi_heads.neg_pos_ub) == (5, -1)
     assert (frcnn.model.box_loss.type, frcnn.model.box_loss.beta) == ("smooth_l1", 1.0)
     assert (retina.model.box_loss.type, retina.model.box_loss.beta) == ("smooth_l1", 0.11)
@@ -98,3 +108,22 @@ def test_malformed_override_and_file(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="missing.yaml"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_report_and_mlflow_settings_have_one_home():
+    """params.yaml's report and mlflow sections are typed by the config's models, defaults included."""
+    assert ReportConfig() == ReportConfig(bootstrap_resamples=1000, confidence=0.95, seed=0, rope=0.5, power=0.8,
+                                          target_mde=1.0)
+    assert MlflowConfig().experiment == "libra-ablation"
+    params = load_params(Path("params.yaml"))
+    assert params.report == ReportConfig(bootstrap_resamples=1000, confidence=0.95, seed=0)
+    assert params.mlflow.experiment == "libra-ablation" and params.pretrain.seed == 0
+
+
+@pytest.mark.parametrize("section, named", [
+    ({"rope": 0}, "rope"), ({"rope": -0.5}, "rope"), ({"power": 1.0}, "power"), ({"power": 0}, "power"),
+    ({"confidence": 1}, "confidence"), ({"bootstrap_resamples": 0}, "bootstrap_resamples"), ({"bootstrap": 9}, "bootstrap"),
+])
+def test_bad_report_settings_name_the_field(section, named):
+    with pytest.raises(ConfigError, match=f"report: {named}"):
+        validate_model(ReportConfig, section, "report")

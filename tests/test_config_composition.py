@@ -10,7 +10,7 @@ import yaml
 
 from conftest import ROOT
 from pipeline.ablation import plan_ablation, read_params
-from pipeline.config import DETECTOR_COMPONENT_DEFAULTS, ExperimentConfig, load_config, validate_config
+from pipeline.config import DETECTOR_COMPONENT_DEFAULTS, BalancedL1Config, ExperimentConfig, load_config, validate_config
 from pipeline.params import COMPONENTS, DETECTOR_COMPONENTS
 from pipeline.runplan import RunPlan
 from pipeline.tuning import load_study_spec
@@ -34,7 +34,7 @@ def _trial(study: str, params_file: Path) -> ExperimentConfig:
     """The ``tiny`` trial of ``study`` whose searched values are the study's baseline (the defaults)."""
     spec = load_study_spec(study, STUDIES)
     plan = TuningPlan.create(study, spec, "tiny", get_profile("tiny", params_file))
-    return plan.config({spec.params[name].key: value for name, value in (spec.baseline or {}).items()})
+    return plan.config({spec.params[name].key: value for name, value in (plan.spec.baseline or {}).items()})
 
 
 def _section(cfg: ExperimentConfig, short: str) -> dict:
@@ -77,8 +77,8 @@ def test_detector_defaults_fill_only_what_a_config_leaves_unset():
     for cfg in (retina, frcnn):
         for section, fields in DETECTOR_COMPONENT_DEFAULTS[cfg.model.detector].items():
             assert {k: getattr(getattr(cfg.components, section), k) for k in fields} == fields
-    assert (retina.components.bfp.refine_level, retina.components.balanced_l1.beta) == (1, 0.11)
-    assert (frcnn.components.bfp.refine_level, frcnn.components.balanced_l1.beta) == (2, 1.0)
+    assert retina.components.balanced_l1.beta == 0.11 and frcnn.components.balanced_l1.beta == 1.0
+    assert retina.components.bfp.refine_level == frcnn.components.bfp.refine_level == 4  # P4: no detector default
     explicit = load_config(CONFIGS / "retinanet_tiny.yaml", ["components.bfp.refine_level=3",
                                                                "components.balanced_l1.beta=0.5"])
     assert (explicit.components.bfp.refine_level, explicit.components.balanced_l1.beta) == (3, 0.5)
@@ -94,3 +94,18 @@ def test_a_params_knob_reaches_the_ablation_and_the_study_alike(tmp_path):
     ablation = _factorial_runs(params)["faster_rcnn/BL/seed0"].experiment_config()
     assert (trial.components.balanced_l1.beta, trial.components.balanced_l1.formula) == (0.5, "mmdet")
     assert trial.components == ablation.components
+
+
+def test_a_default_baseline_is_the_trial_configs_values_knobs_included(tmp_path):
+    """``baseline: defaults`` in a study file: the searched keys' values of the trial config without sampling."""
+    spec = load_study_spec("balanced_l1", STUDIES)
+    assert spec.baseline == "defaults"
+    defaults = BalancedL1Config()
+    plan = TuningPlan.create("balanced_l1", spec, "tiny", get_profile("tiny", ROOT / "params.yaml"))
+    assert plan.spec.baseline == {"alpha": defaults.alpha, "gamma": defaults.gamma}
+    params = read_params(ROOT / "params.yaml")
+    params["faster_rcnn"] = {"balanced_l1": {"alpha": 0.3}}
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    plan = TuningPlan.create("balanced_l1", spec, "tiny", get_profile("tiny", params_file))
+    assert plan.spec.baseline == {"alpha": 0.3, "gamma": defaults.gamma}

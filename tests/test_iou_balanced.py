@@ -49,8 +49,8 @@ def test_cls_zero_denominator_gives_ones():
 
 def test_loc_lambda_zero_unit_weight_is_plain_loss():
     iou, loss = positives()
-    assert torch.equal(iou_balanced_loc_weights(iou, lam=0.0), torch.ones_like(iou))
-    assert torch.equal(IoUBalancedLocWeight(lam=0.0)(iou, loss), loss)
+    assert torch.equal(iou_balanced_loc_weights(iou, lam=0.0, w_loc=1.0), torch.ones_like(iou))
+    assert torch.equal(IoUBalancedLocWeight(lam=0.0, w_loc=1.0)(iou, loss), loss)
 
 
 def test_loc_weights_are_detached_power_of_iou():
@@ -106,6 +106,6 @@ def test_invalid_exponents():
     with pytest.raises(ValueError, match="eta"):
         iou_balanced_cls_weights(torch.ones(2), torch.ones(2), eta=-1.0)
     with pytest.raises(ValueError, match="lam"):
-        IoUBalancedLocWeight(lam=-0.5)
+        IoUBalancedLocWeight(lam=-0.5, w_loc=1.0)
     with pytest.raises(ValueError, match="same shape"):
-        IoUBalancedLocWeight(lam=1.0)(torch.ones(3), torch.ones(3, 4))
+        IoUBalancedLocWeight(lam=1.0, w_loc=1.0)(torch.ones(3), torch.ones(3, 4))

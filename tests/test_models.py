@@ -25,6 +25,35 @@ def test_tiny_pyramids(detector, overrides, levels, sides):
     assert [f.shape[-1] for f in features.values()] == sides
 
 
+FROM_SCRATCH = ["model.backbone.weights=null", "model.backbone.from_scratch=true"]
+"""The r50 configs without their ImageNet file; the tiny ones without their pre-trained weights."""
+
+
+@pytest.mark.parametrize("detector", ["faster_rcnn", "retinanet"])
+@pytest.mark.parametrize("profile", ["tiny", "r50_coco_1x"])
+def test_bfp_gathers_at_p4_on_every_profile(detector, profile):
+    """The default refine_level is P4 on both pyramids (P2-P6, P3-P7): the refined map has P4's size."""
+    weights = ["model.backbone.weights=null"] if profile == "tiny" else FROM_SCRATCH
+    cfg = load_config(Path(f"configs/{detector}_{profile}.yaml"), [*weights, "components.bfp.enabled=true"])
+    assert cfg.components.bfp.refine_level == 4
+    backbone = build_detector(cfg, num_classes=4).eval().backbone
+    gathered = []
+    backbone.neck.refine.register_forward_hook(lambda module, inputs, output: gathered.append(inputs[0].shape[-2:]))
+    with torch.no_grad():
+        backbone(torch.rand(1, 3, 128, 128))
+    assert gathered == [torch.Size([128 // 16, 128 // 16])]
+
+
+@pytest.mark.parametrize("config, level, levels", [
+    ("retinanet_tiny", 7, "P2-P6"), ("retinanet_r50_coco_1x", 2, "P3-P7"), ("faster_rcnn_tiny", 7, "P2-P6"),
+])
+def test_a_bfp_level_the_pyramid_lacks_names_the_field_and_the_levels(config, level, levels):
+    cfg = load_config(Path(f"configs/{config}.yaml"),
+                      [*FROM_SCRATCH, "components.bfp.enabled=true", f"components.bfp.refine_level={level}"])
+    with pytest.raises(ConfigError, match=f"components.bfp.refine_level={level}: .* no P{level}; its levels are {levels}"):
+        build_detector(cfg, num_classes=4)
+
+
 def test_missing_backbone_weights_is_a_clear_error_not_a_download(tmp_path):
     cfg = load_config(Path("configs/faster_rcnn_r50_coco_1x.yaml"),
                       [f"model.backbone.weights={tmp_path / 'resnet50.pth'}"])

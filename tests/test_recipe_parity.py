@@ -82,4 +82,5 @@ def test_the_libra_rows_enable_exactly_their_components(differences):
     retina = import_mmdet("libra-retinanet_r50_fpn_1x_coco").config
     assert retina.components.bfp.enabled and retina.components.balanced_l1.enabled
     assert not retina.components.iou_balanced_sampling.enabled
-    assert retina.components.bfp.refine_level == 1 and retina.model.retinanet.extra_from == "c5"
+    assert retina.components.bfp.refine_level == 4 and retina.model.retinanet.extra_from == "c5"  # mmdet's index 1 of P3-P7
+    assert imported.components.bfp.refine_level == 4  # mmdet's index 2 of P2-P6

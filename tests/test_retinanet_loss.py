@@ -1,14 +1,19 @@
 """RetinaNet's loss: normalised by the batch's positives, so the IoU-balanced classification loss
-keeps the positives' summed loss (Wu et al. 2019, Eq. 2-5) whatever each image holds."""
+keeps the positives' summed loss (Wu et al. 2019, Eq. 2-5) whatever each image holds; one sigmoid
+output per object class (K, no background channel), the labels 1..K mapped to channels 0..K-1 and back."""
+
+from pathlib import Path
 
 import pytest
 import torch
 
-from pipeline.config import BalancedL1Config, BoxLossConfig
+from pipeline.config import BalancedL1Config, BoxLossConfig, load_config
+from pipeline.models import build_detector
 from pipeline.models.box_loss import build_box_loss
 from pipeline.models.retinanet import BalancedRetinaNetHead, paired_iou
 
 NUM_CLASSES = 5
+FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0
 GT = torch.tensor([[20.0, 20.0, 60.0, 60.0]])  # 40 x 40
 
 
@@ -28,7 +33,8 @@ def image(ious: list[float], num_negatives: int, label: int):
 
 def head(eta: float | None) -> BalancedRetinaNetHead:
     return BalancedRetinaNetHead(8, 1, NUM_CLASSES, box_loss=build_box_loss(BoxLossConfig(type="l1"), BalancedL1Config()),
-                                 eta=eta or 0.0)
+                                 eta=eta, loc_weight=None, head_convs=4, group_norm=False, kaiming_init=False,
+                                 focal_alpha=FOCAL_ALPHA, focal_gamma=FOCAL_GAMMA)
 
 
 def losses(eta: float | None, images, logits: list[torch.Tensor]):
@@ -105,3 +111,77 @@ def test_weights_fall_on_positives_only_and_on_every_class_of_a_positive():
     torch.testing.assert_close(ratio_a[0, 0], torch.tensor(0.9**1.5 * z))
     torch.testing.assert_close(ratio_b[0, 0], torch.tensor(0.3**1.5 * z))
     assert ratio_a[0, 0] > 1 > ratio_b[0, 0]
+
+
+def focal_by_hand(logit: float, target: float) -> float:
+    """Sigmoid focal loss of one logit (Lin et al. 2017, Eq. 5) with alpha 0.25, gamma 2."""
+    p = 1 / (1 + torch.exp(torch.tensor(-logit, dtype=torch.float64))).item()
+    p_t = p if target else 1 - p
+    alpha_t = FOCAL_ALPHA if target else 1 - FOCAL_ALPHA
+    return -alpha_t * (1 - p_t) ** FOCAL_GAMMA * torch.log(torch.tensor(p_t, dtype=torch.float64)).item()
+
+
+def first_and_last_class_images():
+    """Positives of label 1 (channel 0) in one image and of label K (channel K-1) in the other."""
+    return [image([0.9, 0.6, 0.8], 5, label=1), image([0.3, 0.7], 6, label=NUM_CLASSES)]
+
+
+def random_logits(images, seed=0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(len(m), NUM_CLASSES, generator=generator, dtype=torch.float64, requires_grad=True)
+            for _, _, m in images]
+
+
+def per_anchor_focal_by_hand(images, logits) -> tuple[list[float], float]:
+    """Each positive's focal loss summed over the K channels (its label's channel the target), and the
+    negatives' total."""
+    positives, negatives = [], 0.0
+    for (target, _, matched), x in zip(images, logits):
+        for anchor, gt in enumerate(matched.tolist()):
+            channel = int(target["labels"][gt]) - 1 if gt >= 0 else None
+            loss = sum(focal_by_hand(x[anchor, k].item(), k == channel) for k in range(NUM_CLASSES))
+            if gt >= 0:
+                positives.append(loss)
+            else:
+                negatives += loss
+    return positives, negatives
+
+
+def test_focal_loss_is_summed_over_k_channels_label_c_on_channel_c_minus_1():
+    images = first_and_last_class_images()
+    logits = random_logits(images)
+    positives, negatives = per_anchor_focal_by_hand(images, logits)
+    loss = losses(None, images, logits)["classification"]
+    assert loss.item() == pytest.approx((sum(positives) + negatives) / len(positives), rel=1e-9)
+
+
+def test_iou_cls_weights_are_normalised_over_the_k_class_losses():
+    """Gradient of each positive's logits scaled by ``u^eta · Z``, ``Z`` from its focal loss summed
+    over the K channels (by hand)."""
+    images = first_and_last_class_images()
+    plain_logits, balanced_logits = random_logits(images), random_logits(images)
+    losses(None, images, plain_logits)["classification"].backward()
+    losses(1.5, images, balanced_logits)["classification"].backward()
+    positives, _ = per_anchor_focal_by_hand(images, plain_logits)
+    ious = [0.9, 0.6, 0.8, 0.3, 0.7]
+    z = sum(positives) / sum(u**1.5 * ce for u, ce in zip(ious, positives))
+    ratios = [(b.grad[i] / p.grad[i]) for p, b, (_, _, m) in zip(plain_logits, balanced_logits, images)
+              for i in range(len(m)) if m[i] >= 0]
+    for u, ratio in zip(ious, ratios):
+        torch.testing.assert_close(ratio, torch.full_like(ratio, u**1.5 * z), rtol=1e-5, atol=1e-7)
+
+
+def test_the_classification_head_has_k_channels_and_detections_the_labels_1_to_k():
+    torch.manual_seed(0)
+    cfg = load_config(Path("configs/retinanet_tiny.yaml"), ["model.backbone.weights=null", "model.score_thresh=0.0"])
+    model = build_detector(cfg, num_classes=NUM_CLASSES).eval()
+    predictor = model.head.classification_head.cls_logits
+    anchors = model.anchor_generator.num_anchors_per_location()[0]
+    assert model.head.classification_head.num_classes == NUM_CLASSES
+    assert predictor.out_channels == anchors * NUM_CLASSES
+    with torch.no_grad():
+        detections = model([torch.rand(3, 128, 128)])[0]
+        assert detections["labels"].numel() > 0
+        assert set(detections["labels"].tolist()) <= set(range(1, NUM_CLASSES + 1))
+        predictor.bias.view(anchors, NUM_CLASSES)[:, NUM_CLASSES - 1] = 10.0  # channel K-1 wins everywhere
+        assert set(model([torch.rand(3, 128, 128)])[0]["labels"].tolist()) == {NUM_CLASSES}

@@ -13,6 +13,13 @@ from pipeline.components import (
     RandomPositiveSampler,
 )
 from pipeline.components import sampler as sampler_module
+from pipeline.config import IoUBalancedSamplingConfig
+from pipeline.models.faster_rcnn import build_negative_sampler
+
+
+def negative(**fields) -> IoUBalancedNegativeSampler:
+    """The IoU-balanced negative sampler of the config's settings (the defaults of pipeline/config.py but ``fields``)."""
+    return build_negative_sampler(IoUBalancedSamplingConfig(enabled=True, **fields))
 
 
 def spread(counts_and_ranges, seed=0) -> torch.Tensor:
@@ -52,7 +59,7 @@ def test_each_bin_gives_its_share():
     iou = torch.cat(
         [spread([(100, 0.01, 0.14), (50, 0.16, 0.29), (40, 0.31, 0.44)]), torch.tensor([0.45])]
     )
-    sampler = IoUBalancedNegativeSampler(num_bins=3)
+    sampler = negative(num_bins=3)
     for generator in generators():
         mask = sampler(*one_image(iou), 60, generator)[0]
         assert histogram(iou, mask, EDGES) == [20, 20, 20]
@@ -62,7 +69,7 @@ def test_short_bin_gives_all_and_rest_is_filled_from_others():
     iou = torch.cat(
         [spread([(100, 0.01, 0.14), (50, 0.16, 0.29), (4, 0.31, 0.44)]), torch.tensor([0.45])]
     )
-    sampler = IoUBalancedNegativeSampler(num_bins=3)
+    sampler = negative(num_bins=3)
     fills = []
     for generator in generators(30):
         counts = histogram(iou, sampler(*one_image(iou), 60, generator)[0], EDGES)
@@ -80,7 +87,7 @@ def test_floor_above_zero():
             torch.tensor([0.4]),
         ]
     )
-    sampler = IoUBalancedNegativeSampler(num_bins=3, floor_thr=0.1, floor_fraction=0.4)
+    sampler = negative(num_bins=3, floor_thr=0.1, floor_fraction=0.4)
     for generator in generators():
         mask = sampler(*one_image(iou), 50, generator)[0]
         assert histogram(iou, mask, [0.0, 0.0999, 0.2, 0.3, 0.4]) == [20, 10, 10, 10]
@@ -94,7 +101,7 @@ def test_floor_at_zero():
             torch.tensor([0.3]),
         ]
     )
-    sampler = IoUBalancedNegativeSampler(num_bins=3, floor_thr=0.0, floor_fraction=0.4)
+    sampler = negative(num_bins=3, floor_thr=0.0, floor_fraction=0.4)
     for generator in generators():
         mask = sampler(*one_image(iou), 50, generator)[0]
         assert int((mask & (iou == 0)).sum()) == 20
@@ -109,7 +116,7 @@ def test_no_floor_ignores_floor_fraction():
             torch.tensor([0.3]),
         ]
     )
-    sampler = IoUBalancedNegativeSampler(num_bins=3, floor_thr=-1, floor_fraction=0.4)
+    sampler = negative(num_bins=3, floor_thr=-1, floor_fraction=0.4)
     for generator in generators():
         mask = sampler(*one_image(iou), 60, generator)[0]
         assert histogram(iou, mask, [0.0, 0.1, 0.2, 0.3]) == [20, 20, 20]
@@ -122,8 +129,8 @@ def test_mmdet_bin_range_empties_upper_bins():
     iou = torch.cat([negatives, torch.tensor([0.9, 0.7])])  # two positives, not candidates
     candidates = torch.ones(1, iou.numel(), dtype=torch.bool)
     candidates[0, -2:] = False
-    balanced = IoUBalancedNegativeSampler(num_bins=3, bin_range="negatives")
-    mmdet = IoUBalancedNegativeSampler(num_bins=3, bin_range="mmdet")
+    balanced = negative(num_bins=3, bin_range="negatives")
+    mmdet = negative(num_bins=3, bin_range="mmdet")
     random_fill = []
     for generator in generators(30):
         mask = balanced(iou[None], candidates, 60, generator)[0]
@@ -145,7 +152,7 @@ def test_mmdet_bin_range_ignores_invalid_entries():
     candidates = torch.ones(1, iou.numel(), dtype=torch.bool)
     candidates[0, -1] = False
     valid = candidates.clone()  # the 0.9 entry is padding
-    sampler = IoUBalancedNegativeSampler(num_bins=3, bin_range="mmdet")
+    sampler = negative(num_bins=3, bin_range="mmdet")
     mask = sampler(iou[None], candidates, 60, torch.Generator().manual_seed(0), valid=valid)[0]
     assert histogram(iou, mask, EDGES) == [20, 20, 20]
 
@@ -162,16 +169,16 @@ def random_batch(seed: int, batch: int = 4, size: int = 300):
 
 
 SAMPLERS = {
-    "iou_no_floor": lambda iou, cand, gt, num, gen: IoUBalancedNegativeSampler(3)(
+    "iou_no_floor": lambda iou, cand, gt, num, gen: negative(num_bins=3)(
         iou, cand, num, gen
     ),
-    "iou_floor": lambda iou, cand, gt, num, gen: IoUBalancedNegativeSampler(3, 0.05, 0.5)(
+    "iou_floor": lambda iou, cand, gt, num, gen: negative(num_bins=3, floor_thr=0.05, floor_fraction=0.5)(
         iou, cand, num, gen
     ),
-    "iou_zero_floor": lambda iou, cand, gt, num, gen: IoUBalancedNegativeSampler(2, 0.0, 0.3)(
+    "iou_zero_floor": lambda iou, cand, gt, num, gen: negative(num_bins=2, floor_thr=0.0, floor_fraction=0.3)(
         iou, cand, num, gen
     ),
-    "iou_mmdet": lambda iou, cand, gt, num, gen: IoUBalancedNegativeSampler(4, bin_range="mmdet")(
+    "iou_mmdet": lambda iou, cand, gt, num, gen: negative(num_bins=4, bin_range="mmdet")(
         iou, cand, num, gen
     ),
     "instance": lambda iou, cand, gt, num, gen: InstanceBalancedPositiveSampler()(
@@ -214,7 +221,7 @@ def test_stateless_same_seed_same_result(name):
 
 
 def test_sampler_attributes_never_change():
-    sampler = IoUBalancedNegativeSampler(num_bins=3, floor_thr=-1, floor_fraction=0.5)
+    sampler = negative(num_bins=3, floor_thr=-1, floor_fraction=0.5)
     before = dataclasses.asdict(sampler)
     iou, candidates, _ = random_batch(0)
     sampler(iou, candidates, 40, torch.Generator().manual_seed(0))
@@ -241,7 +248,7 @@ def test_padded_batch_matches_single_images():
     candidates = torch.zeros_like(iou, dtype=torch.bool)
     candidates[0, : short.numel()] = True
     candidates[1] = True
-    sampler = IoUBalancedNegativeSampler(num_bins=3)
+    sampler = negative(num_bins=3)
     for generator in generators():
         mask = sampler(iou, candidates, torch.tensor([30, 60]), generator)
         assert histogram(short, mask[0, : short.numel()], EDGES) == [10, 10, 10]
@@ -254,7 +261,7 @@ def test_one_bin_without_floor_is_uniform_random():
     rows = 400
     iou = (torch.rand(1, 1000, generator=torch.Generator().manual_seed(0)) ** 4).expand(rows, -1)
     candidates = torch.ones(rows, 1000, dtype=torch.bool)
-    mask = IoUBalancedNegativeSampler(num_bins=1)(
+    mask = negative(num_bins=1)(
         iou, candidates, 100, torch.Generator().manual_seed(1)
     )
     deciles = torch.bucketize(iou[0], torch.linspace(0, 1, 11)[1:-1])
@@ -315,7 +322,7 @@ def combined_image(short_top_bin: bool = False):
 
 def test_combined_sampler_draws_both_sets_like_the_separate_samplers():
     iou, gt_index, positives, negatives = combined_image()
-    sampler = CombinedSampler(InstanceBalancedPositiveSampler(), IoUBalancedNegativeSampler(3))
+    sampler = CombinedSampler(InstanceBalancedPositiveSampler(), negative(num_bins=3))
     for generator in generators():
         pos, neg = sampler(iou, gt_index, positives, negatives, 40, 60, generator)
         assert not (pos & ~positives).any() and not (neg & ~negatives).any()
@@ -327,7 +334,7 @@ def test_combined_sampler_draws_both_sets_like_the_separate_samplers():
 
 def test_combined_sampler_fills_each_set_from_its_own_unused_candidates():
     iou, gt_index, positives, negatives = combined_image(short_top_bin=True)
-    sampler = CombinedSampler(RandomPositiveSampler(), IoUBalancedNegativeSampler(3))
+    sampler = CombinedSampler(RandomPositiveSampler(), negative(num_bins=3))
     fills, first_gt = [], []
     for generator in generators(30):
         pos, neg = sampler(iou, gt_index, positives, negatives, torch.tensor([40]), 60, generator)
@@ -343,7 +350,7 @@ def test_combined_sampler_fills_each_set_from_its_own_unused_candidates():
 
 def test_combined_sampler_is_stateless_and_checks_its_inputs():
     iou, gt_index, positives, negatives = combined_image()
-    sampler = CombinedSampler(InstanceBalancedPositiveSampler(), IoUBalancedNegativeSampler(3))
+    sampler = CombinedSampler(InstanceBalancedPositiveSampler(), negative(num_bins=3))
     first = sampler(iou, gt_index, positives, negatives, 40, 60, torch.Generator().manual_seed(4))
     again = sampler(iou, gt_index, positives, negatives, 40, 60, torch.Generator().manual_seed(4))
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
@@ -362,7 +369,7 @@ def test_source_uses_no_python_sets_and_output_stays_on_device():
         )
         assert not (isinstance(node, (ast.Import, ast.ImportFrom)) and "numpy" in ast.unparse(node))
     iou, candidates, gt_index = random_batch(0)
-    assert IoUBalancedNegativeSampler()(iou, candidates, 10).device == iou.device
+    assert negative()(iou, candidates, 10).device == iou.device
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -371,21 +378,21 @@ def test_runs_on_cuda():
     generator = torch.Generator(device="cuda").manual_seed(0)
     num = torch.tensor([5, 100, 30, 500], device="cuda")
     for sampler in (
-        IoUBalancedNegativeSampler(3, 0.0, 0.25),
-        IoUBalancedNegativeSampler(3, bin_range="mmdet"),
+        negative(num_bins=3, floor_thr=0.0, floor_fraction=0.25),
+        negative(num_bins=3, bin_range="mmdet"),
     ):
         mask = sampler(iou, candidates, num, generator)
         assert mask.is_cuda and torch.equal(mask.sum(1), torch.minimum(num, candidates.sum(1)))
     mask = InstanceBalancedPositiveSampler()(gt_index, candidates, 40, generator)
     assert mask.is_cuda and not (mask & ~candidates).any()
-    pos, neg = CombinedSampler(InstanceBalancedPositiveSampler(), IoUBalancedNegativeSampler())(
+    pos, neg = CombinedSampler(InstanceBalancedPositiveSampler(), negative())(
         iou, gt_index, candidates & (iou >= 0.5), candidates & (iou < 0.5), 10, num, generator
     )
     assert pos.is_cuda and neg.is_cuda and not (pos & neg).any()
-    first = IoUBalancedNegativeSampler()(
+    first = negative()(
         iou, candidates, 40, torch.Generator(device="cuda").manual_seed(3)
     )
-    again = IoUBalancedNegativeSampler()(
+    again = negative()(
         iou, candidates, 40, torch.Generator(device="cuda").manual_seed(3)
     )
     assert torch.equal(first, again)
@@ -403,12 +410,12 @@ def test_runs_on_cuda():
 )
 def test_invalid_configuration(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        IoUBalancedNegativeSampler(**kwargs)
+        IoUBalancedNegativeSampler(**{**dataclasses.asdict(negative()), **kwargs})
 
 
 def test_invalid_inputs():
     iou, candidates, gt_index = random_batch(0)
-    sampler = IoUBalancedNegativeSampler()
+    sampler = negative()
     with pytest.raises(ValueError, match="shape"):
         sampler(iou[0], candidates[0], 10)
     with pytest.raises(ValueError, match="bool"):

@@ -1,9 +1,9 @@
 """Balanced-learning components: pure PyTorch, importing nothing else from ``pipeline``."""
 
 from pipeline.components.bfp import BalancedFeaturePyramid, NonLocalBlock2d
-from pipeline.components.losses import (
+from pipeline.components.balanced_l1 import balanced_l1_loss
+from pipeline.components.iou_balanced import (
     IoUBalancedLocWeight,
-    balanced_l1_loss,
     iou_balanced_cls_weights,
     iou_balanced_loc_weights,
 )

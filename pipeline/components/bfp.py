@@ -55,31 +55,34 @@ def _resize(x: Tensor, size: torch.Size, pool: bool) -> Tensor:
 class BalancedFeaturePyramid(nn.Module):
     """Balanced Feature Pyramid: gather, refine, scatter (Libra R-CNN, Sec. 3.2).
 
-    The ``num_levels`` maps (finest first, ``C`` channels each) are resized to the size of level
-    ``refine_level`` (finer levels by adaptive max pooling, coarser ones by nearest
-    interpolation) and averaged; the average is refined (``"none"``, a 3×3 convolution, or a
-    :class:`NonLocalBlock2d`), resized back to every level (nearest upsampling for finer levels,
-    adaptive max pooling for coarser ones) and added to each input as a residual.
+    With ``L`` maps ``C_l`` (finest first) and ``r = refine_index``::
+
+        C = (1/L) · Σ_l resize(C_l, size of C_r)       gather: finer maps max-pooled, coarser interpolated
+        P_l = C_l + resize(refine(C), size of C_l)     scatter: to finer maps nearest-upsampled, to coarser max-pooled
+
+    where ``refine`` is ``"none"`` (the identity), a 3×3 convolution (``"conv"``) or a
+    :class:`NonLocalBlock2d` (``"non_local"``).
 
     ``forward`` takes and returns an ``OrderedDict`` as produced by torchvision's
     ``FeaturePyramidNetwork`` (``'0'..'3', 'pool'`` or ``'p3'..'p7'``), keeping keys and order.
-    Defaults in Libra R-CNN: ``refine_level=2`` for Faster R-CNN (P2-P6), 1 for RetinaNet (P3-P7).
+    ``refine_index`` is the position of the gathering level in that dict (Libra R-CNN gathers at
+    P4: 2 of Faster R-CNN's P2-P6, 1 of RetinaNet's P3-P7).
     """
 
     def __init__(
         self,
         in_channels: int,
         num_levels: int,
-        refine_level: int = 2,
-        refine_type: str = "non_local",
+        refine_index: int,
+        refine_type: str,
     ) -> None:
         super().__init__()
-        if not 0 <= refine_level < num_levels:
-            raise ValueError(f"refine_level must be in [0, {num_levels}), got {refine_level}")
+        if not 0 <= refine_index < num_levels:
+            raise ValueError(f"refine_index must be in [0, {num_levels}), got {refine_index}")
         if refine_type not in _REFINE_TYPES:
             raise ValueError(f"refine_type must be one of {_REFINE_TYPES}, got {refine_type!r}")
         self.num_levels = num_levels
-        self.refine_level = refine_level
+        self.refine_index = refine_index
         self.refine: nn.Module
         if refine_type == "none":
             self.refine = nn.Identity()
@@ -94,10 +97,10 @@ class BalancedFeaturePyramid(nn.Module):
         if len(features) != self.num_levels:
             raise ValueError(f"expected {self.num_levels} feature levels, got {len(features)}")
         maps = list(features.values())
-        size = maps[self.refine_level].shape[-2:]
-        gathered = [_resize(x, size, pool=i < self.refine_level) for i, x in enumerate(maps)]
+        size = maps[self.refine_index].shape[-2:]
+        gathered = [_resize(x, size, pool=i < self.refine_index) for i, x in enumerate(maps)]
         balanced = self.refine(torch.stack(gathered).mean(dim=0))
         return OrderedDict(
-            (name, x + _resize(balanced, x.shape[-2:], pool=i > self.refine_level))
+            (name, x + _resize(balanced, x.shape[-2:], pool=i > self.refine_index))
             for i, (name, x) in enumerate(features.items())
         )

@@ -220,10 +220,10 @@ class IoUBalancedNegativeSampler(_QuotaSampler):
     Returns bool ``[B, N]`` with exactly ``min(num_b, candidates_b.sum())`` True entries per row.
     """
 
-    num_bins: int = 3
-    floor_thr: float = -1.0
-    floor_fraction: float = 0.0
-    bin_range: str = "negatives"
+    num_bins: int
+    floor_thr: float
+    floor_fraction: float
+    bin_range: str
     values_name = "max_iou"
 
     def __post_init__(self) -> None:

@@ -140,17 +140,22 @@ def build_body(cfg: BackboneConfig, num_stages: int) -> tuple[nn.Module, tuple[i
     return _resnet50_body(cfg, num_stages)
 
 
-def build_neck(cfg: BFPConfig, channels: int, num_levels: int) -> nn.Module:
+def build_neck(cfg: BFPConfig, channels: int, levels: range, detector: str) -> nn.Module:
+    """The Balanced Feature Pyramid over the pyramid ``levels`` (``k`` of each ``P_k``, finest first),
+    gathering at ``P_{refine_level}``, when enabled; the identity otherwise."""
     if not cfg.enabled:
         return nn.Identity()
-    if cfg.refine_level >= num_levels:
-        raise ConfigError(f"components.bfp.refine_level={cfg.refine_level} but the pyramid has {num_levels} levels")
-    return BalancedFeaturePyramid(channels, num_levels, cfg.refine_level, cfg.refine_type)
+    if cfg.refine_level not in levels:
+        raise ConfigError(f"components.bfp.refine_level={cfg.refine_level}: the {detector} pyramid has no "
+                          f"P{cfg.refine_level}; its levels are P{levels[0]}-P{levels[-1]} "
+                          f"(refine_level one of {list(levels)})")
+    return BalancedFeaturePyramid(channels, len(levels), levels.index(cfg.refine_level), cfg.refine_type)
 
 
 def build_pyramid_backbone(model: ModelConfig, bfp: BFPConfig, stages: slice,
                            extra_levels: Callable[[int], ExtraFPNBlock]) -> PyramidBackbone:
-    """The body's ``stages`` feed the FPN; ``extra_levels(width of the last stage)`` adds the coarser levels."""
+    """The body's ``stages`` feed the FPN; ``extra_levels(width of the last stage)`` adds the coarser levels.
+    Stage ``i`` (stride ``4 · 2^i``) gives ``P_{i+2}``."""
     body, channels = build_body(model.backbone, stages.stop)
     selected = channels[stages]
     if len(selected) != len(channels):
@@ -161,7 +166,8 @@ def build_pyramid_backbone(model: ModelConfig, bfp: BFPConfig, stages: slice,
     if len(model.anchor_sizes) != num_levels:
         raise ConfigError(f"model.anchor_sizes has {len(model.anchor_sizes)} entries but the "
                           f"{model.detector} pyramid has {num_levels} levels")
-    return PyramidBackbone(body, fpn, build_neck(bfp, model.fpn_channels, num_levels), model.fpn_channels)
+    levels = range(stages.start + 2, stages.start + 2 + num_levels)
+    return PyramidBackbone(body, fpn, build_neck(bfp, model.fpn_channels, levels, model.detector), model.fpn_channels)
 
 
 def faster_rcnn_backbone(model: ModelConfig, bfp: BFPConfig) -> PyramidBackbone:

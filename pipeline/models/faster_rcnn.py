@@ -75,7 +75,7 @@ class LibraRoIHeads(RoIHeads):
     histogram of the negatives it sampled (``sampled_negative_iou``) for the report.
     """
 
-    def __init__(self, *, sampler: CombinedSampler, box_loss: BoxLoss, neg_pos_ub: int = -1, **roi_heads_kwargs):
+    def __init__(self, *, sampler: CombinedSampler, box_loss: BoxLoss, neg_pos_ub: int, **roi_heads_kwargs):
         super().__init__(**roi_heads_kwargs)
         self.sampler = sampler
         self.neg_pos_ub = neg_pos_ub
@@ -141,13 +141,18 @@ class LibraRoIHeads(RoIHeads):
         return [{"boxes": b, "labels": l, "scores": s} for b, s, l in zip(boxes, scores, labels)], {}
 
 
+def build_negative_sampler(cfg: IoUBalancedSamplingConfig) -> IoUBalancedNegativeSampler:
+    """The IoU-balanced negative sampler of ``cfg`` (whether or not it is enabled)."""
+    return IoUBalancedNegativeSampler(cfg.num_bins, cfg.floor_thr, cfg.floor_fraction, cfg.bin_range)
+
+
 def build_sampler(cfg: IoUBalancedSamplingConfig) -> CombinedSampler:
     """IoU-balanced samplers when enabled; otherwise uniform random (one bin, no floor)."""
     if not cfg.enabled:
-        return CombinedSampler(RandomPositiveSampler(), IoUBalancedNegativeSampler(num_bins=1, floor_thr=-1.0))
-    negative = IoUBalancedNegativeSampler(cfg.num_bins, cfg.floor_thr, cfg.floor_fraction, cfg.bin_range)
+        uniform = IoUBalancedNegativeSampler(num_bins=1, floor_thr=-1.0, floor_fraction=0.0, bin_range="negatives")
+        return CombinedSampler(RandomPositiveSampler(), uniform)
     positive = InstanceBalancedPositiveSampler() if cfg.instance_balanced_pos else RandomPositiveSampler()
-    return CombinedSampler(positive, negative)
+    return CombinedSampler(positive, build_negative_sampler(cfg))
 
 
 def build_faster_rcnn(cfg: ExperimentConfig, num_classes: int) -> FasterRCNN:

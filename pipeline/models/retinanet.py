@@ -1,5 +1,10 @@
 """RetinaNet (FPN) on torchvision with the IoU-balanced losses and Balanced L1 plugged in.
 
+The classification subnet has one sigmoid output per object class, ``K`` in all, and none for the
+background (the paper's, mmdet's and Detectron2's): the dataset's labels ``1..K`` are the channels
+``0..K-1`` in the loss (:class:`BalancedRetinaNetHead`) and back in the detections
+(:class:`LibraRetinaNet`).
+
 ``BalancedRetinaNetHead`` computes the classification and box losses together, because the
 IoU-balanced classification loss (Wu et al. 2019) weights each positive's focal loss by the IoU
 of its decoded predicted box, which torchvision's classification head never sees.
@@ -56,13 +61,15 @@ class BalancedRetinaNetHead(RetinaNetHead):
     The IoU-balanced classification weight ``w_i = u_i^eta * Z`` multiplies a positive anchor's
     whole sigmoid focal loss, summed over all classes (the paper's per-anchor loss, Eq. 2), and
     ``Z`` is taken over the same positives, so the positives' summed classification loss is
-    exactly kept; negatives keep weight 1. ``eta = 0`` is the plain loss.
+    exactly kept; negatives keep weight 1. ``eta = None`` is the plain loss.
+
+    ``num_classes`` is ``K``, the object classes: a ground truth of label ``c`` (``1..K``) is the
+    positive target of channel ``c - 1``.
     """
 
     def __init__(self, in_channels: int, num_anchors: int, num_classes: int, *, box_loss: BoxLoss,
-                 eta: float = 0.0, loc_weight: IoUBalancedLocWeight | None = None, head_convs: int = 4,
-                 group_norm: bool = False, kaiming_init: bool = False, focal_alpha: float = 0.25,
-                 focal_gamma: float = 2.0):
+                 eta: float | None, loc_weight: IoUBalancedLocWeight | None, head_convs: int,
+                 group_norm: bool, kaiming_init: bool, focal_alpha: float, focal_gamma: float):
         norm = partial(nn.GroupNorm, min(32, in_channels // 4)) if group_norm else None
         super().__init__(in_channels, num_anchors, num_classes, norm_layer=norm)
         self.classification_head.conv = self.classification_head.conv[:head_convs]
@@ -86,7 +93,7 @@ class BalancedRetinaNetHead(RetinaNetHead):
             bg = torch.where(matched == Matcher.BELOW_LOW_THRESHOLD)[0]
             gt_boxes = target["boxes"][matched[fg]]
             onehot = torch.zeros_like(logits[fg])
-            onehot[torch.arange(fg.numel()), target["labels"][matched[fg]]] = 1.0
+            onehot[torch.arange(fg.numel()), target["labels"][matched[fg]] - 1] = 1.0
             cls_pos.append(self.focal(logits[fg], onehot, reduction="none").sum(1))
             cls_neg.append(self.focal(logits[bg], torch.zeros_like(logits[bg]), reduction="sum"))
             box_target = self.box_coder.encode_single(gt_boxes, anchor[fg])
@@ -95,7 +102,8 @@ class BalancedRetinaNetHead(RetinaNetHead):
                 ious.append(paired_iou(self.box_coder.decode_single(regression[fg], anchor[fg]), gt_boxes))
 
         iou, cls_pos_t, box_pos_t = torch.cat(ious), torch.cat(cls_pos), torch.cat(box_pos)
-        cls_pos_t = cls_pos_t * iou_balanced_cls_weights(iou, cls_pos_t, self.eta)
+        if self.eta is not None:
+            cls_pos_t = cls_pos_t * iou_balanced_cls_weights(iou, cls_pos_t, self.eta)
         if self.loc_weight is not None:
             box_pos_t = self.loc_weight(iou, box_pos_t)
         num_pos = batch_positives(iou.numel(), iou.device)
@@ -105,7 +113,16 @@ class BalancedRetinaNetHead(RetinaNetHead):
         }
 
 
-def build_retinanet(cfg: ExperimentConfig, num_classes: int) -> RetinaNet:
+class LibraRetinaNet(RetinaNet):
+    """torchvision's RetinaNet whose classification channel ``c`` scores the label ``c + 1``: its
+    detections carry the dataset's labels ``1..K`` (torchvision's take the channel as the label)."""
+
+    def postprocess_detections(self, head_outputs, anchors, image_shapes) -> list[dict[str, Tensor]]:
+        detections = super().postprocess_detections(head_outputs, anchors, image_shapes)
+        return [{**detection, "labels": detection["labels"] + 1} for detection in detections]
+
+
+def build_retinanet(cfg: ExperimentConfig, num_classes: int) -> LibraRetinaNet:
     """RetinaNet with an FPN, set up by ``model.retinanet``; ``num_classes`` excludes background."""
     m, c, r = cfg.model, cfg.components, cfg.model.retinanet
     backbone = retinanet_backbone(m, c.bfp)
@@ -113,15 +130,15 @@ def build_retinanet(cfg: ExperimentConfig, num_classes: int) -> RetinaNet:
     sizes = tuple(tuple(s * 2 ** (i / n) for i in range(n)) for s in m.anchor_sizes)
     anchors = AnchorGenerator(sizes, (m.aspect_ratios,) * len(sizes))
     head = BalancedRetinaNetHead(
-        backbone.out_channels, anchors.num_anchors_per_location()[0], num_classes + 1,
+        backbone.out_channels, anchors.num_anchors_per_location()[0], num_classes,
         box_loss=build_box_loss(m.box_loss, c.balanced_l1),
-        eta=c.iou_balanced_cls.eta if c.iou_balanced_cls.enabled else 0.0,
+        eta=c.iou_balanced_cls.eta if c.iou_balanced_cls.enabled else None,
         loc_weight=(IoUBalancedLocWeight(c.iou_balanced_loc.lam, c.iou_balanced_loc.w_loc)
                     if c.iou_balanced_loc.enabled else None),
         head_convs=r.head_convs, group_norm=r.head_norm == "group", kaiming_init=r.head_init == "kaiming",
         focal_alpha=r.focal_alpha, focal_gamma=r.focal_gamma,
     )
-    return RetinaNet(backbone, num_classes + 1, min_size=m.min_size, max_size=m.max_size,
+    return LibraRetinaNet(backbone, num_classes, min_size=m.min_size, max_size=m.max_size,
                      anchor_generator=anchors, head=head, score_thresh=m.score_thresh,
                      nms_thresh=m.nms_thresh, detections_per_img=m.detections_per_img,
                      fg_iou_thresh=r.fg_iou_thresh, bg_iou_thresh=r.bg_iou_thresh)

@@ -5,12 +5,15 @@ run's: the detector of the study's ``base_config`` (``configs/<detector>_<c>.yam
 profile's config suffix ``c``), the profile's overrides, the components the study's ``fixed``
 enables (with the knobs ``params.yaml`` sets for them), then one device per trial, the study's
 ``fixed`` overrides, the user's ``--set`` overrides, and last the sampled parameters (later wins).
+A study's ``baseline: defaults`` becomes the values of the searched keys in that config without
+sampled values.
 ``TuningPlan.validate`` builds the config at every corner of the search space, so a bad key or an
 out-of-range value fails before any trial is created.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -18,7 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.compose import base_config_file, compose_config
+from pydantic import ValidationError
+
 from pipeline.config import ConfigError, ExperimentConfig, parse_override, read_yaml
+from pipeline.io import flatten
 from pipeline.params import COMPONENTS
 from pipeline.tuning.profiles import TRIAL_DEVICE, Profile
 from pipeline.tuning.space import StudyError, StudySpec, format_override
@@ -59,7 +65,24 @@ class TuningPlan:
             key = ".".join(parse_override(text)[0])
             if key in searched:
                 raise StudyError(f"--set {text}: {key} is searched by study {study!r}; drop the override")
-        return cls(study, spec, profile_name, profile, tuple(overrides), detector, base)
+        plan = cls(study, spec, profile_name, profile, tuple(overrides), detector, base)
+        if spec.baseline == "defaults":
+            plan = dataclasses.replace(plan, spec=plan.spec_with_default_baseline())
+        return plan
+
+    def spec_with_default_baseline(self) -> StudySpec:
+        """The study with ``baseline`` set to the searched keys' values in the trial config composed
+        without sampled values (checked, like any baseline, to lie in the search space)."""
+        values = flatten(self.config({}).to_dict())
+        missing = [p.key for p in self.spec.params.values() if p.key not in values]
+        if missing:
+            raise ConfigError(f"study {self.study}: baseline: defaults: the config has no field {missing}")
+        baseline = {name: values[p.key] for name, p in self.spec.params.items()}
+        try:
+            return StudySpec.model_validate({**self.spec.model_dump(), "baseline": baseline})
+        except ValidationError as exc:
+            problems = "; ".join(err["msg"].removeprefix("Value error, ") for err in exc.errors())
+            raise StudyError(f"study {self.study!r}: baseline: defaults ({baseline}): {problems}") from None
 
     def config(self, values: dict[str, Any]) -> ExperimentConfig:
         """The config of the trial that samples ``{config key: value}``."""

@@ -180,8 +180,10 @@ class StudySpec(StrictModel):
     """Default target number of finished trials (``--n-trials`` overrides)."""
     contour: tuple[str, str] | None = None
     """The two parameters of the contour plot (default: the first two)."""
-    baseline: dict[str, Scalar] | None = None
-    """Parameter values enqueued as the study's first trial (e.g. the paper's defaults)."""
+    baseline: dict[str, Scalar] | Literal["defaults"] | None = None
+    """Parameter values enqueued as the study's first trial; ``defaults``: the values a trial's config has
+    for the searched keys without sampling (the defaults of pipeline/config.py and the knobs params.yaml
+    sets), resolved by :meth:`pipeline.tuning.plan.TuningPlan.create`, so no study file restates a default."""
     sampler: SamplerSpec = SamplerSpec()
     pruner: PrunerSpec = PrunerSpec()
 
@@ -214,7 +216,7 @@ class StudySpec(StrictModel):
             if unknown or self.contour[0] == self.contour[1]:
                 raise ValueError(f"contour must name two different searched parameters "
                                  f"({', '.join(self.params)}), got {list(self.contour)}")
-        if self.baseline is not None:
+        if isinstance(self.baseline, dict):
             for name, value in self.baseline.items():
                 if name not in self.params:
                     raise ValueError(f"baseline names {name!r}, which is not searched ({', '.join(self.params)})")
