@@ -61,9 +61,9 @@ def resnet50_weights(tmp_path_factory) -> Path:
     return path
 
 
-# one R50 recipe trains by default; test_recipe_parity checks both recipes against mmdet's
-@pytest.mark.parametrize("config", [pytest.param("faster_rcnn_r50_coco_1x", marks=pytest.mark.slow),
-                                    "retinanet_r50_coco_1x"])
+# fast: test_recipe_parity checks both recipes against mmdet's, test_init_from builds the R50 detectors
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["faster_rcnn_r50_coco_1x", "retinanet_r50_coco_1x"])
 def test_coco_1x_recipe_trains_two_steps_and_evaluates(config, coco_root, resnet50_weights, tmp_path):
     cfg = load_config(Path(f"configs/{config}.yaml"), [
         f"data.root={coco_root}", "data.train_annotations=annotations/instances_train.json",

@@ -198,8 +198,10 @@ def test_sigkill_mid_epoch_then_resume_logs_every_step_once(synthetic_root, full
     assert list(_rows(run)[0]) == list(_rows(full_run)[0]), "same columns"
 
 
-@pytest.mark.parametrize("signum, code", [pytest.param(signal.SIGTERM, 143, id="SIGTERM"),
-                                          pytest.param(signal.SIGINT, 130, id="SIGINT", marks=pytest.mark.slow)])
+# fast: the SIGKILL test above resumes mid-epoch to the same weights; SIGTERM's checkpoint, exit 143 and resume:
+# test_dispatch's SIGTERM test and the dvc test below
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_signal_saves_a_resumable_checkpoint_and_exits_nonzero(synthetic_root, full_run, tmp_path, signum, code):
     run = tmp_path / "stopped"
     proc = _start(synthetic_root, run)

@@ -292,6 +292,7 @@ def test_two_workers_record_each_trial_once(tmp_path, mlflow_uri, synthetic_root
     assert {f"tuning/{name}" for name in REPORT_FILES} == logged
 
 
+@pytest.mark.slow  # fast: test_worker_liveness (a dead owner), test_two_workers_record_each_trial_once
 def test_killed_worker_trial_fails_and_study_resumes(tmp_path, monkeypatch, capsys, mlflow_uri, synthetic_root):
     db = tmp_path / "optuna.db"
     storage = f"sqlite:///{db}"
