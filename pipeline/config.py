@@ -314,6 +314,9 @@ class TrainConfig(StrictModel):
     lr_gamma: Float = Field(0.1, gt=0)
     grad_clip: Annotated[Float, Field(gt=0)] | None = None
     val_every_n_epochs: PositiveInt = 1
+    val_max_images: PositiveInt | None = None
+    """Validate during training on only the first N validation images (sorted ids; val/AP, best.ckpt);
+    None: all. ``libra evaluate`` always evaluates every validation image."""
     log_every_n_steps: PositiveInt = 10
 
     @field_validator("max_steps")

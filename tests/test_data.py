@@ -433,3 +433,60 @@ def test_flip_is_deterministic_per_seed_epoch_and_index(small_set: Path) -> None
     assert len({tuple(epoch) for epoch in schedule}) > 1
     other_seed = CocoDetectionDataset(split, train=True, seed=1)
     assert [flips(other_seed, epoch) for epoch in range(4)] != schedule
+
+
+def test_image_cache_gives_the_uncached_tensors_bit_for_bit(small_set: Path) -> None:
+    split = _split(small_set, "train")
+    plain = CocoDetectionDataset(split, train=True, seed=3)
+    cached = CocoDetectionDataset(split, train=True, seed=3, cache_mb=64)
+    assert cached.cached and not plain.cached and cached.cache_bytes == 3 * 4 * 128 * 128 * len(cached)
+    for epoch in range(3):  # the first epoch fills the cache, the later ones read it (with other flips)
+        plain.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        for index in range(len(plain)):
+            (image, target), (cached_image, cached_target) = plain[index], cached[index]
+            assert cached_image.dtype == image.dtype and cached_image.stride() == image.stride()
+            assert torch.equal(cached_image, image)
+            assert torch.equal(cached_target["boxes"], target["boxes"])
+            assert torch.equal(cached_target["labels"], target["labels"])
+    assert all(image is not None for image in cached._images)
+    too_small = CocoDetectionDataset(split, cache_mb=1) if cached.cache_bytes > 2**20 else None
+    assert too_small is None or not too_small.cached
+    with pytest.raises(ValueError, match="cache_mb"):
+        CocoDetectionDataset(split, cache_mb=-1)
+
+
+def test_cached_datamodule_loads_the_batches_of_the_uncached_one(small_set: Path) -> None:
+    from pipeline.config import load_config
+    from pipeline.engine.datamodule import DetectionDataModule
+
+    def batches(cache_mb: int, num_workers: int = 0) -> list:
+        cfg = load_config(None, [f"data.root={small_set}", f"data.cache_mb={cache_mb}", "train.batch_size=2",
+                                 f"data.num_workers={num_workers}", "eval.batch_size=3"])
+        data = DetectionDataModule(cfg)
+        out = []
+        for epoch in range(2):
+            loader = data.train_dataloader()
+            loader.sampler.set_epoch(epoch)
+            out += list(loader)
+        return out + list(data.val_dataloader())
+
+    plain = batches(0)
+    for cached in (batches(1024), batches(1024, num_workers=1)):
+        assert len(cached) == len(plain)
+        for (images, targets), (cached_images, cached_targets) in zip(plain, cached):
+            assert all(torch.equal(a, b) for a, b in zip(images, cached_images))
+            assert [t["image_id"] for t in targets] == [t["image_id"] for t in cached_targets]
+            assert all(torch.equal(a["boxes"], b["boxes"]) for a, b in zip(targets, cached_targets))
+
+
+def test_val_max_images_validates_training_on_the_first_images(small_set: Path) -> None:
+    from pipeline.config import load_config
+    from pipeline.engine.datamodule import DetectionDataModule
+
+    full = DetectionDataModule(load_config(None, [f"data.root={small_set}"]))
+    part = DetectionDataModule(load_config(None, [f"data.root={small_set}", "train.val_max_images=2"]))
+    assert part.val_dataset.image_ids == full.val_dataset.image_ids[:2]
+    assert [im["id"] for im in part.val_gt["images"]] == full.val_dataset.image_ids[:2]
+    assert {a["image_id"] for a in part.val_gt["annotations"]} <= set(full.val_dataset.image_ids[:2])
+    assert part.train_dataset.image_ids == full.train_dataset.image_ids

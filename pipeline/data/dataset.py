@@ -32,10 +32,18 @@ class CocoDetectionDataset(Dataset):
 
     With ``drop_empty=True`` the images of the split without any annotation (crowd ones count, as in
     mmdet's ``filter_empty_gt``) are left out; ``image_ids`` lists the images the dataset holds.
+
+    With ``cache_mb > 0`` each image is decoded once and kept in memory as its float32 tensor, if the
+    dataset's images as float32 (by the ``width``/``height`` of the annotation file) take at most
+    ``cache_mb`` MiB (:attr:`cached` says whether they do): later epochs read no file. The tensors are the
+    ones the uncached path gives, bit for bit (PNG/JPEG decoding is deterministic); an unflipped
+    item's image *is* the cached tensor, so callers must not modify images in place (torchvision's
+    detectors do not: their transform normalises into a new tensor). The cache fills as items are
+    read; :meth:`preload` fills it at once (before a loader forks workers, whose own fills are lost).
     """
 
     def __init__(self, split: CocoSplit, train: bool = False, hflip_prob: float = 0.5, seed: int = 0,
-                 drop_empty: bool = False) -> None:
+                 drop_empty: bool = False, cache_mb: int = 0) -> None:
         if not 0.0 <= hflip_prob <= 1.0:
             raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob}")
         if seed < 0:
@@ -72,14 +80,36 @@ class CocoDetectionDataset(Dataset):
             torch.tensor(boxes[image_id], dtype=torch.float32).reshape(-1, 4) for image_id in self.image_ids
         ]
         self._labels = [torch.tensor(labels[image_id], dtype=torch.int64) for image_id in self.image_ids]
+        if cache_mb < 0:
+            raise ValueError(f"cache_mb must be >= 0, got {cache_mb}")
+        self.cache_bytes = decoded_bytes([images[image_id] for image_id in self.image_ids])
+        self.cached = cache_mb > 0 and self.cache_bytes is not None and self.cache_bytes <= cache_mb * 2**20
+        self._images: list[Tensor | None] = [None] * len(self.image_ids)
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
+    def _decode(self, index: int) -> Tensor:
         where = f"{self.split.annotation_file}: image id {self.image_ids[index]}"
         pixels = np.asarray(read_image(self._paths[index], where, self.split.max_image_pixels))
-        image = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)
+        return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)
+
+    def _image(self, index: int) -> Tensor:
+        if not self.cached:
+            return self._decode(index)
+        image = self._images[index]
+        if image is None:
+            image = self._images[index] = self._decode(index)
+        return image
+
+    def preload(self) -> None:
+        """Decode every image not cached yet (nothing without a cache)."""
+        if self.cached:
+            for index in range(len(self)):
+                self._image(index)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
+        image = self._image(index)
         height, width = image.shape[-2:]
         boxes = self._boxes[index].clone()
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0.0, width)
@@ -100,6 +130,14 @@ class CocoDetectionDataset(Dataset):
         state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(2, np.uint32)
         generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
         return bool(torch.rand((), generator=generator) < self.hflip_prob)
+
+
+def decoded_bytes(records: list[dict[str, Any]]) -> int | None:
+    """Bytes of the images of these COCO ``images`` records as float32 RGB tensors (None: a size is missing)."""
+    try:
+        return sum(3 * 4 * int(r["width"]) * int(r["height"]) for r in records)
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def collate_detection(

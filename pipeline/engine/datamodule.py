@@ -11,6 +11,7 @@ that epoch it already trained on, so it sees the same batches as an uninterrupte
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 
 import lightning as L
@@ -88,9 +89,12 @@ class DetectionDataModule(L.LightningDataModule):
         super().__init__()
         self.cfg = cfg
         self.train_split, self.val_split = load_splits(cfg.data)
+        if cfg.train.val_max_images is not None:  # validation during training only: evaluation takes them all
+            self.val_split = dataclasses.replace(self.val_split, image_ids=self.val_split.image_ids[:cfg.train.val_max_images])
+        cache_mb = cfg.data.cache_mb
         self.train_dataset = CocoDetectionDataset(self.train_split, train=True, seed=cfg.train.seed,
-                                                  drop_empty=cfg.data.filter_empty)
-        self.val_dataset = CocoDetectionDataset(self.val_split, train=False)
+                                                  drop_empty=cfg.data.filter_empty, cache_mb=cache_mb)
+        self.val_dataset = CocoDetectionDataset(self.val_split, train=False, cache_mb=cache_mb)
         self.val_gt = coco_subset(self.val_split)
 
     @property
@@ -110,6 +114,8 @@ class DetectionDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: CocoDetectionDataset, batch_size: int, train: bool) -> DataLoader:
         rank, world = self._rank_world()
+        if self.cfg.data.num_workers > 0:
+            dataset.preload()  # in the workers' memory from the fork on; what they decode is lost with them
         sampler = ShardedSampler(dataset, rank, world, shuffle=train, seed=self.cfg.train.seed, drop_tail=train)
         options = dict(batch_size=batch_size, sampler=sampler, drop_last=train, collate_fn=collate_detection,
                        num_workers=self.cfg.data.num_workers, persistent_workers=False)

@@ -69,8 +69,11 @@ def evaluate_run(run: Path, checkpoint: str = "last", backend: Backend | None = 
     """
     start = time.perf_counter()
     cfg, model, data = load_trained_model(run, checkpoint)
+    if cfg.trainer.num_threads:  # as in training (an evaluation in its own process has torch's default)
+        torch.set_num_threads(cfg.trainer.num_threads)
     model.to(device)
-    results = predict(model, data.val_dataloader(), torch.device(device), data.label_to_category_id)
+    with torch.inference_mode():
+        results = predict(model, data.val_dataloader(), torch.device(device), data.label_to_category_id)
     metrics = evaluate_coco(data.val_gt, results, backend or cfg.eval.backend)
     metrics["num_images"] = len(data.val_split.image_ids)
     metrics["num_detections"] = len(results)
