@@ -10,9 +10,10 @@ from pipeline.components import (
     InstanceBalancedPositiveSampler,
     IoUBalancedNegativeSampler,
     IoUHistogram,
+    RandomNegativeSampler,
     RandomPositiveSampler,
 )
-from pipeline.components import sampler as sampler_module
+from pipeline.components import sampler as sampler_module, sampling as sampling_module
 from pipeline.config import IoUBalancedSamplingConfig
 from pipeline.models.faster_rcnn import build_negative_sampler
 
@@ -273,6 +274,15 @@ def test_one_bin_without_floor_is_uniform_random():
     assert (per_entry - 0.1).abs().max() < 0.08  # every entry selected with probability 0.1
 
 
+def test_random_negative_sampler_draws_what_one_bin_without_floor_draws():
+    iou, candidates, gt_index = random_batch(3)
+    num = torch.tensor([5, 100, 30, 500])
+    one_bin = negative(num_bins=1, floor_thr=-1.0)(iou, candidates, num, torch.Generator().manual_seed(7))
+    uniform = RandomNegativeSampler()(iou, candidates, num, torch.Generator().manual_seed(7))
+    assert torch.equal(one_bin, uniform)
+    assert torch.equal(uniform.sum(1), torch.minimum(num, candidates.sum(1)))
+
+
 def test_instance_balanced_spreads_over_ground_truths():
     sizes = [200, 100, 50, 40]
     gt_index = torch.cat([torch.full((size,), gt) for gt, size in enumerate(sizes)])[None]
@@ -361,8 +371,8 @@ def test_combined_sampler_is_stateless_and_checks_its_inputs():
 
 
 def test_source_uses_no_python_sets_and_output_stays_on_device():
-    tree = ast.parse(inspect.getsource(sampler_module))
-    for node in ast.walk(tree):
+    trees = [ast.parse(inspect.getsource(module)) for module in (sampler_module, sampling_module)]
+    for node in (node for tree in trees for node in ast.walk(tree)):
         assert not isinstance(node, (ast.Set, ast.SetComp))
         assert not (
             isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "set"

@@ -7,11 +7,11 @@ from pipeline.components.iou_balanced import (
     iou_balanced_cls_weights,
     iou_balanced_loc_weights,
 )
-from pipeline.components.sampler import (
+from pipeline.components.sampler import InstanceBalancedPositiveSampler, IoUBalancedNegativeSampler
+from pipeline.components.sampling import (
     CombinedSampler,
-    InstanceBalancedPositiveSampler,
-    IoUBalancedNegativeSampler,
     IoUHistogram,
+    RandomNegativeSampler,
     RandomPositiveSampler,
 )
 
@@ -26,5 +26,6 @@ __all__ = [
     "IoUBalancedNegativeSampler",
     "InstanceBalancedPositiveSampler",
     "RandomPositiveSampler",
+    "RandomNegativeSampler",
     "IoUHistogram",
 ]

@@ -2,8 +2,8 @@
 
 ``LibraRoIHeads`` replaces torchvision's R-CNN head training path: proposals are sampled by a
 positive and a negative sampler that see each proposal's IoU, drawn together in one
-``CombinedSampler`` call (random sampling is the ``num_bins=1``, no-floor case of the
-IoU-balanced sampler), and the box loss is configurable.
+``CombinedSampler`` call (uniform random ones in the baseline, the IoU-balanced ones when
+enabled), and the box loss is configurable.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pipeline.components import (
     InstanceBalancedPositiveSampler,
     IoUBalancedNegativeSampler,
     IoUHistogram,
+    RandomNegativeSampler,
     RandomPositiveSampler,
 )
 from pipeline.config import ExperimentConfig, IoUBalancedSamplingConfig
@@ -147,10 +148,9 @@ def build_negative_sampler(cfg: IoUBalancedSamplingConfig) -> IoUBalancedNegativ
 
 
 def build_sampler(cfg: IoUBalancedSamplingConfig) -> CombinedSampler:
-    """IoU-balanced samplers when enabled; otherwise uniform random (one bin, no floor)."""
+    """IoU-balanced samplers when enabled; otherwise uniform random ones."""
     if not cfg.enabled:
-        uniform = IoUBalancedNegativeSampler(num_bins=1, floor_thr=-1.0, floor_fraction=0.0, bin_range="negatives")
-        return CombinedSampler(RandomPositiveSampler(), uniform)
+        return CombinedSampler(RandomPositiveSampler(), RandomNegativeSampler())
     positive = InstanceBalancedPositiveSampler() if cfg.instance_balanced_pos else RandomPositiveSampler()
     return CombinedSampler(positive, build_negative_sampler(cfg))
 
