@@ -26,6 +26,7 @@ import yaml
 
 from pydantic import Field
 
+from pipeline.code_digest import code_digest
 from pipeline.config import ConfigError, ExperimentConfig, Int, StrictModel, validate_config, validate_model
 from pipeline.io import write_text_atomic
 
@@ -116,6 +117,8 @@ def read_plan_summary(plan_dir: Path) -> PlanSummary:
     return validate_model(PlanSummary, raw, f"{path} (written by `libra plan`)")
 
 
+EVALUATION_STARTED = "libra run: training finished; evaluating"
+"""The line ``libra run`` prints between its two steps: a failure after it is the evaluation's."""
 RUN_KEY_FILE = "run_key"
 """``<run_dir>/run_key``: the key of the result in the directory, written before the run trains."""
 
@@ -123,8 +126,9 @@ RUN_KEY_FILE = "run_key"
 def compute_run_key(config: dict[str, Any], data_digest: str, weights_digest: str | None,
                     init_digest: str | None = None) -> str:
     """The identity of a run's result: its resolved config (seed included), its data, its backbone
-    weights and the detector it starts from (``model.init_from``, when set)."""
-    identity = {"config": config, "data": data_digest, "weights": weights_digest}
+    weights, the detector it starts from (``model.init_from``, when set) and the code it executes
+    (:func:`pipeline.code_digest.code_digest`: the shared training code and its enabled components' files)."""
+    identity = {"config": config, "data": data_digest, "weights": weights_digest, "code": code_digest(config)}
     if init_digest is not None:
         identity["init_from"] = init_digest
     payload = json.dumps(identity, sort_keys=True, separators=(",", ":"))

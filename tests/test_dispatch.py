@@ -23,14 +23,14 @@ import yaml
 
 from conftest import ROOT, tiny_overrides
 from pipeline.ablation import Ablation, DetectorAblation, run_dir, write_plan
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, ReportConfig, load_config
 from pipeline.dispatch import (ExecutionSettings, RunJob, SlurmBackend, SlurmSettings, decide,
                                describe_exit, dispatch, execution_settings, make_backend, planned_runs, prepare_run_dir,
                                slurm_parameters)
-from pipeline.dispatch.job import EVALUATION_STARTED, failed_step
+from pipeline.dispatch.job import failed_step
 from pipeline.params import COMPONENTS, DETECTOR_COMPONENTS, parse_params
-from pipeline.report.build import ReportSettings, write_report
-from pipeline.runplan import RunPlan, compute_run_key
+from pipeline.report.build import write_report
+from pipeline.runplan import EVALUATION_STARTED, RunPlan, compute_run_key
 
 DIGEST = "digest-a"
 
@@ -173,7 +173,7 @@ def test_local_executor_runs_two_at_once_and_reports_as_one_after_another(synthe
             started = [i for i, line in enumerate(said) if line.startswith("[")]
             finished = [i for i, line in enumerate(said) if "finished in" in line]
             assert len(started) == 2 and max(started) < min(finished), f"not both running at once: {said}"
-        write_report(root / "runs/plan", root / "reports", ReportSettings(resamples=50), root=root,
+        write_report(root / "runs/plan", root / "reports", ReportConfig(bootstrap_resamples=50), root=root,
                      index=root / "runs/index.json")
         index = json.loads((root / "runs/index.json").read_text())["runs"]
         reports[executor] = (_without_cost(_read_csv(root / "reports/ablation.csv")),
@@ -201,7 +201,7 @@ def test_a_failed_run_does_not_stop_the_others_and_alone_is_retried(synthetic_ro
     index = json.loads((tmp_path / "runs/index.json").read_text())["runs"]
     assert "metrics" in index[good] and "metrics" not in index[bad] and index[bad]["status"] == "failed"
 
-    write_report(tmp_path / "runs/plan", tmp_path / "reports", ReportSettings(resamples=50), root=tmp_path,
+    write_report(tmp_path / "runs/plan", tmp_path / "reports", ReportConfig(bootstrap_resamples=50), root=tmp_path,
                  index=tmp_path / "runs/index.json")
     markdown = (tmp_path / "reports/ablation.md").read_text()
     assert "## Failed runs" in markdown

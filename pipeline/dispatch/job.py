@@ -18,14 +18,13 @@ from typing import Any, Literal
 import submitit
 
 from pipeline.processes import start_process
+from pipeline.runplan import EVALUATION_STARTED
 from pipeline.signals import STOP_SIGNALS, handling_stop_signals
 
 LOG_FILE = "dispatch.log"
 """In a run directory: the output of every attempt of its job, appended."""
 CODE_ROOT = Path(__file__).resolve().parents[2]
 """The directory holding this package: jobs import the code that dispatched them."""
-EVALUATION_STARTED = "libra run: training finished; evaluating"
-"""The line ``libra run`` prints between its two steps: a failure after it is the evaluation's."""
 
 
 @dataclass(frozen=True)
