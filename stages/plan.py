@@ -34,12 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def print_power(args: argparse.Namespace) -> None:
     import json
 
-    from pipeline.ablation import read_params
     from pipeline.config import ConfigError
-    from pipeline.report.build import ReportSettings
+    from pipeline.params import load_params
     from pipeline.report.power import power_plan, read_splits
 
-    settings = ReportSettings.from_params(read_params(args.params).get("report"))
+    settings = load_params(args.params).report
     try:
         metrics = json.loads(args.report.read_text())
         splits = read_splits(metrics)

@@ -26,10 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from pipeline.ablation import read_params
-    from pipeline.report.build import ReportSettings, write_report
+    from pipeline.params import load_params
+    from pipeline.report.build import write_report
 
-    settings = ReportSettings.from_params(read_params(args.params).get("report"))
+    settings = load_params(args.params).report
     manifest = json.loads(args.manifest.read_text()) if args.manifest.exists() else None
     metrics = write_report(args.plan, args.out, settings, manifest, index=args.index)
     claims = metrics.pop("claims")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from pipeline.config import BalancedL1Config, ReportConfig
 from pipeline.engine.coco_eval import IOU_THRESHOLDS
 from pipeline.report import figures
 from pipeline.report.claims import CLAIMS, ClaimResult, assess_claims
@@ -25,23 +25,6 @@ from pipeline.runplan import PlanSummary
 from pipeline.io import write_text_atomic
 
 DETECTOR_TITLES = {"faster_rcnn": "Faster R-CNN", "retinanet": "RetinaNet"}
-
-
-@dataclass(frozen=True)
-class ReportSettings:
-    resamples: int = 1000
-    confidence: float = 0.95
-    seed: int = 0
-    rope: float = 0.5
-    power: float = 0.8
-    target_mde: float = 1.0
-
-    @classmethod
-    def from_params(cls, section: dict[str, Any] | None) -> ReportSettings:
-        section = section or {}
-        return cls(int(section.get("bootstrap_resamples", 1000)), float(section.get("confidence", 0.95)),
-                   int(section.get("seed", 0)), float(section.get("rope", 0.5)), float(section.get("power", 0.8)),
-                   float(section.get("target_mde", 1.0)))
 
 
 def _ground_truths(results: list[RunResult]) -> dict[str, dict[str, Any]]:
@@ -65,7 +48,7 @@ def _paired_runs(results: list[RunResult], detector: str, combination: str, refe
 
 
 def compute_deltas(summary: PlanSummary, results: list[RunResult], samples: dict[str, APSamples],
-                   settings: ReportSettings) -> dict[tuple[str, str], PairedDelta]:
+                   settings: ReportConfig) -> dict[tuple[str, str], PairedDelta]:
     """ΔAP of every combination over its detector's baseline, runs paired by seed."""
     deltas = {}
     for detector, spec in summary.detectors.items():
@@ -79,7 +62,7 @@ def compute_deltas(summary: PlanSummary, results: list[RunResult], samples: dict
 
 
 def evaluate_claims(results: list[RunResult], samples: dict[str, APSamples],
-                    settings: ReportSettings) -> list[ClaimResult]:
+                    settings: ReportConfig) -> list[ClaimResult]:
     """Every claim of :data:`CLAIMS` whose two combinations were both run: its paired difference, verdicts
     and power."""
     tested = []
@@ -119,7 +102,7 @@ def _box_losses(results: list[RunResult]) -> dict[str, Any]:
         if bl["enabled"]:
             settings.append(bl)
     if not settings:
-        settings.append({"alpha": 0.5, "gamma": 1.5, "beta": 1.0, "formula": "exact"})
+        settings.append(BalancedL1Config().model_dump(mode="json"))
     for bl in settings:
         losses[f"Balanced L1 (α={bl['alpha']:g}, γ={bl['gamma']:g}, β={bl['beta']:g}, {bl['formula']})"] = balanced(bl)
     return losses
@@ -147,7 +130,7 @@ def draw_run_figures(result: RunResult, gt: dict[str, Any], out_dir: Path) -> li
     return paths
 
 
-def write_report(plan_dir: Path, out_dir: Path, settings: ReportSettings, manifest: dict[str, Any] | None = None,
+def write_report(plan_dir: Path, out_dir: Path, settings: ReportConfig, manifest: dict[str, Any] | None = None,
                  root: Path = Path("."), index: Path | None = None) -> dict[str, Any]:
     """Write ``ablation.md``, ``ablation.csv``, ``metrics.json``, ``figures/*.png`` and each run's figures
     (``runs/<detector>/<combination>/seed<k>/*.png``) under ``out_dir``;
@@ -166,7 +149,7 @@ def write_report(plan_dir: Path, out_dir: Path, settings: ReportSettings, manife
     for r in results:
         ids = tuple(matches[r.name].image_ids)
         if ids not in counts_by_images:
-            counts_by_images[ids] = resample_counts(len(ids), settings.resamples, settings.seed)
+            counts_by_images[ids] = resample_counts(len(ids), settings.bootstrap_resamples, settings.seed)
         samples[r.name] = ap_samples(matches[r.name], counts_by_images[ids])
     deltas = compute_deltas(summary, results, samples, settings)
     claims = evaluate_claims(results, samples, settings)
@@ -224,7 +207,7 @@ def write_report(plan_dir: Path, out_dir: Path, settings: ReportSettings, manife
     return metrics
 
 
-def _markdown(summary: PlanSummary, table: pd.DataFrame, claims: list[ClaimResult], settings: ReportSettings,
+def _markdown(summary: PlanSummary, table: pd.DataFrame, claims: list[ClaimResult], settings: ReportConfig,
               manifest: dict[str, Any] | None,
               results: list[RunResult], drawn: list[tuple[str, Path]], out_dir: Path, failures: dict[str, str],
               model_zoo: list[ModelZooRow] | None) -> str:
@@ -261,7 +244,7 @@ def _markdown(summary: PlanSummary, table: pd.DataFrame, claims: list[ClaimResul
         ("**ΔAP** is the AP of a combination minus the AP of its detector's baseline, averaged over the seeds "
          "(combination seed k paired with baseline seed k); `±` is the standard deviation of the per-seed "
          "differences."),
-        (f"**{level} CI (seeds + images)**: a two-level paired percentile bootstrap, {settings.resamples} resamples "
+        (f"**{level} CI (seeds + images)**: a two-level paired percentile bootstrap, {settings.bootstrap_resamples} resamples "
          f"(seed {settings.seed}). Each resample draws the validation images with replacement and, independently, "
          "the seed pairs with replacement; the statistic is the mean ΔAP over the drawn seed pairs on the drawn "
          "image multiset. The image draw is shared by every run, because every run is evaluated on the same "
