@@ -24,6 +24,7 @@ from pipeline.components import (
     InstanceBalancedPositiveSampler,
     IoUBalancedNegativeSampler,
 )
+from pipeline.config import IoUBalancedSamplingConfig, RoIHeadsConfig
 
 POSITIVE_IOU = 0.5
 
@@ -213,19 +214,17 @@ def main() -> None:
     )
     parser.add_argument("--images", type=int, default=8, help="images per batch")
     parser.add_argument("--proposals", type=int, default=2000, help="proposals per image")
-    parser.add_argument("--samples", type=int, default=512, help="sampled RoIs per image")
-    parser.add_argument(
-        "--positive-fraction", type=float, default=0.25, help="share of positives wanted"
-    )
-    parser.add_argument(
-        "--num-bins", type=int, default=3, help="IoU bins K of the negative sampler"
-    )
-    parser.add_argument(
-        "--floor-thr", type=float, default=-1.0, help="floor threshold (-1 no floor, 0, or >0)"
-    )
-    parser.add_argument(
-        "--floor-fraction", type=float, default=0.0, help="share of negatives from the floor"
-    )
+    heads, sampling = RoIHeadsConfig(), IoUBalancedSamplingConfig()  # the defaults of pipeline/config.py
+    parser.add_argument("--samples", type=int, default=heads.batch_size_per_image,
+                        help="sampled RoIs per image (default: model.roi_heads.batch_size_per_image)")
+    parser.add_argument("--positive-fraction", type=float, default=heads.positive_fraction,
+                        help="share of positives wanted (default: model.roi_heads.positive_fraction)")
+    parser.add_argument("--num-bins", type=int, default=sampling.num_bins,
+                        help="IoU bins K of the negative sampler (default: the config's)")
+    parser.add_argument("--floor-thr", type=float, default=sampling.floor_thr,
+                        help="floor threshold (-1 no floor, 0, or >0; default: the config's)")
+    parser.add_argument("--floor-fraction", type=float, default=sampling.floor_fraction,
+                        help="share of negatives from the floor (default: the config's)")
     parser.add_argument("--repeats", type=int, default=50, help="timed repeats (median reported)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed warm-up calls")
     parser.add_argument(
