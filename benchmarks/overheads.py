@@ -10,6 +10,9 @@ faster). On a machine shared with other work the ratios are the figures to read,
 - ``eval_batch``: predicting N validation images at ``eval.batch_size`` 8 (the default) vs
   ``--eval-batch``; checks that the detections agree (same boxes up to float noise) and the AP.
 - ``threads``: one tiny training step at 1 vs 2 torch threads (the tiny configs' setting).
+- ``step``: where a tiny training step's time goes (the share of convolutions, forward and backward,
+  from torch's profiler), and two ways to make them cheaper, each side by side with the default
+  step: channels-last memory layout, and bf16 autocast (fast only where the CPU has bf16 units).
 - ``omp_wait``: predicting N validation images at 2 threads in a child process with libgomp's
   default (spinning) wait policy vs ``OMP_WAIT_POLICY=PASSIVE`` (the variable is read when torch
   loads, so each side is its own process, alternating; only the in-process predict time counts).
@@ -46,7 +49,7 @@ from pipeline.models import build_detector
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"faster_rcnn": "configs/faster_rcnn_tiny.yaml", "retinanet": "configs/retinanet_tiny.yaml"}
 DEFAULT_EVAL_BATCH = EvalConfig().batch_size
-MEASUREMENTS = ("data", "eval_batch", "threads", "omp_wait", "eval_per_100")
+MEASUREMENTS = ("data", "eval_batch", "threads", "step", "omp_wait", "eval_per_100")
 
 
 def _alternate(a, b, reps: int) -> tuple[list[float], list[float]]:
@@ -134,25 +137,62 @@ def bench_eval_batch(cfg, model, num_val: int, reps: int, new_batch: int) -> dic
 
 
 def bench_threads(cfg, model, steps: int) -> dict:
-    train_split, _ = load_splits(cfg.data)
-    dataset = CocoDetectionDataset(train_split, train=True, seed=0, cache_mb=cfg.data.cache_mb)
-    images, targets = collate_detection([dataset[i] for i in range(cfg.train.batch_size)])
-    model.train()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    batch = _train_batch(cfg)
+    train_step = _step_fn(model, batch)
 
     def step(threads: int):
         def run():
             torch.set_num_threads(threads)
-            losses = model(images, targets)
-            sum(losses.values()).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step()
         return run
 
     step(2)()  # warm-up
     one, two = _alternate(step(1), step(2), steps)
     torch.set_num_threads(2)
-    return _ratio("training step: 1 thread / 2 threads", one, two, "s/step", batch=len(images))
+    return _ratio("training step: 1 thread / 2 threads", one, two, "s/step", batch=len(batch[0]))
+
+
+def _train_batch(cfg):
+    train_split, _ = load_splits(cfg.data)
+    dataset = CocoDetectionDataset(train_split, train=True, seed=0, cache_mb=cfg.data.cache_mb)
+    return collate_detection([dataset[i] for i in range(cfg.train.batch_size)])
+
+
+def _step_fn(model: torch.nn.Module, batch, bf16: bool = False):
+    images, targets = batch
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            losses = model(images, targets)
+        sum(losses.values()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return run
+
+
+def bench_step(cfg, num_classes: int, run: Path | None, steps: int) -> tuple[list[dict], dict]:
+    """Ratios default / channels-last and default / bf16 of a training step, and the convolutions' share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batch = _train_batch(cfg)
+    default = _step_fn(_model(cfg, num_classes, run), batch)
+    channels_last = _step_fn(_model(cfg, num_classes, run).to(memory_format=torch.channels_last), batch)
+    bf16 = _step_fn(_model(cfg, num_classes, run), batch, bf16=True)
+    for fn in (default, channels_last, bf16):
+        fn()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            default()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    conv = sum(e.self_cpu_time_total for e in events if "convolution" in e.key)
+    share = {"name": "training step: share of convolutions (forward + backward)", "share": round(conv / total, 3),
+             "steps": steps}
+    rows = [_ratio("training step: default / channels-last", *_alternate(default, channels_last, steps), "s/step"),
+            _ratio("training step: fp32 / bf16 autocast", *_alternate(default, bf16, max(2, steps // 3)), "s/step")]
+    return rows, share
 
 
 def bench_eval_per_100(cfg, model, num_val: int, batch: int) -> dict:
@@ -214,7 +254,8 @@ def main() -> None:
     parser.add_argument("--run", type=Path, default=None, help="a trained run directory: evaluate its last.ckpt")
     parser.add_argument("--reps", type=int, default=3, help="alternating repetitions per comparison")
     parser.add_argument("--eval-batch", type=int, default=32, help="eval batch size compared with the default")
-    parser.add_argument("--steps", type=int, default=6, help="alternating training steps per thread setting")
+    parser.add_argument("--steps", type=int, default=6,
+                        help="alternating training steps per side of the threads and step comparisons (bf16: a third)")
     parser.add_argument("--only", action="append", choices=list(MEASUREMENTS),
                         help="run only these measurements (repeatable)")
     parser.add_argument("--child-predict", action="store_true", help=argparse.SUPPRESS)
@@ -245,6 +286,11 @@ def main() -> None:
             add(bench_eval_batch(cfg, model, args.num_val, args.reps, new_batch))
         if "threads" in only:
             add(bench_threads(cfg, _model(cfg, num_classes, args.run), args.steps))
+        step_share = None
+        if "step" in only:
+            step_rows, step_share = bench_step(cfg, num_classes, args.run, args.steps)
+            for row in step_rows:
+                add(row)
         if "omp_wait" in only:
             add(bench_omp_wait(args, data, args.reps))
         per_100 = bench_eval_per_100(cfg, model, args.num_val, DEFAULT_EVAL_BATCH) if "eval_per_100" in only else None
@@ -253,13 +299,16 @@ def main() -> None:
     print(f"{'measurement':<70} {'before':>9} {'after':>9} {'ratio':>7}")
     for r in rows:
         print(f"{r['name']:<70} {r['before_s']:>9.3f} {r['after_s']:>9.3f} {r['ratio']:>7.3f}")
+    if step_share:
+        print(f"{step_share['name']}: {100 * step_share['share']:.1f} %")
     if per_100:
         print(f"{per_100['name']}: {per_100['total_s_per_100']:.2f} s per 100 images "
               f"(predict {per_100['predict_s_per_100']:.2f}, COCO {per_100['coco_s_per_100']:.2f}; "
               f"load average {per_100['load_average']})")
     print(json.dumps({"detector": args.detector, "torch_threads": torch.get_num_threads(),
                       "load_average_before": load_before,
-                      "load_average_after": [round(x, 2) for x in os.getloadavg()], "ratios": rows, "eval_per_100": per_100}))
+                      "load_average_after": [round(x, 2) for x in os.getloadavg()], "ratios": rows,
+                      "step": step_share, "eval_per_100": per_100}))
 
 
 if __name__ == "__main__":
