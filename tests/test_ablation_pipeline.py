@@ -3,8 +3,9 @@
 Checks every output and its schema, that only the design's runs exist (no stage, no directory for
 the others), per-run metrics and curves through `dvc metrics show` / `dvc plots show`, the MLflow
 store (parent run, child runs with metrics and artifacts), that a second `dvc repro` has nothing to
-do, that re-logging reuses the runs, that changing one knob retrains only the runs it changes, and
-that a run killed during `dvc repro` fails only itself and resumes from its checkpoint next time.
+do, that re-logging reuses the runs, that changing one knob or one file of code retrains only the
+runs it changes, and that a run killed during `dvc repro` fails only itself and resumes from its
+checkpoint next time.
 """
 
 from __future__ import annotations
@@ -245,6 +246,30 @@ def test_changing_one_knob_reruns_only_the_runs_it_affects(smoke_repo):
     assert client.get_run(before["parent_run_id"]).info.lifecycle_stage == "active"
     changed = client.get_run(after["runs"]["retinanet/IoU-cls+IoU-loc/seed0"]["run_id"])
     assert changed.data.params["components.iou_balanced_cls.eta"] == "1.0"
+
+
+def test_code_edits_retrain_exactly_the_runs_that_execute_them(smoke_repo):
+    """Real edits of the copy's files, then `dvc repro`: a component's file retrains only the runs that
+    enable it; dispatch code reruns the runs stage but reuses every run; report code leaves the runs
+    stage alone; shared training code retrains every run."""
+    repo, env, _ = smoke_repo
+    dvc = str(VENV_BIN / "dvc")
+
+    def edit_and_repro(path: str) -> set[str]:
+        (repo / path).write_text((repo / path).read_text() + "\nEDITED_BY_TEST = 1\n")
+        return set(re.findall(r"Running stage '([^']+)'", _run([dvc, "repro"], repo, env).stdout))
+
+    def statuses() -> dict[str, str]:
+        return {name: entry["status"] for name, entry in _index(repo).items()}
+
+    assert "runs" in edit_and_repro("pipeline/components/iou_balanced.py")
+    assert statuses() == {name: "trained" if name == "retinanet/IoU-cls+IoU-loc/seed0" else "reused" for name in RUNS}
+    assert "runs" in edit_and_repro("pipeline/dispatch/scheduler.py")
+    assert set(statuses().values()) == {"reused"}
+    ran = edit_and_repro("pipeline/report/tables.py")
+    assert "report" in ran and "runs" not in ran, ran
+    assert "runs" in edit_and_repro("pipeline/engine/evaluate.py")
+    assert set(statuses().values()) == {"trained"}
 
 
 def _train_process(repo: Path, run: str) -> int | None:
