@@ -211,15 +211,21 @@ def path_digest(paths: list[Path]) -> str:
 
 def report_metrics(metrics: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
     """The report's ``metrics.json`` as parent metrics (``<detector>/<combination>/<name>``,
-    ``claims/<claim>/<name>``) and the claims' verdicts as tags (``libra.verdict.<claim>``)."""
+    ``claims/<claim>/<name>``) and the claims' verdicts as tags (``libra.verdict.<claim>``,
+    ``libra.adjusted_verdict.<claim>``: every text field of a claim)."""
     metrics = dict(metrics)
     claims = metrics.pop("claims", {})
     flat = {f"{det}/{combination}/{name}": value for det, combinations in metrics.items()
-            for combination, values in combinations.items() for name, value in values.items()
-            if isinstance(value, int | float) and not isinstance(value, bool)}
+            for combination, values in combinations.items() for name, value in values.items() if _is_number(value)}
     flat.update({f"claims/{key}/{name}": value for key, values in claims.items()
-                 for name, value in values.items() if name != "verdict"})
-    return flat, {f"libra.verdict.{key}": values["verdict"] for key, values in claims.items()}
+                 for name, value in values.items() if _is_number(value)})
+    tags = {f"libra.{name}.{key}": value for key, values in claims.items()
+            for name, value in values.items() if isinstance(value, str)}
+    return flat, tags
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def log_ablation(plan_dir: Path, report_dir: Path, manifest: dict[str, Any], params: dict[str, Any],

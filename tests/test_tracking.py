@@ -56,7 +56,9 @@ def ablation(tmp_path):
     (report / "ablation.md").write_text("# report\n")
     (report / "figures/ap_by_iou.png").write_bytes(b"png")
     (report / "metrics.json").write_text(json.dumps({"faster_rcnn": {"baseline": {"AP": 10.0}},
-                                                     "claims": {"c1": {"delta": 1.0, "verdict": "confirmed"}}}))
+                                                     "claims": {"c1": {"delta": 1.0, "verdict": "reproduced",
+                                                                        "verdict_code": 1, "adjusted_verdict": "not resolved",
+                                                                        "adjusted_verdict_code": 0, "seeds": 3}}}))
     for name in names:
         (report / "runs" / name).mkdir(parents=True)
         (report / "runs" / name / "training_curves.png").write_bytes(name.encode())
@@ -86,7 +88,9 @@ def test_track_logs_the_report_and_each_runs_files_cost_and_system_metrics(ablat
     assert [a.path for a in client.list_artifacts(first, "figures")] == ["figures/training_curves.png"]
     parent = client.get_run(record["parent_run_id"])
     assert parent.data.metrics["faster_rcnn/baseline/AP"] == 10.0 and parent.data.metrics["claims/c1/delta"] == 1.0
-    assert parent.data.tags["libra.verdict.c1"] == "confirmed"
+    assert parent.data.tags["libra.verdict.c1"] == "reproduced"
+    assert parent.data.tags["libra.adjusted_verdict.c1"] == "not resolved"
+    assert parent.data.metrics["claims/c1/adjusted_verdict_code"] == 0 and "claims/c1/verdict" not in parent.data.metrics
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} == {
         "report/ablation.md", "report/figures", "report/metrics.json"}, "the runs' figures are on the children"
 
