@@ -198,7 +198,8 @@ def test_claims_are_tested_where_both_combinations_ran_and_get_their_verdict():
     and 1: 'IS > baseline' is reproduced; nothing else was run, so no other claim is tested."""
     from types import SimpleNamespace
 
-    from pipeline.report.build import ReportSettings, evaluate_claims
+    from pipeline.config import ReportConfig
+    from pipeline.report.build import evaluate_claims
 
     n = 60
     gt = _one_box_per_image(n)
@@ -211,7 +212,7 @@ def test_claims_are_tested_where_both_combinations_ran_and_get_their_verdict():
             plan = SimpleNamespace(detector="faster_rcnn", combination=combination, seed=seed)
             results.append(SimpleNamespace(name=name, plan=plan))
             samples[name] = sample
-    tested = evaluate_claims(results, samples, ReportSettings(resamples=500))
+    tested = evaluate_claims(results, samples, ReportConfig(bootstrap_resamples=500))
     assert [c.claim.key for c in tested] == ["frcnn_IS_gt_baseline"]
     assert tested[0].delta.delta == pytest.approx(1 - 51 / 101)
     assert tested[0].verdict == "reproduced" and tested[0].adjusted_verdict == "reproduced"
