@@ -32,14 +32,23 @@ def run(args: argparse.Namespace) -> None:
     settings = load_params(args.params).report
     manifest = json.loads(args.manifest.read_text()) if args.manifest.exists() else None
     metrics = write_report(args.plan, args.out, settings, manifest, index=args.index)
+    print("\n".join(summary_lines(metrics)))
+    print(f"wrote {args.out / 'ablation.md'}, {args.out / 'ablation.csv'}, {args.out / 'figures'} and {args.out / 'runs'}")
+
+
+def summary_lines(metrics: dict) -> list[str]:
+    """The console summary of a report's ``metrics.json``: AP and ΔAP per combination, then each claim
+    (with one seed a claim has no seed part of its standard error)."""
+    metrics = dict(metrics)
     claims = metrics.pop("claims")
+    lines = []
     for detector, combinations in metrics.items():
         for combination, values in combinations.items():
             delta = (f", ΔAP {values['dAP']:+.1f} [{values.get('dAP_ci_low', float('nan')):+.1f}, "
                      f"{values.get('dAP_ci_high', float('nan')):+.1f}]") if "dAP" in values else ""
-            print(f"{detector:12s} {combination:24s} AP {values['AP']:5.1f}{delta}")
+            lines.append(f"{detector:12s} {combination:24s} AP {values['AP']:5.1f}{delta}")
     for key, claim in claims.items():
-        print(f"{key:28s} {claim['delta']:+.2f} [{claim['ci_low']:+.2f}, {claim['ci_high']:+.2f}] {claim['verdict']:13s}"
-              f" MDE {claim['mde']:.2f} (SE seeds {claim.get('se_seed', float('nan')):.2f}, "
-              f"images {claim['se_image']:.2f})")
-    print(f"wrote {args.out / 'ablation.md'}, {args.out / 'ablation.csv'}, {args.out / 'figures'} and {args.out / 'runs'}")
+        seed_part = f"{claim['se_seed']:.2f}" if "se_seed" in claim else "unknown, one seed"
+        lines.append(f"{key:28s} {claim['delta']:+.2f} [{claim['ci_low']:+.2f}, {claim['ci_high']:+.2f}] "
+                     f"{claim['verdict']:13s} MDE {claim['mde']:.2f} (SE seeds {seed_part}, images {claim['se_image']:.2f})")
+    return lines

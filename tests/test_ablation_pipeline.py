@@ -145,6 +145,7 @@ def test_repro_writes_every_output_with_its_schema(smoke_repo):
     assert {c["verdict"] for c in summary["claims"].values()} <= {"reproduced", "not resolved", "contradicted"}
     markdown = (repo / "reports/ablation.md").read_text()
     assert "## Faster R-CNN" in markdown and "## RetinaNet" in markdown and "95% CI" in markdown
+    assert "**One seed**: every interval is over the validation images only" in markdown
     figures = {p.name for p in (repo / "reports/figures").glob("*.png")}
     assert figures == {"negative_iou_faster_rcnn.png", "score_vs_iou_faster_rcnn.png", "score_vs_iou_retinanet.png",
                        "ap_by_iou.png", "balanced_l1.png", "training_curves_faster_rcnn.png",

@@ -88,3 +88,24 @@ def test_summary_metrics_and_markdown(table):
     assert "| IS+BFP+BL | ✓ | ✓ | ✓ | ours | 35.5 ± 0.7 |" in lines
     assert "5.0 ± 0.0 | [3.0, 7.0] | [4.0, 6.0] |" in lines
     assert "|  | ✓ | ✓ | ✓ | paper | 38.5 | 59.3 | 42.0 | 22.9 | 42.1 | 50.5 | 2.6 |  |  |" in lines
+
+
+def test_one_seed_claims_are_over_images_only_and_summarised(table):
+    """With one seed the seed part of the SE is unknown: SE and MDE are the image part alone, the power
+    table says so, and `libra report`'s console summary prints the claim."""
+    from pipeline.report.tables import power_markdown
+    from stages.report import summary_lines
+
+    frame, _ = table
+    image_resampled = np.array([0.005, 0.015] * 50)
+    delta = PairedDelta(0.01, 0.004, 0.016, 0.004, 0.016, (0.01,), image_resampled, image_resampled, 96)
+    [assessed] = assess_claims([(CLAIMS[0], delta)], confidence=0.95, rope=0.5, power=0.8)
+    image_se = 100 * np.std(image_resampled, ddof=1)
+    assert assessed.split.images_only and assessed.split.se() == pytest.approx(image_se)
+    assert assessed.mde == pytest.approx(2.8015852 * image_se)
+    metrics = summary_metrics(frame, [assessed])
+    claim = metrics["claims"][CLAIMS[0].key]
+    assert "se_seed" not in claim and claim["mde"] == round(2.8015852 * image_se, 3) and claim["seeds"] == 1
+    assert "| — (one seed) |" in "\n".join(power_markdown([assessed], 0.95, 0.8, 1.0))
+    [printed] = [line for line in summary_lines(metrics) if line.startswith(CLAIMS[0].key)]
+    assert "SE seeds unknown, one seed" in printed and f"MDE {claim['mde']:.2f}" in printed

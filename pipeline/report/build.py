@@ -221,6 +221,11 @@ def _markdown(summary: PlanSummary, table: pd.DataFrame, claims: list[ClaimResul
          "(ours: mean over seeds, ± sample standard deviation over seeds)."), "",
         *failures_markdown(failures),
     ]
+    if len(summary.seeds) == 1:
+        lines += [("**One seed**: every interval is over the validation images only (there is no second seed to "
+                   "resample), so it leaves out the training noise between seeds; each standard error and MDE is its "
+                   "image part alone, a lower bound. Run more seeds (`ablation.seeds`) before reading a verdict as "
+                   "the paper's claim."), ""]
     if claims:
         lines += ["## Verdicts on the papers' claims", "", *claims_markdown(claims, settings.confidence, settings.rope),
                   "", "## What this design can detect", "",

@@ -49,11 +49,18 @@ class VarianceSplit:
     def seed_se(self) -> float:
         return self.seed_sd / math.sqrt(self.seeds)
 
+    @property
+    def images_only(self) -> bool:
+        """One seed: the seed part is unknown, so the standard error is its image part alone (a lower bound)."""
+        return math.isnan(self.seed_sd)
+
     def se(self, seeds: int | None = None, images: float | None = None) -> float:
-        """Standard error with ``seeds`` seeds and ``images`` validation images (default: as measured)."""
+        """Standard error with ``seeds`` seeds and ``images`` validation images (default: as measured);
+        the image part alone when :attr:`images_only`."""
         seeds = seeds or self.seeds
         images = images or self.images
-        return math.sqrt(self.seed_sd ** 2 / seeds + self.image_se ** 2 * self.images / images)
+        seed_variance = 0.0 if self.images_only else self.seed_sd ** 2 / seeds
+        return math.sqrt(seed_variance + self.image_se ** 2 * self.images / images)
 
     def mde(self, confidence: float, power: float, seeds: int | None = None, images: float | None = None) -> float:
         return mde_factor(confidence, power) * self.se(seeds, images)
@@ -66,7 +73,7 @@ class VarianceSplit:
             raise ValueError(f"target MDE must be > 0, got {target_mde}")
         images = images or self.images
         allowed = (target_mde / mde_factor(confidence, power)) ** 2 - self.image_se ** 2 * self.images / images
-        if allowed <= 0 or math.isnan(self.seed_sd):
+        if allowed <= 0 or self.images_only:
             return None
         return max(2, math.ceil(self.seed_sd ** 2 / allowed))
 
@@ -74,7 +81,7 @@ class VarianceSplit:
         """The fewest validation images whose MDE is ≤ ``target_mde`` with ``seeds`` seeds; None when the
         seed part alone exceeds it."""
         allowed = (target_mde / mde_factor(confidence, power)) ** 2 - self.seed_sd ** 2 / seeds
-        if allowed <= 0 or math.isnan(self.seed_sd):
+        if allowed <= 0 or self.images_only:
             return None
         return math.ceil(self.image_se ** 2 * self.images / allowed)
 

@@ -158,7 +158,8 @@ def power_markdown(claims: list[ClaimResult], confidence: float, power: float, t
         return "—" if seeds is None else str(seeds)
 
     images = claims[0].split.images if claims else 0
-    rows = [[c.claim.key, f"{c.split.se():.2f}", f"{c.split.seed_se:.2f}", f"{c.split.image_se:.2f}",
+    rows = [[c.claim.key, f"{c.split.se():.2f}", "— (one seed)" if c.split.images_only else f"{c.split.seed_se:.2f}",
+             f"{c.split.image_se:.2f}",
              f"{c.mde:.2f}", *(needed(c, scale) for scale in (1, 4, 16, math.inf))] for c in claims]
     return _md_table(["claim", "SE", "seed part", "image part", "MDE",
                       f"seeds for MDE {target_mde:g} ({images} images)", f"({4 * images} images)",
