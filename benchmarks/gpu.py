@@ -29,7 +29,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.engine.cost import peak_rss_mb
-from pipeline.models import build_detector
+from pipeline.models.detectors import build_detector
 from step import ALL_COMPONENTS, ROOT, TimedCall, timed_step
 
 R50_CONFIGS = {"faster_rcnn": "configs/faster_rcnn_r50_coco_1x.yaml", "retinanet": "configs/retinanet_r50_coco_1x.yaml"}

@@ -44,7 +44,7 @@ from pipeline.engine.checkpoint import read_checkpoint
 from pipeline.engine.coco_eval import evaluate_coco
 from pipeline.engine.detections import predict
 from pipeline.engine.splits import coco_subset, load_splits
-from pipeline.models import build_detector
+from pipeline.models.detectors import build_detector
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"faster_rcnn": "configs/faster_rcnn_tiny.yaml", "retinanet": "configs/retinanet_tiny.yaml"}

@@ -23,7 +23,7 @@ import torch
 from pipeline.config import load_config
 from pipeline.data import write_synthetic_coco
 from pipeline.engine.datamodule import DetectionDataModule
-from pipeline.models import build_detector
+from pipeline.models.detectors import build_detector
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_COMPONENTS = {

@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
-__all__ = ["atomic_path", "replace_atomic", "write_text_atomic", "write_json_atomic", "write_yaml_atomic",
-           "digest_files", "flatten"]
+__all__ = ["atomic_path", "replace_atomic", "write_text_atomic", "write_bytes_atomic", "write_json_atomic",
+           "write_yaml_atomic", "digest_files", "flatten"]
 
 
 def atomic_path(path: Path) -> Path:
@@ -37,6 +37,10 @@ def replace_atomic(path: Path, write: Callable[[Path], Any]) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     replace_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    replace_atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

@@ -98,3 +98,16 @@ def test_train_refuses_before_reading_data_or_writing_the_run(tmp_path, sets, na
     proc = libra("train", "--config", str(R50_CONFIG), "--out", str(run), *args, check=False)
     assert proc.returncode != 0 and "model.backbone" in proc.stderr and named in proc.stderr, proc.stderr
     assert "instances_train2017" not in proc.stderr and not run.exists()
+
+
+def test_pretraining_twice_writes_the_same_bytes(tmp_path):
+    """The backbone weights' file digest is part of every run key: identical reruns of `libra pretrain`
+    (each in its own process, so temporary file names differ) must write identical files."""
+    sets = [arg for value in ("num_train=64", "num_val=16", "epochs=1", "batch_size=32", "image_size=32")
+            for arg in ("--set", value)]
+    written = []
+    for name in ("first", "second"):
+        out = tmp_path / name / "tiny_backbone.pt"
+        libra("pretrain", "--out", str(out), *sets)
+        written.append(out.read_bytes())
+    assert written[0] == written[1]

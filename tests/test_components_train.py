@@ -13,7 +13,7 @@ from conftest import tiny_overrides
 from pipeline.components import BalancedFeaturePyramid
 from pipeline.config import load_config
 from pipeline.engine.train import train
-from pipeline.models import build_detector
+from pipeline.models.detectors import build_detector
 
 pytestmark = pytest.mark.trains
 

@@ -14,7 +14,7 @@ from pipeline.data import CocoDetectionDataset, collate_detection
 from pipeline.engine.coco_eval import evaluate_coco
 from pipeline.engine.detections import predict
 from pipeline.engine.splits import coco_subset, validation_split
-from pipeline.models import build_detector
+from pipeline.models.detectors import build_detector
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ from torchvision.models.detection import fasterrcnn_resnet50_fpn, retinanet_resn
 from conftest import tiny_overrides
 from pipeline.config import ConfigError, load_config
 from pipeline.engine.train import INIT_REPORT_FILE, TrainingStopped, train
-from pipeline.models import build_detector, init_detector
+from pipeline.models.detectors import build_detector, init_detector
 
 pytestmark = pytest.mark.trains
 CONFIG = Path("configs/faster_rcnn_tiny.yaml")

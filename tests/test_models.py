@@ -9,7 +9,7 @@ import torch
 from torchvision.models import resnet50
 
 from pipeline.config import ConfigError, load_config
-from pipeline.models import build_detector
+from pipeline.models.detectors import build_detector
 
 
 @pytest.mark.parametrize("detector, overrides, levels, sides", [

@@ -14,7 +14,7 @@ from PIL import Image
 from pipeline.config import ConfigError, load_config
 from pipeline.data import CocoDetectionDataset, DatasetError, validate_coco
 from pipeline.engine.train import build_trainer
-from pipeline.models import build_detector
+from pipeline.models.detectors import build_detector
 from pipeline.models.faster_rcnn import BoundedNegativeSampler, bounded_negatives
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.config import BalancedL1Config, BoxLossConfig, load_config
-from pipeline.models import build_detector
+from pipeline.models.detectors import build_detector
 from pipeline.models.box_loss import build_box_loss
 from pipeline.models.retinanet import BalancedRetinaNetHead, paired_iou
 

@@ -18,7 +18,7 @@ from pipeline.engine.cost import run_cost
 from pipeline.engine.detections import predict
 from pipeline.engine.splits import coco_subset, validation_split
 from pipeline.io import write_json_atomic
-from pipeline.models import build_detector
+from pipeline.models.detectors import build_detector
 
 
 class ValidationData:
@@ -69,8 +69,6 @@ def evaluate_run(run: Path, checkpoint: str = "last", backend: Backend | None = 
     """
     start = time.perf_counter()
     cfg, model, data = load_trained_model(run, checkpoint)
-    if cfg.trainer.num_threads:  # as in training (an evaluation in its own process has torch's default)
-        torch.set_num_threads(cfg.trainer.num_threads)
     model.to(device)
     with torch.inference_mode():
         results = predict(model, data.val_dataloader(), torch.device(device), data.label_to_category_id)

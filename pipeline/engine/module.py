@@ -12,7 +12,7 @@ from torch import Tensor
 from pipeline.config import ExperimentConfig, validate_config
 from pipeline.engine.coco_eval import evaluate_coco
 from pipeline.engine.detections import to_coco_results
-from pipeline.models import build_detector
+from pipeline.models.detectors import build_detector
 
 
 class NonFiniteLossError(RuntimeError):

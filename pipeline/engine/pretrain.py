@@ -9,6 +9,7 @@ linear layer; only the backbone's weights are kept.
 
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,8 @@ from torch.nn import functional as F
 
 from pipeline.config import PretrainConfig
 from pipeline.data import SHAPE_LABELS, render_shape_example
-from pipeline.io import replace_atomic
-from pipeline.models.backbone import TinyBackbone
+from pipeline.io import write_bytes_atomic
+from pipeline.models.tiny_backbone import TinyBackbone
 
 _STREAM = 7  # keeps the classification set's random streams apart from the detection set's
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -108,6 +109,14 @@ def pretrain(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict[str,
         "seconds_generate": round(generated - start, 2),
         "seconds_train": round(trained - generated, 2),
     }
-    replace_atomic(out, lambda tmp: torch.save(model.backbone.state_dict(), tmp))
+    write_bytes_atomic(out, state_dict_bytes(model.backbone.state_dict()))
     return summary
+
+
+def state_dict_bytes(state: dict[str, Tensor]) -> bytes:
+    """``torch.save`` of ``state`` into memory: the same tensors give the same bytes (saved to a file, the
+    archive inside is named after that file, and a temporary file's name differs between runs)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
 
