@@ -351,8 +351,15 @@ class TrainerConfig(StrictModel):
     num_nodes: PositiveInt = 1
     strategy: str = "auto"
     precision: Literal["32-true", "16-mixed", "bf16-mixed"] = "32-true"
-    num_threads: PositiveInt | None = None
-    """torch intra-op threads per process (None: torch's default)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _threads_are_not_config(cls, values: Any) -> Any:
+        if isinstance(values, dict) and "num_threads" in values:
+            raise ValueError("trainer.num_threads is not a config field: a run's torch threads follow where it runs "
+                             "(libra dispatch: execution.threads in params.yaml, or cores / jobs; libra train: "
+                             "OMP_NUM_THREADS, else torch's default), so they are not part of its run key; remove it")
+        return values
 
 
 class EvalConfig(StrictModel):

@@ -106,7 +106,6 @@ class TrainerParams(StrictModel):
     num_nodes: Int | None = None
     strategy: str | None = None
     precision: str | None = None
-    num_threads: Int | None = None
 
 
 class DetectorAblationParams(StrictModel):

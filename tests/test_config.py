@@ -127,3 +127,9 @@ def test_report_and_mlflow_settings_have_one_home():
 def test_bad_report_settings_name_the_field(section, named):
     with pytest.raises(ConfigError, match=f"report: {named}"):
         validate_model(ReportConfig, section, "report")
+
+
+def test_threads_are_not_part_of_a_run_config():
+    """A run's torch threads are decided by where it runs, so no config (and no run key) holds them."""
+    with pytest.raises(ConfigError, match=r"trainer\.num_threads is not a config field.*execution\.threads"):
+        load_config(Path("configs/retinanet_tiny.yaml"), ["trainer.num_threads=2"])

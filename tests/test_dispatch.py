@@ -200,6 +200,8 @@ def test_a_failed_run_does_not_stop_the_others_and_alone_is_retried(synthetic_ro
     assert "train exited with 1: libra run: error: non-finite training loss at epoch 1" in outcome.statuses[bad].reason
     index = json.loads((tmp_path / "runs/index.json").read_text())["runs"]
     assert "metrics" in index[good] and "metrics" not in index[bad] and index[bad]["status"] == "failed"
+    cost = json.loads((tmp_path / "runs/faster_rcnn/baseline/seed0/metrics.json").read_text())["cost"]
+    assert cost["threads"] == 1, "the executor's threads (execution.threads), which no run config overrides"
 
     write_report(tmp_path / "runs/plan", tmp_path / "reports", ReportConfig(bootstrap_resamples=50), root=tmp_path,
                  index=tmp_path / "runs/index.json")

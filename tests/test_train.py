@@ -87,8 +87,7 @@ def test_ddp_two_processes_match_one(synthetic_root, tmp_path):
     libra("train", "--config", "configs/retinanet_tiny.yaml", "--out", str(single),
           *_sets(synthetic_root, **common, **{"train.batch_size": 4}))
     libra("train", "--config", "configs/retinanet_tiny.yaml", "--out", str(ddp),
-          *_sets(synthetic_root, **common, **{"train.batch_size": 2, "trainer.devices": 2, "trainer.strategy": "ddp",
-                                              "trainer.num_threads": 1}))
+          *_sets(synthetic_root, **common, **{"train.batch_size": 2, "trainer.devices": 2, "trainer.strategy": "ddp"}))
     one, two = _weights(single), _weights(ddp)
     init = torch.load(single / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert init["global_step"] == 3

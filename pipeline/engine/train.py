@@ -36,7 +36,7 @@ from pipeline.engine.cost import TrainingCost
 from pipeline.engine.datamodule import DetectionDataModule
 from pipeline.engine.module import DetectionModule
 from pipeline.io import replace_atomic, write_json_atomic
-from pipeline.models import check_backbone_weights, init_detector
+from pipeline.models.detectors import check_backbone_weights, init_detector
 from pipeline.signals import StopRequest, handling_stop_signals
 
 INIT_REPORT_FILE = "init_from.json"
@@ -274,8 +274,6 @@ def train(cfg: ExperimentConfig, out: Path, resume: bool = False, progress_bar: 
 
     Every input (config, data, resumed checkpoint, model) is checked before anything is written.
     """
-    if cfg.trainer.num_threads:
-        torch.set_num_threads(cfg.trainer.num_threads)
     check_backbone_weights(cfg.model)
     data = DetectionDataModule(cfg)
     checkpoint = resume_checkpoint(cfg, out, resume)

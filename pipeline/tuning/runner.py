@@ -31,7 +31,7 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline.config import ExperimentConfig
-from pipeline.mlflow_store import git_state, project_root
+from pipeline.mlflow_store import dvc_experiment_tags, git_state, project_root
 from pipeline.processes import cores, start_process
 from pipeline.tuning.liveness import fail_dead_trials
 from pipeline.tuning.mlflow_runs import StudyTracker
@@ -81,7 +81,7 @@ class Prepared:
 
 
 def trial_tags(plan: TuningPlan) -> dict[str, str]:
-    return {"libra.stage": "tune", "libra.study": plan.study, "libra.profile": plan.profile_name}
+    return {"libra.stage": "tune", "libra.study": plan.study, "libra.profile": plan.profile_name, **dvc_experiment_tags()}
 
 
 def make_sampler(spec: SamplerSpec, seed: int, offset: int) -> optuna.samplers.TPESampler:
@@ -193,14 +193,13 @@ def work(p: Prepared, study: optuna.Study, parent_run_id: str, opts: TuneOptions
                               f"{objective.error}); fix the cause and rerun the same command to resume")
 
 
-def _worker_argv(opts: TuneOptions, p: Prepared, threads: int | None) -> list[str]:
+def _worker_argv(opts: TuneOptions, p: Prepared) -> list[str]:
     argv = [sys.executable, "-m", "stages.cli", "tune", "--study", opts.study, "--profile", opts.profile,
             "--n-trials", str(p.n_trials), "--storage", p.target.url, "--study-name", p.study_name,
             "--workers", "1", "--work-dir", str(opts.work_dir.resolve()),
             "--studies-dir", str(opts.studies_dir.resolve()), "--max-failures", str(opts.max_failures),
             "--seed", str(p.seed), "--worker-process"]
-    overrides = list(opts.overrides) + ([f"trainer.num_threads={threads}"] if threads else [])
-    for text in overrides:
+    for text in opts.overrides:
         argv += ["--set", text]
     if opts.keep_checkpoints:
         argv.append("--keep-checkpoints")
@@ -210,11 +209,10 @@ def _worker_argv(opts: TuneOptions, p: Prepared, threads: int | None) -> list[st
 def spawn_workers(opts: TuneOptions, p: Prepared) -> list[int]:
     """Start ``opts.workers`` worker processes on this host and wait; returns their exit codes."""
     trainer = p.base_cfg.trainer
-    user_threads = any(o.split("=", 1)[0].strip() == "trainer.num_threads" for o in opts.overrides)
     threads = None
-    if trainer.accelerator == "cpu" and not user_threads:
+    if trainer.accelerator == "cpu":
         threads = max(1, cores() // opts.workers)
-        print(f"{opts.workers} CPU workers: trainer.num_threads={threads} each", flush=True)
+        print(f"{opts.workers} CPU workers: {threads} torch thread(s) each", flush=True)
     gpus = 0
     if trainer.accelerator in ("gpu", "cuda", "auto") and "CUDA_VISIBLE_DEVICES" not in os.environ:
         import torch
@@ -225,7 +223,7 @@ def spawn_workers(opts: TuneOptions, p: Prepared) -> list[int]:
         env = {"LIBRA_TUNE_WORKER": str(index)}
         if gpus > 1:
             env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
-        procs.append(start_process(_worker_argv(opts, p, threads), threads=threads, env=env))
+        procs.append(start_process(_worker_argv(opts, p), threads=threads, env=env))
     try:
         return [proc.wait() for proc in procs]
     except KeyboardInterrupt:
