@@ -249,10 +249,6 @@ def test_changing_one_knob_reruns_only_the_runs_it_affects(smoke_repo):
     assert changed.data.params["components.iou_balanced_cls.eta"] == "1.0"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known defect: a component edit also reruns the pretrain stage (its deps hold pipeline/components), and "
-    "libra pretrain's weights file differs byte for byte between identical reruns (torch.save names its archive "
-    "after the temporary file, which holds the pid), so the backbone digest and every run key change"))
 def test_code_edits_retrain_exactly_the_runs_that_execute_them(smoke_repo):
     """Real edits of the copy's files, then `dvc repro`: a component's file retrains only the runs that
     enable it; dispatch code reruns the runs stage but reuses every run; report code leaves the runs
