@@ -48,16 +48,32 @@ def project_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
 
 
+def dvc_experiment_tags() -> dict[str, str]:
+    """``{"libra.dvc_experiment": <name>}`` inside a ``dvc exp run`` (the name DVC passes in
+    ``DVC_EXP_NAME``), so a run can be traced to the DVC experiment that logged it; else nothing."""
+    name = os.environ.get("DVC_EXP_NAME")
+    return {"libra.dvc_experiment": name} if name else {}
+
+
 def tracking_uri(project_dir: Path | None = None) -> str:
     """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<absolute project dir>/mlflow.db``.
 
-    The path is absolute (and, inside DVC, the main repository's) so that runs started from a
-    ``dvc exp`` temporary copy land in the project's store, not in the copy.
+    A local store's path is made absolute against the project (inside DVC, the main repository) so
+    that runs started from a ``dvc exp`` temporary copy land in the project's store, not in the copy
+    that DVC deletes: ``sqlite:///mlflow.db`` and ``mlruns`` (a file store) name ``<project>/…``.
     """
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
     root = Path(project_dir).resolve() if project_dir is not None else project_root()
-    return f"sqlite:///{root / 'mlflow.db'}"
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{root / 'mlflow.db'}"
+    database = sqlite_path(uri)
+    if database is not None:
+        from sqlalchemy.engine import make_url
+
+        return make_url(uri).set(database=str(root / database.expanduser())).render_as_string(hide_password=False)
+    if "://" not in uri:
+        return str(root / Path(uri.removeprefix("file:")).expanduser())
+    return uri
 
 
 def sqlite_path(uri: str) -> Path | None:

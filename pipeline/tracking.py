@@ -31,6 +31,7 @@ from typing import Any
 
 from pipeline.io import digest_files
 from pipeline.mlflow_store import (
+    dvc_experiment_tags,
     flatten_params,
     get_or_create_experiment,
     git_state,
@@ -41,6 +42,7 @@ from pipeline.mlflow_store import (
     store_lock,
     tracking_uri,
 )
+from pipeline.report.results import ap_points
 
 RUN_FILES = ("config.yaml", "metrics.json", "detections.json", "metrics.csv")
 """A run directory's files every child run holds (and whose digest decides whether it is re-logged)."""
@@ -49,20 +51,23 @@ SYSTEM_METRICS_FILE = "system_metrics.csv"
 
 
 def epoch_metrics(curves) -> list[tuple[str, float, int]]:
-    """(name, value, epoch) of every per-epoch value of :func:`pipeline.engine.curves.epoch_curves`."""
+    """(name, value, epoch) of every per-epoch value of :func:`pipeline.engine.curves.epoch_curves`;
+    the validation AP/AR (``val/*``) in AP points."""
     out = []
     for row in curves.to_dict("records"):
         for name, value in row.items():
             if name not in ("epoch", "step") and not math.isnan(value):  # NaN: no value that epoch
-                out.append((metric_key(name), float(value), int(row["epoch"])))
+                value = ap_points(value) if name.startswith("val/") else float(value)
+                out.append((metric_key(name), value, int(row["epoch"])))
     return out
 
 
 def final_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """``metrics.json`` as flat metrics: ``eval/*`` (the 12 COCO numbers, AP per IoU threshold, counts)
-    and ``cost/<key>`` for every number of its ``cost`` object (a null, e.g. GPU memory on CPU, is left out)."""
-    out = {f"eval/{k}": float(v) for k, v in metrics.get("stats", metrics.get("bbox", {})).items()}
-    out.update({f"eval/AP_iou{t}": float(v) for t, v in metrics.get("ap_per_iou", {}).items()})
+    """``metrics.json`` as flat metrics: ``eval/*`` (the 12 COCO numbers and AP per IoU threshold in AP
+    points, the counts) and ``cost/<key>`` for every number of its ``cost`` object (a null, e.g. GPU
+    memory on CPU, is left out)."""
+    out = {f"eval/{k}": ap_points(v) for k, v in metrics.get("stats", metrics.get("bbox", {})).items()}
+    out.update({f"eval/AP_iou{t}": ap_points(v) for t, v in metrics.get("ap_per_iou", {}).items()})
     for key in ("num_images", "num_detections"):
         if key in metrics:
             out[f"eval/{key}"] = float(metrics[key])
@@ -253,7 +258,7 @@ def log_ablation(plan_dir: Path, report_dir: Path, manifest: dict[str, Any], par
     commit, dirty = git_state(root)
     common = {"mlflow.source.git.commit": commit, "libra.git_dirty": str(dirty).lower(),
               "libra.dataset_digest": dataset_digest, "libra.profile": summary.profile,
-              "libra.design": summary.design}
+              "libra.design": summary.design, **dvc_experiment_tags()}
 
     parent_id, created = tracker.parent(key, f"ablation {summary.profile}/{summary.design} {key[:8]}",
                                         parent_params, common)

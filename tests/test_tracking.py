@@ -77,7 +77,7 @@ def test_track_logs_the_report_and_each_runs_files_cost_and_system_metrics(ablat
     child = client.get_run(first)
     assert {f"cost/{k}" for k, v in COST.items() if isinstance(v, float | int)} == {
         k for k in child.data.metrics if k.startswith("cost/")}, "numbers only: no null, no device string"
-    assert child.data.metrics["cost/train_wall_s"] == 12.5 and child.data.metrics["eval/AP"] == pytest.approx(0.1)
+    assert child.data.metrics["cost/train_wall_s"] == 12.5 and child.data.metrics["eval/AP"] == pytest.approx(10.0)
     history = client.get_metric_history(first, "system/cpu_utilization_percentage")
     assert [(m.timestamp, m.step, m.value) for m in history] == [
         (1_700_000_000_000 + 1000 * k, k, 50.0 + k) for k in range(3)]
@@ -112,7 +112,7 @@ def test_relogging_reuses_unchanged_runs_and_replaces_a_changed_one(ablation):
     assert after["runs"][plan.runs[0].name] == again["runs"][plan.runs[0].name]
     client = MlflowClient(after["tracking_uri"])
     assert client.get_run(before["runs"][changed.name]["run_id"]).info.lifecycle_stage == "deleted"
-    assert client.get_run(after["runs"][changed.name]["run_id"]).data.metrics["eval/AP"] == pytest.approx(0.9)
+    assert client.get_run(after["runs"][changed.name]["run_id"]).data.metrics["eval/AP"] == pytest.approx(90.0)
 
 
 def test_a_malformed_system_metrics_file_is_named(ablation):
@@ -131,3 +131,24 @@ def test_libra_track_on_a_new_store_prints_its_summary_and_no_third_party_noise(
     assert proc.returncode == 0, proc.stderr
     assert_quiet(proc)
     assert f"child runs: {len(plan.runs)} created" in proc.stdout
+
+
+def test_a_relative_store_under_a_dvc_temporary_copy_logs_into_the_project(ablation, tmp_path_factory):
+    """`dvc queue start` runs the stage in a temporary copy with DVC_ROOT naming the project: a relative
+    sqlite URI names the project's database, not the copy's, and every run carries the DVC experiment."""
+    from mlflow import MlflowClient
+
+    copy, plan, _ = ablation
+    project = tmp_path_factory.mktemp("project")
+    (copy / "manifest.json").write_text(json.dumps({"digest": "d" * 64}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db",
+           "DVC_ROOT": str(project), "DVC_EXP_NAME": "exp-alpha"}
+    proc = subprocess.run([sys.executable, "-m", "stages.cli", "track", "--manifest", "manifest.json"], cwd=copy,
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((copy / "reports/mlflow.json").read_text())
+    assert record["tracking_uri"] == f"sqlite:///{project.resolve() / 'mlflow.db'}"
+    assert not (copy / "mlflow.db").exists() and (project / "mlruns").is_dir()
+    client = MlflowClient(record["tracking_uri"])
+    run_ids = [record["parent_run_id"], *(r["run_id"] for r in record["runs"].values())]
+    assert {client.get_run(i).data.tags["libra.dvc_experiment"] for i in run_ids} == {"exp-alpha"}

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 import yaml
 from conftest import ROOT, tiny_weights_path
@@ -232,7 +233,7 @@ def test_pruned_trial_ends_pruned_and_small_study_reports(tmp_path, monkeypatch,
     """A pruner that always prunes: the Lightning callback's TrialPruned ends the trial PRUNED."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     studies = tmp_path / "studies"
-    _write_study(studies, "balanced_l1", pruner={"type": "threshold", "lower": 2.0, "n_warmup_steps": 0})
+    _write_study(studies, "balanced_l1", pruner={"type": "threshold", "lower": 101.0, "n_warmup_steps": 0})
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     out = tmp_path / "reports"
     overrides = [f"data.root={synthetic_root}", f"model.backbone.weights={tiny_weights_path(synthetic_root)}",
@@ -247,7 +248,12 @@ def test_pruned_trial_ends_pruned_and_small_study_reports(tmp_path, monkeypatch,
 
     [run] = _trial_runs(mlflow_uri, "pruned")
     assert run.info.status == "KILLED" and run.data.tags["optuna.state"] == "PRUNED"
-    assert [m.step for m in _client(mlflow_uri).get_metric_history(run.info.run_id, "val/AP")] == [0]
+    history = _client(mlflow_uri).get_metric_history(run.info.run_id, "val/AP")
+    assert [m.step for m in history] == [0]
+    # one AP unit: the trial's value, its MLflow run and the study's metric name in AP points (the run file: 0-1)
+    assert study.metric_names == ["val/AP (AP points, 0-100)"]
+    logged = pd.read_csv(next((tmp_path / "runs").glob("*/trial_00000/metrics.csv")))["val/AP"].dropna().iloc[-1]
+    assert history[0].value == pytest.approx(100 * logged) == pytest.approx(trial.intermediate_values[0])
 
     assert {p.name for p in out.iterdir()} == REPORT_FILES  # every file, placeholders where not computable
     assert yaml.safe_load((out / "best_overrides.yaml").read_text()) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,9 @@ from pipeline.runplan import PlanSummary, RunPlan, read_plan_summary, read_run_p
 
 RUN_FIGURES_DIR = "runs"
 """Folder of the report directory with one folder of figures per run, ``<detector>/<combination>/seed<k>``."""
+AP_UNIT = "AP points, 0-100"
+"""The one unit of AP (and AR) wherever results are compared: the report, DVC metrics and plots, MLflow
+runs and Optuna values. The run files (``metrics.json``, ``metrics.csv``) keep COCO's fractions (0-1)."""
 NEGATIVE_IOU_BUFFER = "model.roi_heads.sampled_negative_iou"
 """Prefix, in a Faster R-CNN checkpoint's state_dict, of the IoUHistogram the R-CNN sampler fills."""
 
@@ -33,6 +37,12 @@ class RunResult:
     @property
     def name(self) -> str:
         return self.plan.name
+
+
+def ap_points(fraction: float | None) -> float:
+    """A COCO AP or AR fraction (0-1, as pycocotools and the run files hold it) in :data:`AP_UNIT`; NaN for a
+    missing or non-finite value."""
+    return 100.0 * fraction if fraction is not None and math.isfinite(fraction) else float("nan")
 
 
 def negative_iou_histogram(checkpoint: Path) -> tuple[np.ndarray, np.ndarray] | None:

@@ -14,7 +14,7 @@ from pipeline.params import COMPONENTS, DETECTOR_COMPONENTS
 from pipeline.report.bootstrap import PairedDelta
 from pipeline.report.claims import VERDICT_CODES, ClaimResult
 from pipeline.report.reference import PAPER_SOURCES, ModelZooRow, paper_row
-from pipeline.report.results import RunResult, runs_of
+from pipeline.report.results import RunResult, ap_points, runs_of
 from pipeline.runplan import PlanSummary
 
 BOX_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -31,10 +31,6 @@ the image-only one; score-IoU correlations of the detections pooled over seeds;
 that one run slowed by another process on the machine does not move it);
 ``peak_mem_mb`` the mean over seeds of the peak training memory (CUDA ``max_memory_allocated`` on a
 GPU, rank 0's peak RSS on CPU; the zoo's training memory); ``infer_ms_per_image`` the zoo's."""
-
-
-def _percent(value: float) -> float:
-    return 100.0 * value if value is not None and math.isfinite(value) else float("nan")
 
 
 def _sd(values: list[float]) -> float:
@@ -82,16 +78,16 @@ def ablation_table(summary: PlanSummary, results: list[RunResult],
             row: dict[str, Any] = {"detector": detector, "combination": combination, "source": "ours",
                                    **_components(detector, combination), "seeds": len(runs)}
             for metric in BOX_METRICS:
-                row[metric] = float(np.mean([_percent(r.metrics["bbox"][metric]) for r in runs]))
-            row["AP_sd"] = _sd([_percent(r.metrics["bbox"]["AP"]) for r in runs])
+                row[metric] = float(np.mean([ap_points(r.metrics["bbox"][metric]) for r in runs]))
+            row["AP_sd"] = _sd([ap_points(r.metrics["bbox"]["AP"]) for r in runs])
             for t, column in zip(IOU_THRESHOLDS, IOU_COLUMNS):
-                row[column] = float(np.mean([_percent(r.metrics["ap_per_iou"][t]) for r in runs]))
+                row[column] = float(np.mean([ap_points(r.metrics["ap_per_iou"][t]) for r in runs]))
             delta = deltas.get((detector, combination))
             if delta is not None:
-                row.update(dAP=_percent(delta.delta), dAP_sd=_percent(delta.seed_sd),
-                           dAP_ci_low=_percent(delta.ci_low), dAP_ci_high=_percent(delta.ci_high),
-                           dAP_image_ci_low=_percent(delta.image_ci_low),
-                           dAP_image_ci_high=_percent(delta.image_ci_high))
+                row.update(dAP=ap_points(delta.delta), dAP_sd=ap_points(delta.seed_sd),
+                           dAP_ci_low=ap_points(delta.ci_low), dAP_ci_high=ap_points(delta.ci_high),
+                           dAP_image_ci_low=ap_points(delta.image_ci_low),
+                           dAP_image_ci_high=ap_points(delta.image_ci_high))
             corr = correlations.get((detector, combination), {})
             row.update(score_iou_pearson=corr.get("pearson", float("nan")),
                        score_iou_spearman=corr.get("spearman", float("nan")),
@@ -122,7 +118,7 @@ def summary_metrics(table: pd.DataFrame, claims: list[ClaimResult]) -> dict[str,
                   if row[k] is not None and not pd.isna(row[k])}
         out.setdefault(row["detector"], {})[row["combination"]] = values
     out["claims"] = {c.claim.key: _rounded({
-        "delta": _percent(c.delta.delta), "ci_low": _percent(c.delta.ci_low), "ci_high": _percent(c.delta.ci_high),
+        "delta": ap_points(c.delta.delta), "ci_low": ap_points(c.delta.ci_low), "ci_high": ap_points(c.delta.ci_high),
         "verdict": c.verdict, "verdict_code": VERDICT_CODES[c.verdict],
         "adjusted_ci_low": c.adjusted_low, "adjusted_ci_high": c.adjusted_high,
         "adjusted_verdict": c.adjusted_verdict, "adjusted_verdict_code": VERDICT_CODES[c.adjusted_verdict],
@@ -142,8 +138,8 @@ def claims_markdown(claims: list[ClaimResult], confidence: float, rope: float) -
     both verdicts, and the minimum detectable effect."""
     level = f"{round(100 * confidence)}%"
     rows = [[c.claim.text, f"{c.claim.combination} vs {c.claim.reference} ({c.claim.detector})", c.claim.measure,
-             c.claim.paper, f"{_percent(c.delta.delta):+.2f}",
-             f"[{_percent(c.delta.ci_low):+.2f}, {_percent(c.delta.ci_high):+.2f}]", f"**{c.verdict}**",
+             c.claim.paper, f"{ap_points(c.delta.delta):+.2f}",
+             f"[{ap_points(c.delta.ci_low):+.2f}, {ap_points(c.delta.ci_high):+.2f}]", f"**{c.verdict}**",
              f"[{c.adjusted_low:+.2f}, {c.adjusted_high:+.2f}]", c.adjusted_verdict, f"{c.mde:.2f}"]
             for c in claims]
     return _md_table(["claim", "comparison", "measure", "paper", "ours (AP points)", f"{level} CI (seeds + images)",

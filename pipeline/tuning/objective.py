@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from optuna.trial import TrialState
 
 from pipeline.engine.train import train
+from pipeline.report.results import ap_points
 from pipeline.tuning.liveness import OWNER_ATTR, worker_identity
 from pipeline.tuning.mlflow_runs import StudyTracker
 from pipeline.tuning.plan import TuningPlan
@@ -44,7 +45,7 @@ class TrialReporter(Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+        metrics = {k: ap_points(float(v)) for k, v in trainer.callback_metrics.items()
                    if k.startswith("val/") and not k.endswith("_bar")}
         if self.metric not in metrics:
             raise RuntimeError(f"validation did not log {self.metric} (logged: {sorted(metrics)})")

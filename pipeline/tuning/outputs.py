@@ -25,6 +25,7 @@ import yaml
 from optuna.trial import TrialState
 
 from pipeline.io import replace_atomic, write_text_atomic
+from pipeline.report.results import AP_UNIT
 from pipeline.tuning.plan import TuningPlan
 
 FIGURES = ("history", "importances", "contour", "intermediate")
@@ -80,7 +81,7 @@ def write_figures(study: optuna.Study, plan: TuningPlan, out: Path) -> dict[str,
     notes: dict[str, str] = {}
     complete = _complete(study)
     n = len(complete)
-    target_name = f"val/{plan.spec.metric}"
+    target_name = plan.objective_name
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if n:
@@ -129,7 +130,7 @@ def write_best_overrides(path: Path, study: optuna.Study, plan: TuningPlan) -> l
         header = f"# Study {study.study_name}: no completed trial yet.\n"
     else:
         best = study.best_trial
-        header = (f"# Best trial {best.number} of study {study.study_name}: val/{plan.spec.metric} = {best.value:.4f} "
+        header = (f"# Best trial {best.number} of study {study.study_name}: {plan.objective_name} = {best.value:.2f} "
                   f"(profile {plan.profile_name}).\n# The study's fixed overrides + the tuned values. Train with:\n")
     body = yaml.safe_dump(overrides or [], default_flow_style=False, sort_keys=False)
     write_text_atomic(path, header + (usage if overrides is not None else "") + body)
@@ -157,7 +158,7 @@ def summarize(study: optuna.Study, plan: TuningPlan, n_trials: int, storage: str
     best = study.best_trial if complete else None
     return {
         "study": plan.study, "study_name": study.study_name, "profile": plan.profile_name,
-        "storage": storage, "metric": f"val/{plan.spec.metric}", "direction": "maximize",
+        "storage": storage, "metric": f"val/{plan.spec.metric}", "unit": AP_UNIT, "direction": "maximize",
         "n_trials_target": n_trials, "counts": counts,
         "best_value": best.value if best else None, "best_trial": best.number if best else None,
         "best_params": best.params if best else None,

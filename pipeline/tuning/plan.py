@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from pipeline.config import ConfigError, ExperimentConfig, parse_override, read_yaml
 from pipeline.io import flatten
 from pipeline.params import COMPONENTS
+from pipeline.report.results import AP_UNIT
 from pipeline.tuning.profiles import TRIAL_DEVICE, Profile
 from pipeline.tuning.space import StudyError, StudySpec, format_override
 
@@ -101,6 +102,12 @@ class TuningPlan:
         """Build the config at each corner of the search space; returns the first (for data checks)."""
         configs = [self.config(point) for point in self.spec.corner_points()]
         return configs[0]
+
+    @property
+    def objective_name(self) -> str:
+        """The study's metric name with its unit, e.g. ``val/AP (AP points, 0-100)`` (optuna-dashboard and
+        the figures show it)."""
+        return f"val/{self.spec.metric} ({AP_UNIT})"
 
     def fingerprint(self) -> str:
         """Identifies what the study optimises: resuming it with another space or profile is refused."""

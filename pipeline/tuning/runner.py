@@ -141,7 +141,8 @@ def open_study(p: Prepared, storage: optuna.storages.BaseStorage, create: bool) 
         study.set_user_attr("study", p.plan.study)
         study.set_user_attr("profile", p.plan.profile_name)
         study.set_user_attr("base_config", str(p.plan.base_config))
-        study.set_user_attr("metric", f"val/{p.plan.spec.metric}")
+        study.set_user_attr("metric", p.plan.objective_name)
+        study.set_metric_names([p.plan.objective_name])
         study.set_user_attr("search_space", p.plan.spec.model_dump(mode="json")["params"])
         if p.plan.spec.baseline and not study.trials:
             study.enqueue_trial(dict(p.plan.spec.baseline), user_attrs={"baseline": True})
@@ -150,6 +151,11 @@ def open_study(p: Prepared, storage: optuna.storages.BaseStorage, create: bool) 
             f"study {p.study_name} in {p.target.display()} was created with another search space, profile or "
             f"base config (study {attrs.get('study')}, profile {attrs.get('profile')}); resume it with the same "
             "study file and profile, or start a new one with --study-name")
+    elif attrs.get("metric") != p.plan.objective_name:
+        raise StudyError(
+            f"study {p.study_name} in {p.target.display()} records {attrs.get('metric')} as a COCO fraction (0-1); "
+            f"trials now report {p.plan.objective_name}, and one study cannot mix the two: start a new one with "
+            "--study-name (the old study stays in the storage)")
     return study
 
 
@@ -261,7 +267,7 @@ def run_tuning(opts: TuneOptions) -> dict[str, Any]:
     parent_tags = {**trial_tags(p.plan), "optuna.storage": p.target.display(), "libra.git_commit": commit,
                    "libra.git_dirty": str(dirty).lower()}
     parent_params = {"study": p.plan.study, "profile": p.plan.profile_name, "base_config": str(p.plan.base_config),
-                     "n_trials": p.n_trials, "seed": p.seed, "metric": f"val/{p.plan.spec.metric}",
+                     "n_trials": p.n_trials, "seed": p.seed, "metric": p.plan.objective_name,
                      "fixed": " ".join(p.plan.spec.fixed), "overrides": " ".join(p.plan.overrides),
                      **{f"space.{name}": str(param.model_dump(exclude={"key"}))
                         for name, param in p.plan.spec.params.items()}}
