@@ -16,7 +16,11 @@ $(BIN)/libra: pyproject.toml
 		> $(VENV)/install.log 2>&1 || { cat $(VENV)/install.log >&2; exit 1; }
 	touch $@
 
-setup: $(BIN)/libra
+# the page `dvc plots show` writes, with Vega inlined (pipeline/report/offline_page.py): it renders offline
+.dvc/plots/offline.html: $(BIN)/libra
+	$(BIN)/python -m pipeline.report.offline_page $@
+
+setup: $(BIN)/libra .dvc/plots/offline.html
 
 demo: setup
 	$(BIN)/libra prepare --out data/synthetic

@@ -1,0 +1,1 @@
+# One module per `libra` sub-command (and DVC stage).

@@ -1,0 +1,1 @@
+# Training, evaluation and pre-training of one detector run (Lightning).

@@ -15,6 +15,7 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxP
 
 from pipeline.components import BalancedFeaturePyramid
 from pipeline.config import BackboneConfig, BFPConfig, ConfigError, ModelConfig
+from pipeline.models.init_streams import init_stream
 from pipeline.models.tiny_backbone import TinyBackbone
 from pipeline.models.torchvision_internals import IntermediateLayerGetter
 from pipeline.models.weights import few, read_state_dict, resnet_names
@@ -118,26 +119,31 @@ def build_neck(cfg: BFPConfig, channels: int, levels: range, detector: str) -> n
 
 
 def build_pyramid_backbone(model: ModelConfig, bfp: BFPConfig, stages: slice,
-                           extra_levels: Callable[[int], ExtraFPNBlock]) -> PyramidBackbone:
+                           extra_levels: Callable[[int], ExtraFPNBlock], seed: int) -> PyramidBackbone:
     """The body's ``stages`` feed the FPN; ``extra_levels(width of the last stage)`` adds the coarser levels.
-    Stage ``i`` (stride ``4 · 2^i``) gives ``P_{i+2}``."""
-    body, channels = build_body(model.backbone, stages.stop)
+    Stage ``i`` (stride ``4 · 2^i``) gives ``P_{i+2}``. Body, FPN and neck are initialised from their own
+    streams of the run's ``seed`` (:mod:`pipeline.models.init_streams`)."""
+    with init_stream(seed, "backbone.body"):
+        body, channels = build_body(model.backbone, stages.stop)
     selected = channels[stages]
     if len(selected) != len(channels):
         body = _SelectStages(body, stages.start, stages.stop)
-    extra = extra_levels(selected[-1])
-    fpn = FeaturePyramidNetwork(list(selected), model.fpn_channels, extra_blocks=extra)
+    with init_stream(seed, "backbone.fpn"):
+        extra = extra_levels(selected[-1])
+        fpn = FeaturePyramidNetwork(list(selected), model.fpn_channels, extra_blocks=extra)
     num_levels = len(selected) + (2 if isinstance(extra, LastLevelP6P7) else 1)
     if len(model.anchor_sizes) != num_levels:
         raise ConfigError(f"model.anchor_sizes has {len(model.anchor_sizes)} entries but the "
                           f"{model.detector} pyramid has {num_levels} levels")
     levels = range(stages.start + 2, stages.start + 2 + num_levels)
-    return PyramidBackbone(body, fpn, build_neck(bfp, model.fpn_channels, levels, model.detector), model.fpn_channels)
+    with init_stream(seed, "backbone.neck"):
+        neck = build_neck(bfp, model.fpn_channels, levels, model.detector)
+    return PyramidBackbone(body, fpn, neck, model.fpn_channels)
 
 
-def faster_rcnn_backbone(model: ModelConfig, bfp: BFPConfig) -> PyramidBackbone:
+def faster_rcnn_backbone(model: ModelConfig, bfp: BFPConfig, seed: int) -> PyramidBackbone:
     """P2-P5 from the four stages plus a max-pooled P6 (torchvision's 'pool')."""
-    return build_pyramid_backbone(model, bfp, slice(0, 4), extra_levels=lambda _: LastLevelMaxPool())
+    return build_pyramid_backbone(model, bfp, slice(0, 4), extra_levels=lambda _: LastLevelMaxPool(), seed=seed)
 
 
 def retinanet_extra_levels(model: ModelConfig, c5_channels: int) -> LastLevelP6P7:
@@ -148,10 +154,11 @@ def retinanet_extra_levels(model: ModelConfig, c5_channels: int) -> LastLevelP6P
     return extra
 
 
-def retinanet_backbone(model: ModelConfig, bfp: BFPConfig) -> PyramidBackbone:
+def retinanet_backbone(model: ModelConfig, bfp: BFPConfig, seed: int) -> PyramidBackbone:
     """P3-P5 from stages 2-4 plus P6, P7 (:func:`retinanet_extra_levels`); with
     ``retinanet.min_level: 2``, the Faster R-CNN pyramid: P2-P5 from stages 1-4 plus a max-pooled P6."""
     if model.retinanet.min_level == 2:
-        return faster_rcnn_backbone(model, bfp)
+        return faster_rcnn_backbone(model, bfp, seed)
     return build_pyramid_backbone(model, bfp, slice(1, 4),
-                                  extra_levels=lambda c5_channels: retinanet_extra_levels(model, c5_channels))
+                                  extra_levels=lambda c5_channels: retinanet_extra_levels(model, c5_channels),
+                                  seed=seed)

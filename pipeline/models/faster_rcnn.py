@@ -14,7 +14,7 @@ from torch import Tensor
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.models.detection.rpn import AnchorGenerator
+from torchvision.models.detection.rpn import AnchorGenerator, RPNHead
 from torchvision.ops import MultiScaleRoIAlign, box_iou
 
 from pipeline.components import (
@@ -28,6 +28,7 @@ from pipeline.components import (
 from pipeline.config import ExperimentConfig, IoUBalancedSamplingConfig
 from pipeline.models.backbone import faster_rcnn_backbone
 from pipeline.models.box_loss import BoxLoss, build_box_loss
+from pipeline.models.init_streams import init_stream
 from pipeline.models.torchvision_internals import BalancedPositiveNegativeSampler
 
 
@@ -156,17 +157,23 @@ def build_sampler(cfg: IoUBalancedSamplingConfig) -> CombinedSampler:
 
 
 def build_faster_rcnn(cfg: ExperimentConfig, num_classes: int) -> FasterRCNN:
-    """Faster R-CNN with FPN; ``num_classes`` excludes the background."""
-    m, c = cfg.model, cfg.components
-    backbone = faster_rcnn_backbone(m, c.bfp)
+    """Faster R-CNN with FPN; ``num_classes`` excludes the background. Each module with weights is
+    initialised from its own stream of ``train.seed`` (:mod:`pipeline.models.init_streams`)."""
+    m, c, seed = cfg.model, cfg.components, cfg.train.seed
+    backbone = faster_rcnn_backbone(m, c.bfp, seed)
     anchors = AnchorGenerator(tuple((s,) for s in m.anchor_sizes), (m.aspect_ratios,) * len(m.anchor_sizes))
     width = m.roi_heads.representation_size
+    with init_stream(seed, "rpn.head"):
+        rpn_head = RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0])
+    with init_stream(seed, "roi_heads.box_head"):
+        box_head = TwoMLPHead(backbone.out_channels * 7 * 7, width)
+    with init_stream(seed, "roi_heads.box_predictor"):
+        box_predictor = FastRCNNPredictor(width, num_classes + 1)
     model = FasterRCNN(
         backbone, None, min_size=m.min_size, max_size=m.max_size,
-        rpn_anchor_generator=anchors,
+        rpn_anchor_generator=anchors, rpn_head=rpn_head,
         box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 7, m.roi_heads.sampling_ratio),
-        box_head=TwoMLPHead(backbone.out_channels * 7 * 7, width),
-        box_predictor=FastRCNNPredictor(width, num_classes + 1),
+        box_head=box_head, box_predictor=box_predictor,
         rpn_pre_nms_top_n_train=m.rpn.pre_nms_top_n_train, rpn_post_nms_top_n_train=m.rpn.post_nms_top_n_train,
         rpn_pre_nms_top_n_test=m.rpn.pre_nms_top_n_test, rpn_post_nms_top_n_test=m.rpn.post_nms_top_n_test,
         rpn_batch_size_per_image=m.rpn.batch_size_per_image, rpn_positive_fraction=m.rpn.positive_fraction,

@@ -26,6 +26,7 @@ from pipeline.components import IoUBalancedLocWeight, iou_balanced_cls_weights
 from pipeline.config import ExperimentConfig
 from pipeline.models.backbone import retinanet_backbone
 from pipeline.models.box_loss import BoxLoss, build_box_loss
+from pipeline.models.init_streams import init_stream
 from pipeline.models.torchvision_internals import BoxCoder, Matcher
 
 
@@ -125,19 +126,20 @@ class LibraRetinaNet(RetinaNet):
 def build_retinanet(cfg: ExperimentConfig, num_classes: int) -> LibraRetinaNet:
     """RetinaNet with an FPN, set up by ``model.retinanet``; ``num_classes`` excludes background."""
     m, c, r = cfg.model, cfg.components, cfg.model.retinanet
-    backbone = retinanet_backbone(m, c.bfp)
+    backbone = retinanet_backbone(m, c.bfp, cfg.train.seed)
     n = r.scales_per_octave
     sizes = tuple(tuple(s * 2 ** (i / n) for i in range(n)) for s in m.anchor_sizes)
     anchors = AnchorGenerator(sizes, (m.aspect_ratios,) * len(sizes))
-    head = BalancedRetinaNetHead(
-        backbone.out_channels, anchors.num_anchors_per_location()[0], num_classes,
-        box_loss=build_box_loss(m.box_loss, c.balanced_l1),
-        eta=c.iou_balanced_cls.eta if c.iou_balanced_cls.enabled else None,
-        loc_weight=(IoUBalancedLocWeight(c.iou_balanced_loc.lam, c.iou_balanced_loc.w_loc)
-                    if c.iou_balanced_loc.enabled else None),
-        head_convs=r.head_convs, group_norm=r.head_norm == "group", kaiming_init=r.head_init == "kaiming",
-        focal_alpha=r.focal_alpha, focal_gamma=r.focal_gamma,
-    )
+    with init_stream(cfg.train.seed, "head"):
+        head = BalancedRetinaNetHead(
+            backbone.out_channels, anchors.num_anchors_per_location()[0], num_classes,
+            box_loss=build_box_loss(m.box_loss, c.balanced_l1),
+            eta=c.iou_balanced_cls.eta if c.iou_balanced_cls.enabled else None,
+            loc_weight=(IoUBalancedLocWeight(c.iou_balanced_loc.lam, c.iou_balanced_loc.w_loc)
+                        if c.iou_balanced_loc.enabled else None),
+            head_convs=r.head_convs, group_norm=r.head_norm == "group", kaiming_init=r.head_init == "kaiming",
+            focal_alpha=r.focal_alpha, focal_gamma=r.focal_gamma,
+        )
     return LibraRetinaNet(backbone, num_classes, min_size=m.min_size, max_size=m.max_size,
                      anchor_generator=anchors, head=head, score_thresh=m.score_thresh,
                      nms_thresh=m.nms_thresh, detections_per_img=m.detections_per_img,

@@ -1,0 +1,1 @@
+# The ablation report: bootstrap intervals, verdicts, tables and figures.

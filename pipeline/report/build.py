@@ -18,9 +18,10 @@ from pipeline.report.localization import detection_ious, score_iou_correlation
 from pipeline.report.per_image import match_images
 from pipeline.report.reference import ModelZooRow, model_zoo_rows
 from pipeline.report.failures import failures_markdown, read_failures
-from pipeline.report.results import RUN_FIGURES_DIR, RunResult, load_results, runs_of, validation_ground_truth
-from pipeline.report.tables import (ablation_table, claims_markdown, detector_markdown, power_markdown,
-                                    summary_metrics)
+from pipeline.report.results import (RUN_FIGURES_DIR, RunResult, ap_points, load_results, runs_of,
+                                     validation_ground_truth)
+from pipeline.report.tables import (ablation_table, claims_markdown, detector_markdown, headline_metrics,
+                                    power_markdown, summary_metrics)
 from pipeline.runplan import PlanSummary
 from pipeline.io import write_text_atomic
 
@@ -108,6 +109,15 @@ def _box_losses(results: list[RunResult]) -> dict[str, Any]:
     return losses
 
 
+def curves_table(results: list[RunResult]) -> pd.DataFrame:
+    """Every run's training loss and validation AP (AP points) per epoch: ``reports/curves.csv``, the file
+    ``dvc plots`` draws (one line per run)."""
+    frames = [pd.DataFrame({"run": r.name, "epoch": r.curves["epoch"], "train_loss": r.curves.get("train/loss"),
+                            "val_AP": r.curves.get("val/AP", pd.Series(dtype=float)).map(ap_points)})
+              for r in results if not r.curves.empty]
+    return pd.concat(frames) if frames else pd.DataFrame(columns=["run", "epoch", "train_loss", "val_AP"])
+
+
 def _mean_curves(runs: list[RunResult]) -> pd.DataFrame:
     frames = [r.curves.set_index("epoch") for r in runs if not r.curves.empty]
     if not frames:
@@ -172,6 +182,8 @@ def write_report(plan_dir: Path, out_dir: Path, settings: ReportConfig, manifest
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "ablation.csv", table.to_csv(index=False, float_format="%.3f"))
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(out_dir / "headline.json", json.dumps(headline_metrics(metrics), indent=1, sort_keys=True) + "\n")
+    write_text_atomic(out_dir / "curves.csv", curves_table(results).to_csv(index=False, float_format="%.6g"))
 
     fig_dir = out_dir / "figures"
     drawn: list[tuple[str, Path]] = []

@@ -127,6 +127,18 @@ def summary_metrics(table: pd.DataFrame, claims: list[ClaimResult]) -> dict[str,
     return out
 
 
+def headline_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The DVC metrics (``reports/headline.json``, what ``dvc exp show`` lists per experiment): of
+    :func:`summary_metrics`, AP and ΔAP per combination and each claim's verdict code."""
+    metrics = dict(metrics)
+    claims = metrics.pop("claims")
+    out: dict[str, Any] = {detector: {combination: {k: v for k, v in values.items() if k in ("AP", "dAP")}
+                                      for combination, values in combinations.items()}
+                           for detector, combinations in metrics.items()}
+    out["verdict_code"] = {key: claim["verdict_code"] for key, claim in claims.items()}
+    return out
+
+
 def _rounded(values: dict[str, Any]) -> dict[str, Any]:
     """Floats to 3 decimals; NaN (e.g. a seed spread from one seed) left out, as JSON has no NaN."""
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in values.items()
