@@ -89,6 +89,12 @@ def system_metrics(path: Path) -> list[tuple[str, float, int, int]]:
                              f"{exc!r}); rerun the training, or delete the file to log the run without it") from None
 
 
+def ap_by_iou(metrics: dict[str, Any]) -> list[tuple[str, float, int]]:
+    """``metrics.json``'s AP per IoU threshold as one curve, ``eval/AP_by_IoU`` with step = the threshold in
+    percent (50 … 95), so that the MLflow UI draws and compares it across runs like any metric history."""
+    return [("eval/AP_by_IoU", ap_points(v), round(100 * float(t))) for t, v in metrics.get("ap_per_iou", {}).items()]
+
+
 @dataclass
 class ChildSpec:
     """What one child run holds."""
@@ -205,8 +211,18 @@ class AblationTracker:
             self.client.log_artifact(run_id, str(path), "report" if relative == "." else f"report/{relative}")
         for key, value in tags.items():
             self.client.set_tag(run_id, key, value)
+        self.client.set_tag(run_id, "mlflow.note.content", report_description(report_dir / "ablation.md"))
         self.client.set_tag(run_id, "libra.report_digest", digest)
         return True
+
+
+def report_description(markdown: Path) -> str:
+    """The parent run's description (the MLflow UI shows it above the run): the report's opening and its
+    verdict table, cut to what a tag holds (8000 characters)."""
+    sections = markdown.read_text().split("\n## ")
+    verdicts = [s for s in sections if s.startswith("Verdicts")]
+    text = "\n## ".join([sections[0], *verdicts]) + "\n\nThe whole report: artifacts, report/ablation.html."
+    return text if len(text) <= 8000 else text[:7990] + "\n…"
 
 
 def path_digest(paths: list[Path]) -> str:
@@ -270,14 +286,15 @@ def log_ablation(plan_dir: Path, report_dir: Path, manifest: dict[str, Any], par
         system_file = run / SYSTEM_METRICS_FILE
         digested = files + [system_file] if system_file.exists() else files
         figures = sorted((report_dir / RUN_FIGURES_DIR / plan.name).glob("*.png"))
+        evaluation = json.loads((run / "metrics.json").read_text())
         spec = ChildSpec(
-            name=plan.name, key=keys[plan.name], results_digest=path_digest(digested),
+            name=f"{plan.combination} seed{plan.seed}", key=keys[plan.name], results_digest=path_digest(digested),
             params=flatten_params(plan.config),
             tags={**common, "libra.ablation_key": key, "libra.detector": plan.detector,
                   "libra.combination": plan.combination, "libra.components": ",".join(plan.components) or "none",
                   "libra.seed": str(plan.seed), "libra.run_dir": plan.run_dir.as_posix()},
-            epoch_metrics=epoch_metrics(epoch_curves(read_metrics_csv(run / "metrics.csv"))),
-            final_metrics=final_metrics(json.loads((run / "metrics.json").read_text())),
+            epoch_metrics=epoch_metrics(epoch_curves(read_metrics_csv(run / "metrics.csv"))) + ap_by_iou(evaluation),
+            final_metrics=final_metrics(evaluation),
             timed_metrics=system_metrics(system_file),
             artifacts=[(f, None) for f in digested] + [(p, "curves") for p in sorted((run / "curves").glob("*.csv"))]
                       + [(p, "figures") for p in figures],

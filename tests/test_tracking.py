@@ -86,7 +86,10 @@ def test_track_logs_the_report_and_each_runs_files_cost_and_system_metrics(ablat
     assert {"config.yaml", "metrics.json", "detections.json", "metrics.csv", "system_metrics.csv", "figures"} <= artifacts
     assert "system_metrics.csv" not in {a.path for a in client.list_artifacts(second)}
     assert [a.path for a in client.list_artifacts(first, "figures")] == ["figures/training_curves.png"]
+    assert child.info.run_name == f"{plan.runs[0].combination} seed{plan.runs[0].seed}"
+    assert [(m.step, m.value) for m in client.get_metric_history(first, "eval/AP_by_IoU")] == [(50, pytest.approx(10.0))]
     parent = client.get_run(record["parent_run_id"])
+    assert parent.data.tags["mlflow.note.content"].startswith("# report")
     assert parent.data.metrics["faster_rcnn/baseline/AP"] == 10.0 and parent.data.metrics["claims/c1/delta"] == 1.0
     assert parent.data.tags["libra.verdict.c1"] == "reproduced"
     assert parent.data.tags["libra.adjusted_verdict.c1"] == "not resolved"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -214,9 +216,25 @@ def write_report(plan_dir: Path, out_dir: Path, settings: ReportConfig, manifest
     for r in results:
         draw_run_figures(r, gts[r.name], out_dir / RUN_FIGURES_DIR / r.name)
 
-    write_text_atomic(out_dir / "ablation.md", _markdown(summary, table, claims, settings, manifest, results, drawn, out_dir,
-                                                        failures, model_zoo))
+    markdown = _markdown(summary, table, claims, settings, manifest, results, drawn, out_dir, failures, model_zoo)
+    write_text_atomic(out_dir / "ablation.md", markdown)
+    write_text_atomic(out_dir / "ablation.html", standalone_html(markdown, out_dir))
     return metrics
+
+
+def standalone_html(markdown: str, out_dir: Path) -> str:
+    """The report as one HTML page with its figures inlined (the MLflow artifact viewer shows it with its
+    figures; it cannot follow the Markdown's relative image links)."""
+    from markdown_it import MarkdownIt
+
+    def inline(match: re.Match) -> str:
+        png = base64.b64encode((out_dir / match.group(1)).read_bytes()).decode()
+        return f'src="data:image/png;base64,{png}"'
+
+    body = re.sub(r'src="([^"]+\.png)"', inline, MarkdownIt("commonmark").enable("table").render(markdown))
+    style = ("body{font-family:sans-serif;max-width:1200px} table{border-collapse:collapse} "
+             "td,th{border:1px solid #ccc;padding:2px 6px} img{max-width:100%}")
+    return f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><style>{style}</style></head><body>\n{body}</body></html>\n"
 
 
 def _markdown(summary: PlanSummary, table: pd.DataFrame, claims: list[ClaimResult], settings: ReportConfig,
