@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 from pipeline.compose import compose_config
 from pipeline.config import DataConfig, ExperimentConfig, read_yaml
 from pipeline.io import digest_files
+from pipeline.ownership import PLAN, replacing
 from pipeline.params import DETECTOR_COMPONENTS, Params, combination_name, parse_combination, parse_params
 from pipeline.runplan import (DetectorCombinations, PlannedRunEntry, PlanSummary, RunPlan, write_plan_summary,
                               write_run_plan)
@@ -65,16 +65,13 @@ class Ablation:
                        for r in self.runs))
 
 
-def write_plan(ablation: Ablation, out: Path) -> None:
+def write_plan(ablation: Ablation, out: Path, force: bool = False) -> None:
     """``out/<detector>/<combination>/seed<k>.yaml`` per run and ``out/ablation.yaml``; ``out`` is replaced
-    as a whole."""
-    staging = out.with_name(out.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    for plan in ablation.runs:
-        write_run_plan(plan, plan_path(plan.detector, plan.combination, plan.seed, staging))
-    write_plan_summary(ablation.summary(), staging / "ablation.yaml")
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
+    as a whole, if it is a plan this command wrote (or ``force``, see :mod:`pipeline.ownership`)."""
+    with replacing(out, PLAN, force) as staging:
+        for plan in ablation.runs:
+            write_run_plan(plan, plan_path(plan.detector, plan.combination, plan.seed, staging))
+        write_plan_summary(ablation.summary(), staging / "ablation.yaml")
 
 
 def plan_path(detector: str, combination: str, seed: int, plan_dir: Path = Path("runs/plan")) -> Path:

@@ -97,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileExistsError, RuntimeError) as exc:
         print(f"libra {args.stage}: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ValueError) else 1
+    except OSError as exc:  # read-only, full or missing target, a path through a file: the path and the reason
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"libra {args.stage}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"libra {args.stage}: interrupted", file=sys.stderr)
         return 130

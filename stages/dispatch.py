@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="data manifest written by `libra prepare --manifest` (its digest is part of each run's key)")
     parser.add_argument("--index", type=Path, default=Path("runs/index.json"), help="per-run status and metrics (JSON)")
     parser.add_argument("--curves", type=Path, default=Path("runs/curves.csv"), help="every run's per-epoch curves (CSV)")
+    parser.add_argument("--force", action="store_true",
+                        help="discard and retrain a planned run's directory even if libra dispatch did not make it")
     parser.add_argument("--executor", choices=["inline", "local", "slurm"], default=None,
                         help="inline: one run after another in this process; local: --jobs runs at once "
                              "(submitit); slurm: one sbatch job per run (submitit)")
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> None:
              "max_timeouts": args.max_timeouts, "extra": dict(args.sbatch_extra) if args.sbatch_extra else None}
     settings = execution_settings(read_params(args.params), {
         "executor": args.executor, "jobs": args.jobs, "threads": args.threads, "job_dir": args.job_dir, "slurm": slurm})
-    outcome = dispatch(args.plan, args.manifest, settings, args.index, args.curves)
+    outcome = dispatch(args.plan, args.manifest, settings, args.index, args.curves, force=args.force)
     counts = [s.status for s in outcome.statuses.values()]
     summary = ", ".join(f"{counts.count(s)} {s}" for s in ("reused", "resumed", "trained", "failed", "stopped")
                         if s in counts)

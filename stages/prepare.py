@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="write the built-in synthetic COCO set here "
                         "(images/{train,val}/*.png + annotations/instances_{train,val}.json); replaces only an "
                         "empty directory or a set written by libra prepare")
+    parser.add_argument("--force", action="store_true",
+                        help="replace --out even if libra prepare did not write it (deletes what it holds)")
     parser.add_argument("--seed", type=_at_least(0), default=None,
                         help="synthetic set seed (default: data.seed of the config, 0)")
     parser.add_argument("--num-train", type=_at_least(1), default=None,
@@ -72,6 +74,7 @@ def run(args: argparse.Namespace) -> None:
             num_train=data.num_train if args.num_train is None else args.num_train,
             num_val=data.num_val if args.num_val is None else args.num_val,
             image_size=data.image_size if args.image_size is None else args.image_size,
+            force=args.force,
         )
         print(f"wrote the synthetic set to {out}: {json.dumps(summary)}")
         if args.out is not None:

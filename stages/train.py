@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from checkpoints/last.ckpt (same config required); "
                              "a run that trained its full schedule is left as it is")
+    parser.add_argument("--force", action="store_true",
+                        help="start a fresh run in --out even if libra did not make that directory (its config.yaml, "
+                             "metrics.csv and checkpoints are overwritten, other files kept)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -45,7 +48,7 @@ def run(args: argparse.Namespace) -> None:
     from pipeline.engine.train import TrainingStopped, train
 
     try:
-        train(cfg, args.out, resume=args.resume)
+        train(cfg, args.out, resume=args.resume, force=args.force)
     except TrainingStopped as exc:
         print(f"libra train: {exc}", file=sys.stderr)
         raise SystemExit(exc.exit_code) from None

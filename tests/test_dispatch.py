@@ -101,7 +101,7 @@ def test_run_key_and_what_each_run_directory_leads_to(synthetic_root, tiny_weigh
     assert decide(other_data, tmp_path) == "trained"
     reason = prepare_run_dir(other_data, tmp_path)
     assert reason and f"key {run.key} -> {other_data.key}" in reason
-    assert sorted(p.name for p in directory.iterdir()) == ["run_key"], "the old run was deleted"
+    assert sorted(p.name for p in directory.iterdir()) == [".libra", "run_key"], "the old run was deleted"
     assert not any(p.name.startswith(".") for p in directory.parent.iterdir())
 
 

@@ -10,6 +10,7 @@ from conftest import ROOT
 FLOORS: dict[str, int] = {
     "pipeline.components": 1, "pipeline.config": 1, "pipeline.io": 1, "pipeline.execution": 1,
     "pipeline.signals": 1, "pipeline.processes": 1, "pipeline.code_digest": 1,
+    "pipeline.ownership": 1,
     "pipeline.data": 2, "pipeline.mmdet_import": 2, "pipeline.mlflow_store": 2,
     "pipeline.models": 3,
     "pipeline.engine": 4,

@@ -14,10 +14,6 @@ case it is dropped from the annotations.
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline.io import digest_files
+from pipeline.ownership import PREPARE, replacing
 
 __all__ = ["CLASSES", "DISTRACTORS", "MIN_VISIBLE_FRACTION", "SHAPE_LABELS", "render_shape_example", "write_synthetic_coco"]
 
@@ -36,9 +33,6 @@ SHAPE_LABELS: tuple[str, ...] = CLASSES + DISTRACTORS + ("none",)
 
 _SPLITS = ("train", "val")
 _DESCRIPTION = "balanced-learning synthetic shapes"
-# what a set written here holds (NOT_USED.txt: `libra prepare --params` when the ablation trains on another set)
-_SET_DIRS = {"images", "images/train", "images/val", "annotations"}
-_SET_FILE = re.compile(r"images/(train|val)/\d{6}\.png|annotations/instances_(train|val)\.json|NOT_USED\.txt")
 _OBJECTS_PER_IMAGE_PROBS = (0.10, 0.15, 0.20, 0.20, 0.15, 0.10, 0.10)
 _MAX_DISTRACTORS = 2
 # (min side, max side, probability), sides as fractions of the image size: 8-16, 16-40, 40-80
@@ -63,7 +57,7 @@ class _Shape:
 
 
 def write_synthetic_coco(
-    out: Path, seed: int = 0, num_train: int = 960, num_val: int = 96, image_size: int = 128
+    out: Path, seed: int = 0, num_train: int = 960, num_val: int = 96, image_size: int = 128, force: bool = False
 ) -> dict:
     """Generate the synthetic set under ``out``, replacing a previous one there.
 
@@ -71,8 +65,8 @@ def write_synthetic_coco(
     directory; image and annotation ids start at 1) and ``out/annotations/instances_{train,val}.json``.
     The set is built in a temporary directory beside ``out`` and moved into place only when
     complete, so a failure never leaves a partial set over a previous one. Only an empty directory
-    or a set written here is replaced: any other ``out`` (a directory with other files, the working
-    directory or one above it) is refused before anything is written.
+    or a set written by `libra prepare` (its marker, see :mod:`pipeline.ownership`) is replaced, unless
+    ``force``: any other ``out`` is refused before anything is written. The marker is not in ``digest``.
 
     Returns:
         A JSON-serialisable summary: per split the number of images, objects, empty images,
@@ -83,28 +77,18 @@ def write_synthetic_coco(
         raise ValueError(f"num_train and num_val must be >= 1, got {num_train} and {num_val}")
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32, got {image_size}")
-    _check_replaceable(Path(out))
-    out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        os.chmod(staging, 0o755)
+    with replacing(Path(out), PREPARE, force) as staging:
         splits = {
             split: _write_split(staging, split, split_index, count, seed, image_size)
             for split_index, (split, count) in enumerate(zip(_SPLITS, (num_train, num_val)))
         }
-        summary = {
+        return {
             "seed": seed,
             "image_size": image_size,
             "classes": list(CLASSES),
             "splits": splits,
             "digest": _digest(staging),
         }
-        _replace_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return summary
 
 
 def _write_split(root: Path, split: str, split_index: int, count: int, seed: int, size: int) -> dict:
@@ -339,48 +323,6 @@ def _write_png(path: Path, pixels: np.ndarray) -> None:
 def _digest(root: Path) -> str:
     return digest_files((path.relative_to(root).as_posix(), path)
                         for path in sorted(p for p in root.rglob("*") if p.is_file()))
-
-
-def _check_replaceable(out: Path) -> None:
-    target, cwd = out.resolve(), Path.cwd().resolve()
-    if target == cwd or target in cwd.parents:
-        raise ValueError(f"{out}: is the working directory or holds it; write the set to a new directory, "
-                         "e.g. --out data/synthetic")
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"{out}: exists and is not a directory; choose another --out")
-    if target.is_dir() and any(target.iterdir()) and not _is_synthetic_set(target):
-        raise ValueError(f"{out}: not empty and not a set written by `libra prepare`, so it is not replaced "
-                         "(nothing was deleted); choose another --out, or empty the directory yourself")
-
-
-def _is_synthetic_set(root: Path) -> bool:
-    """Whether ``root`` holds only what this module writes, its annotation files describing this set."""
-    for path in root.rglob("*"):
-        name = path.relative_to(root).as_posix()
-        if not (name in _SET_DIRS if path.is_dir() else _SET_FILE.fullmatch(name)):
-            return False
-    for path in root.glob("annotations/*.json"):
-        try:
-            if json.loads(path.read_text())["info"]["description"] != _DESCRIPTION:
-                return False
-        except (OSError, ValueError, KeyError, TypeError):
-            return False
-    return True
-
-
-def _replace_dir(staging: Path, out: Path) -> None:
-    """Move ``staging`` to ``out``; an existing ``out`` is set aside until the move succeeds."""
-    if not out.exists():
-        staging.rename(out)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    out.rename(retired)
-    try:
-        staging.rename(out)
-    except BaseException:
-        retired.rename(out)
-        raise
-    shutil.rmtree(retired)
 
 
 _EXAMPLE_SIDE = (0.2, 0.9)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -10,6 +9,7 @@ from typing import Literal
 from pipeline.ablation import file_digest, plan_path
 from pipeline.config import ConfigError
 from pipeline.io import write_text_atomic
+from pipeline.ownership import DISPATCH, check_replaceable, mark, remove_owned, writer_of
 from pipeline.runplan import RUN_KEY_FILE, RunPlan, compute_run_key, read_plan_summary, read_run_plan
 
 Action = Literal["reused", "resumed", "trained"]
@@ -54,9 +54,17 @@ def _input_digest(plan_file: Path, field: str, source: str | None, root: Path, d
     return digests.setdefault(path, file_digest([path]))
 
 
-def discarded_dir(directory: Path) -> Path:
-    """Where an old run directory is moved before it is deleted."""
-    return directory.with_name(f".{directory.name}.discarded")
+def check_run_dirs(runs: list[PlannedRun], root: Path, force: bool = False) -> None:
+    """Before any job starts: every run directory that is there must be one libra dispatch made, as it may
+    discard it (:func:`prepare_run_dir`). One holding a ``run_key`` (dispatch made it before it marked its
+    directories) is marked as dispatch's; with ``force`` any is. Raises
+    :class:`~pipeline.ownership.NotOwnedError` naming the first other one."""
+    for run in runs:
+        directory = root / run.plan.run_dir
+        if (directory.is_dir() and writer_of(directory) != DISPATCH
+                and (force or (directory / RUN_KEY_FILE).is_file())):
+            mark(directory, DISPATCH)
+        check_replaceable(directory, (DISPATCH,))
 
 
 def decide(run: PlannedRun, root: Path) -> Action:
@@ -78,13 +86,11 @@ def prepare_run_dir(run: PlannedRun, root: Path) -> str | None:
     old_key = key_file.read_text().strip() if key_file.exists() else None
     discarded = None
     if directory.exists() and old_key != run.key:
-        aside = discarded_dir(directory)
-        shutil.rmtree(aside, ignore_errors=True)
-        directory.rename(aside)
-        shutil.rmtree(aside)
+        remove_owned(directory, (DISPATCH,))
         discarded = (f"its config, data or weights changed (key {old_key} -> {run.key})" if old_key
-                     else "no run_key: not started by libra dispatch")
+                     else "no run_key: its start was interrupted")
     directory.mkdir(parents=True, exist_ok=True)
+    mark(directory, DISPATCH)
     write_text_atomic(key_file, run.key + "\n")
     return discarded
 

@@ -4,7 +4,6 @@ results, stop them all on a signal, and write the run index and the curves."""
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import time
 from collections import deque
@@ -16,7 +15,7 @@ from typing import Any, Literal
 from pipeline.config import ConfigError
 from pipeline.dispatch.backends import Backend, Handle, make_backend
 from pipeline.dispatch.job import LOG_FILE, RunJob
-from pipeline.dispatch.runs import (Action, PlannedRun, decide, discarded_dir, planned_runs, prepare_run_dir,
+from pipeline.dispatch.runs import (Action, PlannedRun, check_run_dirs, decide, planned_runs, prepare_run_dir,
                                     resumed_step)
 from pipeline.execution import ExecutionSettings
 from pipeline.io import write_json_atomic
@@ -116,8 +115,9 @@ class DispatchOutcome:
 
 
 def dispatch(plan_dir: Path, manifest: Path, settings: ExecutionSettings, index: Path, curves: Path,
-             root: Path = Path("."), say: Callable[[str], None] = print) -> DispatchOutcome:
-    """Bring every planned run to finished (see :mod:`pipeline.dispatch`); writes ``index`` and ``curves``."""
+             root: Path = Path("."), say: Callable[[str], None] = print, force: bool = False) -> DispatchOutcome:
+    """Bring every planned run to finished (see :mod:`pipeline.dispatch`); writes ``index`` and ``curves``.
+    ``force``: take over run directories libra dispatch did not make (see :func:`check_run_dirs`)."""
     from pipeline.engine.curves import write_runs_curves
 
     try:
@@ -129,8 +129,7 @@ def dispatch(plan_dir: Path, manifest: Path, settings: ExecutionSettings, index:
         raise ConfigError(f"{manifest}: not a data manifest with a digest; rerun "
                           f"`libra prepare --manifest {manifest}` (or `dvc repro prepare`)") from None
     runs = planned_runs(plan_dir, data_digest, root)
-    for run in runs:  # left over by a discard that was interrupted
-        shutil.rmtree(discarded_dir(root / run.plan.run_dir), ignore_errors=True)
+    check_run_dirs(runs, root, force)
     actions = {run.name: decide(run, root) for run in runs}
     todo = [(run, actions[run.name]) for run in runs if actions[run.name] != "reused"]
     counts = {a: list(actions.values()).count(a) for a in ("reused", "resumed", "trained")}

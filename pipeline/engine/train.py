@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -36,11 +38,14 @@ from pipeline.engine.cost import TrainingCost
 from pipeline.engine.datamodule import DetectionDataModule
 from pipeline.engine.module import DetectionModule
 from pipeline.io import replace_atomic, write_json_atomic
+from pipeline.ownership import DISPATCH, TRAIN, check_replaceable, mark, run_lock, writer_of
 from pipeline.models.detectors import check_backbone_weights, init_detector
 from pipeline.signals import StopRequest, handling_stop_signals
 
 INIT_REPORT_FILE = "init_from.json"
 """What ``model.init_from`` loaded and re-initialised, in a fresh run that has it."""
+RUN_WRITERS = (TRAIN, DISPATCH)
+"""Who made a run directory a fresh run may go into: `libra train`, or `libra dispatch` (for `libra run`)."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -238,10 +243,11 @@ def schedule_steps(cfg: ExperimentConfig, steps_per_epoch: int) -> int:
     return min(steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else steps
 
 
-def _write_config(cfg: ExperimentConfig, out: Path) -> None:
-    """Writes ``out/config.yaml`` unless it is there (then :func:`resume_checkpoint` found it equal)."""
+def _write_config(cfg: ExperimentConfig, out: Path, resume: bool) -> None:
+    """Writes ``out/config.yaml``; a resumed run keeps the one there (:func:`resume_checkpoint` found it equal),
+    a fresh run replaces one left by an earlier start."""
     config_file = out / "config.yaml"
-    if config_file.exists():
+    if resume and config_file.exists():
         return
     replace_atomic(config_file, lambda tmp: save_config(cfg, tmp))
 
@@ -268,19 +274,29 @@ def build_trainer(cfg: ExperimentConfig, out: Path, progress_bar: bool, callback
 
 
 def train(cfg: ExperimentConfig, out: Path, resume: bool = False, progress_bar: bool | None = None,
-          callbacks: list[Callback] = ()) -> DetectionModule | None:
+          callbacks: list[Callback] = (), force: bool = False) -> DetectionModule | None:
     """Fit ``cfg`` into run directory ``out``; returns the trained module, or None if ``resume`` finds
     the run already complete (then nothing is changed). Raises :class:`TrainingStopped` on a signal.
 
-    Every input (config, data, resumed checkpoint, model) is checked before anything is written.
+    Every input (config, data, resumed checkpoint, model) is checked before anything is written. A fresh
+    run goes only into a run directory libra made, or an empty or new one (any with ``force``), and the
+    process holds the directory's write lock for the run's life (under DDP, rank 0 does).
     """
+    if not resume:
+        check_replaceable(out, RUN_WRITERS, force)
+    with run_lock(out) if rank_zero_only.rank == 0 else nullcontext():
+        return _train(cfg, out, resume, progress_bar, callbacks)
+
+
+def _train(cfg: ExperimentConfig, out: Path, resume: bool, progress_bar: bool | None,
+           callbacks: list[Callback]) -> DetectionModule | None:
     check_backbone_weights(cfg.model)
     data = DetectionDataModule(cfg)
     checkpoint = resume_checkpoint(cfg, out, resume)
     if checkpoint is not None:
         total = schedule_steps(cfg, checkpoint["hyper_parameters"]["steps_per_epoch"])
         if checkpoint["global_step"] >= total:
-            _write_config(cfg, out)
+            _write_config(cfg, out, resume)
             print(f"{out}: already complete ({total} steps trained); nothing to do")
             return None
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
@@ -295,7 +311,9 @@ def train(cfg: ExperimentConfig, out: Path, resume: bool = False, progress_bar: 
     module = DetectionModule(cfg.to_dict(), data.num_classes, data.label_to_category_id,
                              data.steps_per_epoch(trainer.world_size), data.val_gt)
     initialised = init_detector(module.model, cfg.model) if checkpoint is None and cfg.model.init_from else None
-    _write_config(cfg, out)
+    if writer_of(out) not in RUN_WRITERS:
+        mark(out, TRAIN)
+    _write_config(cfg, out, resume)
     if initialised is not None:
         print(initialised.summary(), flush=True)
         write_json_atomic(out / INIT_REPORT_FILE, initialised.to_dict())

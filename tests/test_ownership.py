@@ -1,0 +1,239 @@
+"""libra deletes or overwrites only what it wrote (its marker), one writer per run directory, and a filesystem
+fault is a one-line message (issue 28; docs/reliability.md).
+
+Read-only targets and full disks are simulated by a mocked write that raises the errno the kernel gives
+(EROFS, ENOSPC, EBUSY for renaming a mount point): root (as CI runs) ignores permission bits and no
+tmpfs can be mounted there.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, tiny_overrides
+from pipeline.ablation import plan_ablation, read_params, write_plan
+from pipeline.dispatch import ExecutionSettings, dispatch, planned_runs, prepare_run_dir
+from pipeline.dispatch.runs import check_run_dirs
+from pipeline.ownership import (MARKER, NotOwnedError, RunLockedError, check_replaceable, mark, replacing,
+                                run_lock, writer_of)
+from stages.cli import main as libra_main
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _foreign(folder: Path) -> Path:
+    """A folder of someone else's: a file, a subfolder."""
+    (folder / "src").mkdir(parents=True)
+    (folder / "src" / "thesis.tex").write_text("years of work")
+    (folder / "notes.txt").write_text("keep me")
+    return folder
+
+
+def _refused(capsys, rc: int, *named: str) -> str:
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for name in named:
+        assert name in err, err
+    return err
+
+
+# ---- the rule --------------------------------------------------------------------------------------------
+
+def test_only_an_empty_folder_or_one_marked_by_the_writer_is_replaceable(tmp_path):
+    check_replaceable(tmp_path / "new", ("libra plan",))
+    (tmp_path / "empty").mkdir()
+    check_replaceable(tmp_path / "empty", ("libra plan",))
+    mine = _foreign(tmp_path / "mine")
+    with pytest.raises(NotOwnedError, match=rf"{mine}: not empty and not written by `libra plan`.*--force"):
+        check_replaceable(mine, ("libra plan",))
+    mark(mine, "libra prepare")
+    with pytest.raises(NotOwnedError, match="not written by `libra plan`"):
+        check_replaceable(mine, ("libra plan",))  # another command's output is not the plan's either
+    check_replaceable(mine, ("libra plan",), force=True)
+    mark(mine, "libra plan")
+    check_replaceable(mine, ("libra plan",))
+
+
+def test_a_failed_or_interrupted_replacement_leaves_the_old_folder_and_no_stray_one(tmp_path, monkeypatch):
+    """The read-only mount point: renaming it fails with EBUSY (mocked); nothing is left beside it."""
+    out = tmp_path / "ro"
+    with replacing(out, "libra plan") as staging:
+        (staging / "a.yaml").write_text("first")
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if self == out:
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(self))
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="busy"):
+        with replacing(out, "libra plan") as staging:
+            (staging / "a.yaml").write_text("second")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ro"]
+    assert _files(out) == {MARKER: b"libra plan\n", "a.yaml": b"first"}
+
+
+# ---- libra plan --out ------------------------------------------------------------------------------------
+
+def test_plan_refuses_a_folder_it_did_not_write_and_its_sibling_tmp(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    clone, sibling = _foreign(tmp_path / "clone"), _foreign(tmp_path / "clone.tmp")
+    before = _files(tmp_path)
+    _refused(capsys, libra_main(["plan", "--out", str(clone)]), str(clone), "--force")
+    assert _files(tmp_path) == before, "nothing deleted, nothing written"
+
+    assert libra_main(["plan", "--out", str(tmp_path / "plan")]) == 0
+    assert writer_of(tmp_path / "plan") == "libra plan"
+    assert libra_main(["plan", "--out", str(tmp_path / "plan")]) == 0, "its own plan is replaced"
+    assert libra_main(["plan", "--out", str(clone), "--force"]) == 0
+    assert not (clone / "notes.txt").exists() and (clone / "ablation.yaml").exists()
+    assert _files(sibling) == {k.removeprefix("clone.tmp/"): v for k, v in before.items()
+                               if k.startswith("clone.tmp/")}, "a sibling named like a staging folder is kept"
+
+
+def test_a_plan_written_before_markers_needs_force_by_hand_and_dvc_deletes_it_itself(tmp_path):
+    """DVC removes a stage's outputs before it reruns the stage, so `dvc repro` never meets an old plan."""
+    ablation = plan_ablation(read_params(ROOT / "params.yaml"), ROOT / "configs")
+    write_plan(ablation, tmp_path / "plan")
+    (tmp_path / "plan" / MARKER).unlink()
+    with pytest.raises(NotOwnedError, match="--force"):
+        write_plan(ablation, tmp_path / "plan")
+    write_plan(ablation, tmp_path / "plan", force=True)
+
+
+# ---- libra dispatch's run directories ----------------------------------------------------------------------
+
+@pytest.fixture
+def planned(tmp_path):
+    """The default plan under ``tmp_path`` (runs/plan, data/manifest.json, weights); returns (root, first run's
+    directory)."""
+    ablation = plan_ablation(read_params(ROOT / "params.yaml"), ROOT / "configs")
+    write_plan(ablation, tmp_path / "runs/plan")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/manifest.json").write_text('{"digest": "d"}')
+    first = ablation.runs[0]
+    weights = tmp_path / first.config["model"]["backbone"]["weights"]
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    weights.write_bytes(b"w")
+    return tmp_path, tmp_path / first.run_dir
+
+
+def _dispatch(root: Path, force: bool = False):
+    return dispatch(root / "runs/plan", root / "data/manifest.json", ExecutionSettings(executor="inline"),
+                    root / "runs/index.json", root / "runs/curves.csv", root=root, say=lambda _: None, force=force)
+
+
+@pytest.mark.parametrize("writer", [None, "libra train"], ids=["foreign", "trained-by-hand"])
+def test_dispatch_refuses_a_run_directory_it_did_not_make_before_running_anything(planned, writer):
+    root, run_dir = planned
+    _foreign(run_dir)
+    if writer:
+        mark(run_dir, writer)
+    before = _files(root)
+    with pytest.raises(NotOwnedError, match=rf"{run_dir}: not empty and not written by `libra dispatch`.*--force"):
+        _dispatch(root)
+    assert _files(root) == before
+
+
+def test_dispatch_discards_its_own_run_directories_old_ones_included_and_any_with_force(planned):
+    root, run_dir = planned
+    run = planned_runs(root / "runs/plan", "d", root)[0]
+    for setup in ("legacy", "force"):
+        _foreign(run_dir)
+        if setup == "legacy":  # made by libra dispatch before it marked its directories: a run_key, no marker
+            (run_dir / "run_key").write_text("an older key\n")
+        check_run_dirs([run], root, force=setup == "force")
+        assert prepare_run_dir(run, root)
+        assert sorted(p.name for p in run_dir.iterdir()) == [MARKER, "run_key"]
+        assert not any(p.name.startswith(".") for p in run_dir.parent.iterdir())
+        for p in run_dir.iterdir():
+            p.unlink()
+
+
+# ---- libra prepare --out -------------------------------------------------------------------------------------
+
+def test_prepare_marks_its_set_and_replaces_an_unmarked_one_only_with_force(tmp_path, capsys):
+    out = tmp_path / "synthetic"
+    args = ["prepare", "--out", str(out), "--num-train", "2", "--num-val", "2"]
+    assert libra_main(args) == 0 and writer_of(out) == "libra prepare"
+    (out / MARKER).unlink()  # a set written before markers, or someone's set laid out the same way
+    before = _files(tmp_path)
+    _refused(capsys, libra_main(args), str(out), "not empty", "--force")
+    assert _files(tmp_path) == before
+    assert libra_main([*args, "--force"]) == 0 and writer_of(out) == "libra prepare"
+
+
+@pytest.mark.parametrize("fault", [errno.EROFS, errno.ENOSPC])
+def test_prepare_on_a_read_only_or_full_disk_is_a_message_and_leaves_nothing(tmp_path, capsys, monkeypatch, fault):
+    """The image write fails as on a read-only file system or a full disk (mocked)."""
+    from PIL import Image
+
+    def save(self, path, *args, **kwargs):
+        raise OSError(fault, os.strerror(fault), str(path))
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    out = tmp_path / "synthetic"
+    _refused(capsys, libra_main(["prepare", "--out", str(out), "--num-train", "2", "--num-val", "2"]),
+             os.strerror(fault), "000001.png")
+    assert list(tmp_path.iterdir()) == [], "no staging folder left"
+
+
+def test_out_through_a_file_is_a_message(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    _refused(capsys, libra_main(["prepare", "--out", str(tmp_path / "file" / "set"), "--num-train", "2",
+                                 "--num-val", "2"]), str(tmp_path / "file"), "Not a directory")
+
+
+def test_sigterm_during_prepare_leaves_no_staging_folder(tmp_path):
+    out = tmp_path / "synthetic"
+    proc = subprocess.Popen([sys.executable, "-m", "stages.cli", "prepare", "--out", str(out), "--num-train", "5000",
+                             "--num-val", "2"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    staging = None
+    while staging is None:  # until it writes images
+        assert proc.poll() is None, proc.communicate()[1]
+        staging = next((p for p in tmp_path.glob(".synthetic.*.tmp") if (p / "images" / "train").is_dir()), None)
+    proc.terminate()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- the run directory's one writer ------------------------------------------------------------------------
+
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
+    run = tmp_path / "run"
+    with run_lock(run):
+        script = ("import sys; from pipeline.ownership import run_lock\n"
+                  f"with run_lock({str(run)!r}): sys.exit('took it')")
+        proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert "RunLockedError" in proc.stderr and f"pid {os.getpid()} on host" in proc.stderr, proc.stderr
+        with pytest.raises(RunLockedError, match=rf"{run}: another libra process writes .*pid {os.getpid()}"):
+            with run_lock(run):
+                pass
+    assert not run.exists(), "the lock and the folder it made are gone; nothing was written"
+    with run_lock(run):
+        pass
+
+
+def test_train_refuses_a_foreign_folder_and_a_second_writer(synthetic_root, tmp_path, capsys):
+    config = str(ROOT / "configs" / "faster_rcnn_tiny.yaml")
+    sets = [a for s in tiny_overrides(synthetic_root) for a in ("--set", s)]
+    mine = _foreign(tmp_path / "mine")
+    before = _files(mine)
+    _refused(capsys, libra_main(["train", "--config", config, "--out", str(mine), *sets]), str(mine), "--force")
+    assert _files(mine) == before
+    run = tmp_path / "run"
+    with run_lock(run):
+        _refused(capsys, libra_main(["train", "--config", config, "--out", str(run), *sets]),
+                 "another libra process writes", f"pid {os.getpid()}")
+    assert not run.exists()
