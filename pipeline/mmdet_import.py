@@ -1,8 +1,9 @@
 """mmdet 3 configs translated into :class:`pipeline.config.ExperimentConfig` (``libra import-mmdet``).
 
 An mmdet config (a name from the installed mmdet wheel, e.g. ``libra-faster-rcnn_r50_fpn_1x_coco``,
-or a user's own ``.py`` file) is resolved with its ``_base_`` inheritance by mmengine, without
-importing mmdet. The resolved dict is flattened into leaves, ``model.neck[1].refine_level = 2``,
+or a user's own ``.py`` file) is read as data (its syntax tree: nothing in it runs; a statement or expression that is not
+plain data is refused, naming its line) and resolved with its ``_base_`` inheritance as mmengine
+does, without importing mmdet or mmengine. The resolved dict is flattened into leaves, ``model.neck[1].refine_level = 2``,
 and every leaf is accounted for as one of::
 
     mapped      translated into a field of ours (the field is named)
@@ -19,8 +20,10 @@ silently. Two leaves mapped to one field (the FPN width and the heads' input wid
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import math
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -227,14 +230,123 @@ def find_mmdet_config(name_or_path: str) -> Path:
     return found[0]
 
 
-def load_mmdet_config(path: Path) -> dict[str, Any]:
-    """The config with its ``_base_`` files merged (mmengine; ``_delete_`` honoured)."""
-    from mmengine.config import Config
+_OPERATORS: dict[type, Callable[[Any, Any], Any]] = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+"""The arithmetic a config may hold (``1.0 / 3``, ``data_root + 'annotations/'``)."""
 
+
+def _not_plain(path: Path, node: ast.AST, what: str) -> ConfigError:
+    return ConfigError(f"{path}:{node.lineno}: {what} is not plain data; libra import-mmdet reads a config "
+                       "without running it: only assignments of literals, dict(...), earlier names, arithmetic and "
+                       "[... for x in list]")
+
+
+def _value(node: ast.expr, names: dict[str, Any], path: Path) -> Any:
+    """The value of a plain-data expression: a literal, list, tuple, dict, ``dict(...)``, a name assigned
+    earlier in the file or a base's (``_base_.key``, ``{{_base_.key}}``), an item of one, a sign or arithmetic
+    on those, a list made for each item of one. Anything else is refused, naming its line."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, (ast.List, ast.Tuple)):
+        items = [_value(item, names, path) for item in node.elts]
+        return items if isinstance(node, ast.List) else tuple(items)
+    if isinstance(node, ast.Dict):
+        result: dict[Any, Any] = {}
+        for key, item in zip(node.keys, node.values):
+            if key is None:
+                result.update(_value(item, names, path))
+            else:
+                result[_value(key, names, path)] = _value(item, names, path)
+        return result
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict" and not node.args:
+        result = {}
+        for keyword in node.keywords:
+            value = _value(keyword.value, names, path)
+            if keyword.arg is None:
+                result.update(value)
+            else:
+                result[keyword.arg] = value
+        return result
+    if isinstance(node, ast.Set) and len(node.elts) == 1 and isinstance(node.elts[0], ast.Set):
+        return _value(node.elts[0].elts[0], names, path)  # mmengine's {{_base_.key}}: the base's value
+    if isinstance(node, ast.Attribute) and isinstance(node.value, (ast.Name, ast.Attribute)):
+        owner = _value(node.value, names, path)
+        if not (isinstance(owner, dict) and node.attr in owner):
+            raise _not_plain(path, node, f"{ast.unparse(node)} (no such key)")
+        return owner[node.attr]
+    if (isinstance(node, ast.ListComp) and len(node.generators) == 1 and not node.generators[0].ifs
+            and isinstance(node.generators[0].target, ast.Name)):  # [dict(scale=s) for s in scales]
+        loop = node.generators[0]
+        return [_value(node.elt, {**names, loop.target.id: item}, path) for item in _value(loop.iter, names, path)]
+    if isinstance(node, ast.Subscript):
+        return _value(node.value, names, path)[_value(node.slice, names, path)]
+    if isinstance(node, ast.Name):
+        if node.id not in names:
+            raise _not_plain(path, node, f"the name {node.id!r} (not assigned earlier in the file)")
+        return names[node.id]
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        operand = _value(node.operand, names, path)
+        return -operand if isinstance(node.op, ast.USub) else +operand
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+        return _OPERATORS[type(node.op)](_value(node.left, names, path), _value(node.right, names, path))
+    raise _not_plain(path, node, ast.unparse(node)[:60])
+
+
+def _read_config_file(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    """The names a config file assigns, read from its syntax tree (nothing in it runs), with ``_base_`` the
+    merged names of its base files (``_base_.key`` reads them)."""
     try:
-        return Config.fromfile(str(path)).to_dict()
-    except Exception as exc:  # mmengine raises many kinds for a broken user file
-        raise ConfigError(f"{path}: mmengine cannot read this config: {type(exc).__name__}: {exc}") from exc
+        tree = ast.parse(path.read_text(), filename=str(path))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read this config: {exc}") from None
+    except SyntaxError as exc:
+        raise ConfigError(f"{path}:{exc.lineno}: not valid Python: {exc.msg}") from None
+    names: dict[str, Any] = {}
+    for statement in tree.body:
+        if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
+            continue  # a docstring
+        if not (isinstance(statement, ast.Assign) and all(isinstance(t, ast.Name) for t in statement.targets)):
+            raise _not_plain(path, statement, f"the statement `{ast.unparse(statement).splitlines()[0][:60]}`")
+        value = _value(statement.value, names, path)
+        if [t.id for t in statement.targets] == ["_base_"]:
+            value = _load_bases(path, [value] if isinstance(value, str) else value, seen)
+        names.update((target.id, value) for target in statement.targets)
+    return names
+
+
+def _load_bases(path: Path, bases: list[str], seen: tuple[Path, ...]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for base in bases:
+        base_path = path.parent / base
+        if not base_path.is_file():
+            raise ConfigError(f"{path}: _base_ file {base} not found ({base_path})")
+        inherited = load_mmdet_config(base_path, (*seen, path.resolve()))
+        if clash := sorted(set(merged) & set(inherited)):
+            raise ConfigError(f"{path}: its _base_ files both set {', '.join(clash)}")
+        merged.update(inherited)
+    return merged
+
+
+def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` over ``base`` as mmengine merges: dicts key by key (unless the child's has ``_delete_=True``),
+    any other value replaced."""
+    merged = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and not value.get("_delete_"):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = {k: v for k, v in value.items() if k != "_delete_"} if isinstance(value, dict) else value
+    return merged
+
+
+def load_mmdet_config(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The config with its ``_base_`` files merged (``_delete_`` honoured), read as data: nothing runs."""
+    path = Path(path)
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: its _base_ files include it again ({' -> '.join(map(str, _seen))})")
+    names = _read_config_file(path, _seen)
+    return _merge(names.pop("_base_", {}), names)
 
 
 def _backbone(t: Translation) -> None:

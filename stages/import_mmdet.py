@@ -1,8 +1,9 @@
 """`libra import-mmdet`: translate an mmdet 3 config into one of ours (configs/*.yaml).
 
 NAME is a config of the installed mmdet wheel (e.g. libra-faster-rcnn_r50_fpn_1x_coco, searched
-under its configs/), PATH a .py config of your own (its _base_ files are merged by mmengine;
-mmdet itself is not imported). Every setting of the resolved config is accounted for: mapped to
+under its configs/), PATH a .py config of your own. The file is read as data, never run: only
+assignments of literals, dict(...), names assigned earlier and arithmetic are accepted, anything else
+(an import, a call) is refused naming its line; its _base_ files are merged as mmengine does. Every setting of the resolved config is accounted for: mapped to
 a field of ours, fixed in ours (checked), a known difference (docs/recipe.md), or not mapped.
 Not-mapped settings that may change training are errors (non-zero exit, nothing written) unless
 --allow-unmapped; the others (hooks, logging, visualizer) are warnings. Both are listed here and

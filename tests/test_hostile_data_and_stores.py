@@ -32,6 +32,7 @@ from pipeline.data import CocoDetectionDataset, DatasetError, validate_coco, wri
 from pipeline.engine.coco_eval import evaluate_coco
 from pipeline.engine.splits import coco_subset
 from pipeline.mlflow_store import TrackingStoreError, open_store
+from pipeline.mmdet_import import find_mmdet_config
 from pipeline.tuning.mlflow_runs import PARENT_ATTR, StudyTracker
 from stages.cli import main as libra_main
 
@@ -402,3 +403,23 @@ def test_a_store_in_a_missing_directory_is_refused_without_creating_it(tmp_path,
     err = capsys.readouterr().err
     assert rc == 2 and f"directory {missing} does not exist" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# ---- an mmdet config is read, never run ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("line, named", [
+    ("model = __import__('os').system('touch {marker}')", ":2: __import__('os').system"),
+    ("import os", ":2: the statement `import os`"),
+    ("model = [dict(type=t) for t in ('A', 'B') if t]", ":2: [dict(type=t) for t in"),
+    ("model = open('{marker}', 'w')", ":2: open("),
+], ids=["call", "import", "comprehension", "open"])
+def test_an_mmdet_config_that_is_not_plain_data_is_refused_naming_the_line_and_never_runs(tmp_path, capsys, line,
+                                                                                          named):
+    marker = tmp_path / "PWNED"
+    config = tmp_path / "my_config.py"
+    base = find_mmdet_config("faster-rcnn_r50_fpn_1x_coco")
+    config.write_text(f"_base_ = '{base}'\n{line.format(marker=marker)}\n")
+    rc = libra_main(["import-mmdet", str(config), "--out", str(tmp_path / "out.yaml")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{config}{named}" in err and "not plain data" in err, err
+    assert "Traceback" not in err and not marker.exists() and not (tmp_path / "out.yaml").exists()
