@@ -21,9 +21,9 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.ablation import Ablation, plan_ablation, read_params, write_plan
+from pipeline.plan.ablation import Ablation, plan_ablation, read_params, write_plan
 from pipeline.dispatch import ExecutionSettings, dispatch
-from pipeline.processes import cores
+from pipeline.dispatch.processes import cores
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -27,9 +27,9 @@ import statistics
 
 import torch
 
-from pipeline.config import load_config
-from pipeline.engine.cost import peak_rss_mb
-from pipeline.models.detectors import build_detector
+from detection.config import load_config
+from detection.engine.cost import peak_rss_mb
+from detection.models.detectors import build_detector
 from step import ALL_COMPONENTS, ROOT, TimedCall, timed_step
 
 R50_CONFIGS = {"faster_rcnn": "configs/faster_rcnn_r50_coco_1x.yaml", "retinanet": "configs/retinanet_r50_coco_1x.yaml"}

@@ -38,13 +38,13 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import EvalConfig, load_config
-from pipeline.data import CocoDetectionDataset, collate_detection, write_synthetic_coco
-from pipeline.engine.checkpoint import read_checkpoint
-from pipeline.engine.coco_eval import evaluate_coco
-from pipeline.engine.detections import predict
-from pipeline.engine.splits import coco_subset, load_splits
-from pipeline.models.detectors import build_detector
+from detection.config import EvalConfig, load_config
+from detection.data import CocoDetectionDataset, collate_detection, write_synthetic_coco
+from detection.engine.checkpoint import read_checkpoint
+from detection.engine.coco_eval import evaluate_coco
+from detection.engine.detections import predict
+from detection.engine.splits import coco_subset, load_splits
+from detection.models.detectors import build_detector
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"faster_rcnn": "configs/faster_rcnn_tiny.yaml", "retinanet": "configs/retinanet_tiny.yaml"}

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from pipeline.components import (
+from detection.components import (
     CombinedSampler,
     InstanceBalancedPositiveSampler,
     IoUBalancedNegativeSampler,
 )
-from pipeline.config import IoUBalancedSamplingConfig, RoIHeadsConfig
+from detection.config import IoUBalancedSamplingConfig, RoIHeadsConfig
 
 POSITIVE_IOU = 0.5
 
@@ -214,7 +214,7 @@ def main() -> None:
     )
     parser.add_argument("--images", type=int, default=8, help="images per batch")
     parser.add_argument("--proposals", type=int, default=2000, help="proposals per image")
-    heads, sampling = RoIHeadsConfig(), IoUBalancedSamplingConfig()  # the defaults of pipeline/config.py
+    heads, sampling = RoIHeadsConfig(), IoUBalancedSamplingConfig()  # the defaults of detection/config.py
     parser.add_argument("--samples", type=int, default=heads.batch_size_per_image,
                         help="sampled RoIs per image (default: model.roi_heads.batch_size_per_image)")
     parser.add_argument("--positive-fraction", type=float, default=heads.positive_fraction,

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import load_config
-from pipeline.data import write_synthetic_coco
-from pipeline.engine.datamodule import DetectionDataModule
-from pipeline.models.detectors import build_detector
+from detection.config import load_config
+from detection.data import write_synthetic_coco
+from detection.engine.datamodule import DetectionDataModule
+from detection.models.detectors import build_detector
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_COMPONENTS = {

@@ -1,4 +1,4 @@
-"""mmdet 3 configs translated into :class:`pipeline.config.ExperimentConfig` (``libra import-mmdet``).
+"""mmdet 3 configs translated into :class:`detection.config.ExperimentConfig` (``libra import-mmdet``).
 
 An mmdet config (a name from the installed mmdet wheel, e.g. ``libra-faster-rcnn_r50_fpn_1x_coco``,
 or a user's own ``.py`` file) is read as data (its syntax tree: nothing in it runs; a statement or expression that is not
@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.config import ConfigError, ExperimentConfig, validate_config
-from pipeline.io import flatten
+from detection.config import ConfigError, ExperimentConfig, validate_config
+from detection.io import flatten
 
 __all__ = ["Imported", "Leaf", "Translation", "find_mmdet_config", "import_mmdet", "load_mmdet_config", "nested",
            "render_yaml_header", "translate"]

@@ -38,7 +38,7 @@ LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fa
 LIGHTNING_NOT_EMPTY_WARNINGS = (r"Experiment logs directory .* exists and is not empty",
                                 r"Checkpoint directory .* exists and is not empty")
 """Lightning on a run directory it finds non-empty: expected when a run resumes (its rows and
-checkpoints are kept, see ``pipeline.engine.train``)."""
+checkpoints are kept, see ``detection.engine.train``)."""
 
 
 class _DropTips(logging.Filter):

@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from pipeline.ablation import read_params
+    from pipeline.plan.ablation import read_params
     from pipeline.dispatch import dispatch, execution_settings
 
     slurm = {"partition": args.partition, "nodes": args.nodes, "gpus_per_node": args.gpus_per_node,

@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from pipeline.engine.evaluate import evaluate_run, resolve_device
+    from detection.engine.evaluate import evaluate_run, resolve_device
 
     metrics = evaluate_run(args.run, args.checkpoint, args.backend, resolve_device(args.device))
     print(json.dumps({"bbox": metrics["bbox"], "detections": metrics["num_detections"]}))

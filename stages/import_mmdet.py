@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> None:
     import yaml
 
     from pipeline.mmdet_import import import_mmdet, nested, render_yaml_header
-    from pipeline.io import write_text_atomic
+    from detection.io import write_text_atomic
 
     if args.out.exists() and not args.force:
         raise FileExistsError(f"{args.out} exists; pass --force to overwrite it")

@@ -37,8 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def print_power(args: argparse.Namespace) -> None:
     import json
 
-    from pipeline.config import ConfigError
-    from pipeline.params import load_params
+    from detection.config import ConfigError
+    from pipeline.plan.params import load_params
     from pipeline.report.power import power_plan, read_splits
 
     settings = load_params(args.params).report
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> None:
     if args.power:
         print_power(args)
         return
-    from pipeline.ablation import plan_ablation, read_params, write_plan
+    from pipeline.plan.ablation import plan_ablation, read_params, write_plan
 
     ablation = plan_ablation(read_params(args.params), args.configs)
     write_plan(ablation, args.out, args.force)

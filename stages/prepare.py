@@ -50,14 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from pipeline.config import load_config
-    from pipeline.data import write_synthetic_coco
-    from pipeline.engine.splits import load_splits
+    from detection.config import load_config
+    from detection.data import write_synthetic_coco
+    from detection.engine.splits import load_splits
 
     if args.params is not None:
-        from pipeline.ablation import data_config, read_params
-        from pipeline.io import write_text_atomic
-        from pipeline.params import SYNTHETIC_ROOT
+        from pipeline.plan.ablation import data_config, read_params
+        from detection.io import write_text_atomic
+        from pipeline.plan.params import SYNTHETIC_ROOT
 
         data = data_config(read_params(args.params))
         if data.source != "synthetic":  # the DVC stage always has the built-in set's directory as an output
@@ -83,8 +83,8 @@ def run(args: argparse.Namespace) -> None:
     print(f"valid: train {len(train.image_ids)} images / {train.num_annotations} boxes, "
           f"val {len(val.image_ids)} images / {val.num_annotations} boxes, {len(train.categories)} categories")
     if args.manifest is not None:
-        from pipeline.ablation import file_digest
-        from pipeline.io import write_text_atomic
+        from pipeline.plan.ablation import file_digest
+        from detection.io import write_text_atomic
 
         manifest = {
             "source": data.source,

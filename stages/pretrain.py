@@ -26,9 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from pipeline.config import load_pretrain_config
-    from pipeline.engine.pretrain import pretrain
-    from pipeline.io import write_json_atomic
+    from detection.config import load_pretrain_config
+    from detection.engine.pretrain import pretrain
+    from detection.io import write_json_atomic
 
     cfg = load_pretrain_config(args.params, args.overrides)
     summary = pretrain(cfg, args.out)

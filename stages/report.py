@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from pipeline.params import load_params
+    from pipeline.plan.params import load_params
     from pipeline.report.build import write_report
 
     settings = load_params(args.params).report

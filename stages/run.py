@@ -32,11 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-    from pipeline.config import validate_config
-    from pipeline.engine.curves import write_curve_files
-    from pipeline.engine.evaluate import evaluate_run, resolve_device
-    from pipeline.engine.train import TrainingStopped, train
-    from pipeline.runplan import EVALUATION_STARTED, read_run_plan
+    from detection.config import validate_config
+    from detection.engine.curves import write_curve_files
+    from detection.engine.evaluate import evaluate_run, resolve_device
+    from detection.engine.train import TrainingStopped, train
+    from pipeline.plan.runplan import EVALUATION_STARTED, read_run_plan
 
     cfg = validate_config(read_run_plan(args.plan).config, str(args.plan))
     try:

@@ -25,10 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from pipeline.ablation import read_params
-    from pipeline.io import write_json_atomic
-    from pipeline.params import parse_params
-    from pipeline.tracking import log_ablation
+    from pipeline.plan.ablation import read_params
+    from detection.io import write_json_atomic
+    from pipeline.plan.params import parse_params
+    from pipeline.tracking.ablation import log_ablation
 
     params = read_params(args.params)
     experiment = parse_params(params, str(args.params)).mlflow.experiment

@@ -32,20 +32,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from pipeline.config import apply_overrides, validate_config
+    from detection.config import apply_overrides, validate_config
 
     if args.plan is not None:
-        from pipeline.runplan import read_run_plan
+        from pipeline.plan.runplan import read_run_plan
 
         plan = read_run_plan(args.plan)
         cfg = validate_config(apply_overrides(plan.config, args.overrides), f"{args.plan} with overrides")
     else:
-        from pipeline.config import load_config
+        from detection.config import load_config
 
         cfg = load_config(args.config, args.overrides)
 
-    from pipeline.engine.curves import write_curve_files
-    from pipeline.engine.train import TrainingStopped, train
+    from detection.engine.curves import write_curve_files
+    from detection.engine.train import TrainingStopped, train
 
     try:
         train(cfg, args.out, resume=args.resume, force=args.force)

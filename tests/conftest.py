@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import PretrainConfig
-from pipeline.data import write_synthetic_coco
-from pipeline.engine.pretrain import pretrain
+from detection.config import PretrainConfig
+from detection.data import write_synthetic_coco
+from detection.engine.pretrain import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(2)

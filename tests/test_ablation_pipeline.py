@@ -265,13 +265,13 @@ def test_code_edits_retrain_exactly_the_runs_that_execute_them(smoke_repo):
     def statuses() -> dict[str, str]:
         return {name: entry["status"] for name, entry in _index(repo).items()}
 
-    assert "runs" in edit_and_repro("pipeline/components/iou_balanced.py")
+    assert "runs" in edit_and_repro("detection/components/iou_balanced.py")
     assert statuses() == {name: "trained" if name == "retinanet/IoU-cls+IoU-loc/seed0" else "reused" for name in RUNS}
     assert "runs" in edit_and_repro("pipeline/dispatch/scheduler.py")
     assert set(statuses().values()) == {"reused"}
     ran = edit_and_repro("pipeline/report/tables.py")
     assert "report" in ran and "runs" not in ran, ran
-    assert "runs" in edit_and_repro("pipeline/engine/evaluate.py")
+    assert "runs" in edit_and_repro("detection/engine/evaluate.py")
     assert set(statuses().values()) == {"trained"}
 
 

@@ -1,4 +1,4 @@
-"""params.yaml -> one resolved config per ablation run (pipeline/ablation.py); no training."""
+"""params.yaml -> one resolved config per ablation run (pipeline/plan/ablation.py); no training."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from pipeline.ablation import (factorial, parse_combination, plan_ablation, read_params, resolve_config,
+from pipeline.plan.ablation import (factorial, parse_combination, plan_ablation, read_params, resolve_config,
                                write_plan)
-from pipeline.config import ConfigError, load_config
-from pipeline.runplan import compute_run_key, read_plan_summary
+from detection.config import ConfigError, load_config
+from pipeline.plan.runplan import compute_run_key, read_plan_summary
 
 CONFIGS = ROOT / "configs"
 

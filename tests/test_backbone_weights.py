@@ -10,8 +10,8 @@ import torch
 from torchvision.models import resnet50
 
 from conftest import libra
-from pipeline.config import BackboneConfig, ConfigError, load_config
-from pipeline.models.backbone import build_body
+from detection.config import BackboneConfig, ConfigError, load_config
+from detection.models.backbone import build_body
 
 R50_CONFIG = Path("configs/faster_rcnn_r50_coco_1x.yaml")
 D2_LAYER = {"bn1": "conv1.norm", "bn2": "conv2.norm", "bn3": "conv3.norm", "conv1": "conv1", "conv2": "conv2",

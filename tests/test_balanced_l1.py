@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from pipeline.components import balanced_l1_loss
-from pipeline.config import BalancedL1Config
+from detection.components import balanced_l1_loss
+from detection.config import BalancedL1Config
 
 ALPHA, GAMMA = 0.5, 1.5
 B = math.exp(GAMMA / ALPHA) - 1

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.components import BalancedFeaturePyramid
+from detection.components import BalancedFeaturePyramid
 
 CHANNELS = 8
 FASTER_RCNN = (["0", "1", "2", "3", "pool"], [32, 16, 8, 4, 2], 2)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from pipeline.engine.coco_eval import IOU_THRESHOLDS, evaluate_coco
+from detection.engine.coco_eval import IOU_THRESHOLDS, evaluate_coco
 from pipeline.report.bootstrap import PairedDelta, ap_samples, paired_delta, resample_counts, seed_draws
 from pipeline.report.claims import high_iou_gain_over_ap50, verdict
 from pipeline.report.per_image import RECALL_THRESHOLDS, average_precision, match_images
@@ -198,7 +198,7 @@ def test_claims_are_tested_where_both_combinations_ran_and_get_their_verdict():
     and 1: 'IS > baseline' is reproduced; nothing else was run, so no other claim is tested."""
     from types import SimpleNamespace
 
-    from pipeline.config import ReportConfig
+    from detection.config import ReportConfig
     from pipeline.report.build import evaluate_claims
 
     n = 60

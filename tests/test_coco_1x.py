@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from torchvision.models import resnet50
 
-from pipeline.config import load_config
-from pipeline.engine.coco_eval import IOU_THRESHOLDS
-from pipeline.engine.evaluate import evaluate_run
-from pipeline.engine.train import train
+from detection.config import load_config
+from detection.engine.coco_eval import IOU_THRESHOLDS
+from detection.engine.evaluate import evaluate_run
+from detection.engine.train import train
 
 pytestmark = pytest.mark.trains
 

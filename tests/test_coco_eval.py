@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.engine.coco_eval import IOU_THRESHOLDS, STAT_NAMES, evaluate_coco
+from detection.engine.coco_eval import IOU_THRESHOLDS, STAT_NAMES, evaluate_coco
 
 
 def _noisy_detections(gt: dict, seed: int) -> list[dict]:

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from conftest import tiny_overrides
-from pipeline.components import BalancedFeaturePyramid
-from pipeline.config import load_config
-from pipeline.engine.train import train
-from pipeline.models.detectors import build_detector
+from detection.components import BalancedFeaturePyramid
+from detection.config import load_config
+from detection.engine.train import train
+from detection.models.detectors import build_detector
 
 pytestmark = pytest.mark.trains
 

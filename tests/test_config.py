@@ -2,10 +2,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import (ConfigError, MlflowConfig, ReportConfig, RetinaNetConfig, load_config, read_yaml,
+from detection.config import (ConfigError, MlflowConfig, ReportConfig, RetinaNetConfig, load_config, read_yaml,
                              save_config, validate_model)
-from pipeline.io import flatten
-from pipeline.params import load_params
+from detection.io import flatten
+from pipeline.plan.params import load_params
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

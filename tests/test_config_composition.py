@@ -9,10 +9,10 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from pipeline.ablation import plan_ablation, read_params
-from pipeline.config import DETECTOR_COMPONENT_DEFAULTS, BalancedL1Config, ExperimentConfig, load_config, validate_config
-from pipeline.params import COMPONENTS, DETECTOR_COMPONENTS
-from pipeline.runplan import RunPlan
+from pipeline.plan.ablation import plan_ablation, read_params
+from detection.config import DETECTOR_COMPONENT_DEFAULTS, BalancedL1Config, ExperimentConfig, load_config, validate_config
+from pipeline.plan.params import COMPONENTS, DETECTOR_COMPONENTS
+from pipeline.plan.runplan import RunPlan
 from pipeline.tuning import load_study_spec
 from pipeline.tuning.plan import TuningPlan
 from pipeline.tuning.profiles import get_profile

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from conftest import ROOT, libra
-from pipeline.data import write_synthetic_coco
+from detection.data import write_synthetic_coco
 
 NOISE = ("💡", "Tip:", "litlogger", "litmodels", "deprecated", "DeprecationWarning", "FutureWarning",
          "will be deleted", "exists and is not empty", "INFO mlflow", "alembic")
@@ -40,11 +40,11 @@ import warnings
 from stages.cli import quiet_third_party_output
 
 quiet_third_party_output()
-for module in ("lightning.pytorch.trainer", "pipeline.engine.train", "stages.train"):
+for module in ("lightning.pytorch.trainer", "detection.engine.train", "stages.train"):
     warnings.warn_explicit(f"old API of {module} is deprecated", DeprecationWarning, "f.py", 1, module=module)
 warnings.warn_explicit("Experiment logs directory runs/x exists and is not empty.", UserWarning, "f.py", 2,
                        module="lightning.fabric.loggers.csv_logs")
-warnings.warn_explicit("our own warning", UserWarning, "f.py", 3, module="pipeline.data.validate")
+warnings.warn_explicit("our own warning", UserWarning, "f.py", 3, module="detection.data.validate")
 """
 
 
@@ -52,5 +52,5 @@ def test_only_third_party_deprecations_and_lightning_notices_are_filtered():
     proc = subprocess.run([sys.executable, "-W", "default", "-c", _WARN], cwd=ROOT, capture_output=True, text=True,
                           timeout=120, check=True)
     assert "lightning.pytorch.trainer is deprecated" not in proc.stderr and "exists and is not empty" not in proc.stderr
-    assert "old API of pipeline.engine.train is deprecated" in proc.stderr
+    assert "old API of detection.engine.train is deprecated" in proc.stderr
     assert "old API of stages.train is deprecated" in proc.stderr and "our own warning" in proc.stderr

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from conftest import ROOT, libra, tiny_overrides
-from pipeline.ablation import plan_ablation, read_params
-from pipeline.engine.coco_eval import IOU_THRESHOLDS
-from pipeline.engine.cost import COST_KEYS, SYSTEM_METRICS_COLUMNS
+from pipeline.plan.ablation import plan_ablation, read_params
+from detection.engine.coco_eval import IOU_THRESHOLDS
+from detection.engine.cost import COST_KEYS, SYSTEM_METRICS_COLUMNS
 from pipeline.report.reference import MODEL_ZOO, ModelZooRow, model_zoo_rows
 from pipeline.report.results import RunResult
 from pipeline.report.tables import ablation_table, detector_markdown

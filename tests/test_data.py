@@ -1,4 +1,4 @@
-"""Tests of pipeline.data: the synthetic generator, COCO validation and the dataset."""
+"""Tests of detection.data: the synthetic generator, COCO validation and the dataset."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data import (
+from detection.data import (
     CLASSES,
     CocoDetectionDataset,
     CocoSplit,
@@ -25,7 +25,7 @@ from pipeline.data import (
     validate_coco,
     write_synthetic_coco,
 )
-from pipeline.data import synthetic
+from detection.data import synthetic
 
 
 def _hash_tree(root: Path) -> dict[str, str]:
@@ -457,8 +457,8 @@ def test_image_cache_gives_the_uncached_tensors_bit_for_bit(small_set: Path) -> 
 
 
 def test_cached_datamodule_loads_the_batches_of_the_uncached_one(small_set: Path) -> None:
-    from pipeline.config import load_config
-    from pipeline.engine.datamodule import DetectionDataModule
+    from detection.config import load_config
+    from detection.engine.datamodule import DetectionDataModule
 
     def batches(cache_mb: int, num_workers: int = 0) -> list:
         cfg = load_config(None, [f"data.root={small_set}", f"data.cache_mb={cache_mb}", "train.batch_size=2",
@@ -481,8 +481,8 @@ def test_cached_datamodule_loads_the_batches_of_the_uncached_one(small_set: Path
 
 
 def test_val_max_images_validates_training_on_the_first_images(small_set: Path) -> None:
-    from pipeline.config import load_config
-    from pipeline.engine.datamodule import DetectionDataModule
+    from detection.config import load_config
+    from detection.engine.datamodule import DetectionDataModule
 
     full = DetectionDataModule(load_config(None, [f"data.root={small_set}"]))
     part = DetectionDataModule(load_config(None, [f"data.root={small_set}", "train.val_max_images=2"]))

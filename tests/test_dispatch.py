@@ -22,15 +22,15 @@ import torch
 import yaml
 
 from conftest import ROOT, tiny_overrides
-from pipeline.ablation import Ablation, DetectorAblation, run_dir, write_plan
-from pipeline.config import ConfigError, ReportConfig, load_config
+from pipeline.plan.ablation import Ablation, DetectorAblation, run_dir, write_plan
+from detection.config import ConfigError, ReportConfig, load_config
 from pipeline.dispatch import (ExecutionSettings, RunJob, SlurmBackend, SlurmSettings, decide,
                                describe_exit, dispatch, execution_settings, make_backend, planned_runs, prepare_run_dir,
                                slurm_parameters)
 from pipeline.dispatch.job import failed_step
-from pipeline.params import COMPONENTS, DETECTOR_COMPONENTS, parse_params
+from pipeline.plan.params import COMPONENTS, DETECTOR_COMPONENTS, parse_params
 from pipeline.report.build import write_report
-from pipeline.runplan import EVALUATION_STARTED, RunPlan, compute_run_key
+from pipeline.plan.runplan import EVALUATION_STARTED, RunPlan, compute_run_key
 
 DIGEST = "digest-a"
 

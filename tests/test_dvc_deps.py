@@ -18,8 +18,8 @@ SUBPROCESSES = {"dispatch": ("run",)}
 
 
 def module_file(name: str) -> Path | None:
-    """The file of a project module (``pipeline.x.y`` or ``stages.x``), package or module; None if not ours."""
-    if name.split(".")[0] not in ("pipeline", "stages"):
+    """The file of a project module (``detection.x``, ``pipeline.x.y`` or ``stages.x``), package or module; None if not ours."""
+    if name.split(".")[0] not in ("detection", "pipeline", "stages"):
         return None
     base = ROOT.joinpath(*name.split("."))
     for candidate in (base.with_suffix(".py"), base / "__init__.py"):

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.config import load_config
-from pipeline.data import CocoDetectionDataset, collate_detection
-from pipeline.engine.coco_eval import evaluate_coco
-from pipeline.engine.detections import predict
-from pipeline.engine.splits import coco_subset, validation_split
-from pipeline.models.detectors import build_detector
+from detection.config import load_config
+from detection.data import CocoDetectionDataset, collate_detection
+from detection.engine.coco_eval import evaluate_coco
+from detection.engine.detections import predict
+from detection.engine.splits import coco_subset, validation_split
+from detection.models.detectors import build_detector
 
 ROOT = Path(__file__).resolve().parents[1]
 

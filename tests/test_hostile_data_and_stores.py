@@ -28,10 +28,10 @@ import pytest
 from conftest import ROOT
 from PIL import Image
 
-from pipeline.data import CocoDetectionDataset, DatasetError, validate_coco, write_synthetic_coco
-from pipeline.engine.coco_eval import evaluate_coco
-from pipeline.engine.splits import coco_subset
-from pipeline.mlflow_store import TrackingStoreError, open_store
+from detection.data import CocoDetectionDataset, DatasetError, validate_coco, write_synthetic_coco
+from detection.engine.coco_eval import evaluate_coco
+from detection.engine.splits import coco_subset
+from pipeline.tracking.store import TrackingStoreError, open_store
 from pipeline.mmdet_import import find_mmdet_config
 from pipeline.tuning.mlflow_runs import PARENT_ATTR, StudyTracker
 from stages.cli import main as libra_main
@@ -227,7 +227,7 @@ from pathlib import Path
 
 import optuna
 
-from pipeline.tracking import AblationTracker
+from pipeline.tracking.ablation import AblationTracker
 from pipeline.tuning.mlflow_runs import StudyTracker
 from pipeline.tuning.storage import resolve_storage
 

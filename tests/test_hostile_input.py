@@ -23,8 +23,8 @@ import torch
 import yaml
 
 from conftest import ROOT, libra, tiny_overrides
-from pipeline.config import load_config, save_config
-from pipeline.engine.checkpoint import CheckpointError, read_checkpoint
+from detection.config import load_config, save_config
+from detection.engine.checkpoint import CheckpointError, read_checkpoint
 from pipeline.report.results import negative_iou_histogram
 
 pytestmark = pytest.mark.trains

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, load_config
+from detection.config import ConfigError, load_config
 from pipeline.mmdet_import import find_mmdet_config, import_mmdet, translate
 from stages.cli import main
 

@@ -14,9 +14,9 @@ from lightning.pytorch.callbacks import Callback
 from torchvision.models.detection import fasterrcnn_resnet50_fpn, retinanet_resnet50_fpn
 
 from conftest import tiny_overrides
-from pipeline.config import ConfigError, load_config
-from pipeline.engine.train import INIT_REPORT_FILE, TrainingStopped, train
-from pipeline.models.detectors import build_detector, init_detector
+from detection.config import ConfigError, load_config
+from detection.engine.train import INIT_REPORT_FILE, TrainingStopped, train
+from detection.models.detectors import build_detector, init_detector
 
 pytestmark = pytest.mark.trains
 CONFIG = Path("configs/faster_rcnn_tiny.yaml")

@@ -1,4 +1,4 @@
-"""pipeline/io.py: atomic writes, the two digest encodings stored in run keys, flattening."""
+"""detection/io.py: atomic writes, the two digest encodings stored in run keys, flattening."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pipeline.io import digest_files, flatten, replace_atomic, write_json_atomic
+from detection.io import digest_files, flatten, replace_atomic, write_json_atomic
 
 
 def test_digest_encodings_are_the_stored_ones(tmp_path):

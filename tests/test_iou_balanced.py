@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.components import (
+from detection.components import (
     IoUBalancedLocWeight,
     iou_balanced_cls_weights,
     iou_balanced_loc_weights,

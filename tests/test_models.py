@@ -8,8 +8,8 @@ import pytest
 import torch
 from torchvision.models import resnet50
 
-from pipeline.config import ConfigError, load_config
-from pipeline.models.detectors import build_detector
+from detection.config import ConfigError, load_config
+from detection.models.detectors import build_detector
 
 
 @pytest.mark.parametrize("detector, overrides, levels, sides", [
@@ -91,11 +91,11 @@ def test_retinanet_subnet_init(head_init, tower_std):
 
 
 def test_the_private_torchvision_helpers_behave_as_relied_on():
-    """pipeline/models/torchvision_internals.py re-exports private torchvision names; this fails on
+    """detection/models/torchvision_internals.py re-exports private torchvision names; this fails on
     an upgrade that changes what the detectors rely on."""
     from collections import OrderedDict
 
-    from pipeline.models.torchvision_internals import BoxCoder, IntermediateLayerGetter, Matcher
+    from detection.models.torchvision_internals import BoxCoder, IntermediateLayerGetter, Matcher
 
     coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
     anchors = torch.tensor([[10.0, 10.0, 30.0, 50.0], [0.0, 0.0, 8.0, 8.0]])

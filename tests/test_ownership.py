@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, tiny_overrides
-from pipeline.ablation import plan_ablation, read_params, write_plan
+from pipeline.plan.ablation import plan_ablation, read_params, write_plan
 from pipeline.dispatch import ExecutionSettings, dispatch, planned_runs, prepare_run_dir
 from pipeline.dispatch.runs import check_run_dirs
-from pipeline.ownership import (MARKER, NotOwnedError, RunLockedError, check_replaceable, mark, replacing,
+from detection.ownership import (MARKER, NotOwnedError, RunLockedError, check_replaceable, mark, replacing,
                                 run_lock, writer_of)
 from stages.cli import main as libra_main
 
@@ -213,7 +213,7 @@ def test_sigterm_during_prepare_leaves_no_staging_folder(tmp_path):
 def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
     run = tmp_path / "run"
     with run_lock(run):
-        script = ("import sys; from pipeline.ownership import run_lock\n"
+        script = ("import sys; from detection.ownership import run_lock\n"
                   f"with run_lock({str(run)!r}): sys.exit('took it')")
         proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert "RunLockedError" in proc.stderr and f"pid {os.getpid()} on host" in proc.stderr, proc.stderr

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from pipeline.config import load_config
-from pipeline.data import CLASSES
-from pipeline.engine.train import train
-from pipeline.models.detectors import build_detector
-from pipeline.models.init_streams import stream_seed
+from detection.config import load_config
+from detection.data import CLASSES
+from detection.engine.train import train
+from detection.models.detectors import build_detector
+from detection.models.init_streams import stream_seed
 
 VARIANTS = {
     "faster_rcnn": ["components.bfp.enabled=true", "components.iou_balanced_sampling.enabled=true",

@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 from conftest import ROOT
-from pipeline.processes import cores, start_process
-from pipeline.signals import StopRequest, handling_stop_signals
+from pipeline.dispatch.processes import cores, start_process
+from detection.signals import StopRequest, handling_stop_signals
 
 
 def test_a_child_gets_its_threads_cores_environment_and_ignored_signals(tmp_path):
@@ -35,7 +35,7 @@ def test_stop_handlers_are_installed_for_the_block_and_restored_after_it():
 
 
 def test_a_second_stop_signal_ends_the_process_at_once():
-    code = ("import os, signal, time\nfrom pipeline.signals import StopRequest, handling_stop_signals\n"
+    code = ("import os, signal, time\nfrom detection.signals import StopRequest, handling_stop_signals\n"
             "with handling_stop_signals(StopRequest()):\n"
             "    os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGINT); time.sleep(30)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60)

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import ConfigError, load_config
-from pipeline.data import CocoDetectionDataset, DatasetError, validate_coco
-from pipeline.engine.train import build_trainer
-from pipeline.models.detectors import build_detector
-from pipeline.models.faster_rcnn import BoundedNegativeSampler, bounded_negatives
+from detection.config import ConfigError, load_config
+from detection.data import CocoDetectionDataset, DatasetError, validate_coco
+from detection.engine.train import build_trainer
+from detection.models.detectors import build_detector
+from detection.models.faster_rcnn import BoundedNegativeSampler, bounded_negatives
 
 
 @pytest.mark.parametrize("neg_pos_ub, num_pos, expected", [(-1, 3, 200), (5, 3, 15), (5, 0, 5), (0, 4, 0), (100, 3, 200)])

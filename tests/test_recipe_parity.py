@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.ablation import read_params, resolve_config
-from pipeline.io import flatten
+from pipeline.plan.ablation import read_params, resolve_config
+from detection.io import flatten
 from pipeline.mmdet_import import import_mmdet
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT
-from pipeline.ablation import plan_ablation, read_params
-from pipeline.engine.coco_eval import IOU_THRESHOLDS
+from pipeline.plan.ablation import plan_ablation, read_params
+from detection.engine.coco_eval import IOU_THRESHOLDS
 from pipeline.report.bootstrap import PairedDelta
 from pipeline.report.claims import CLAIMS, assess_claims
 from pipeline.report.results import RunResult

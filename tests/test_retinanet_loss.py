@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import BalancedL1Config, BoxLossConfig, load_config
-from pipeline.models.detectors import build_detector
-from pipeline.models.box_loss import build_box_loss
-from pipeline.models.retinanet import BalancedRetinaNetHead, paired_iou
+from detection.config import BalancedL1Config, BoxLossConfig, load_config
+from detection.models.detectors import build_detector
+from detection.models.box_loss import build_box_loss
+from detection.models.retinanet import BalancedRetinaNetHead, paired_iou
 
 NUM_CLASSES = 5
 FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0

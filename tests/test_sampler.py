@@ -5,7 +5,7 @@ import inspect
 import pytest
 import torch
 
-from pipeline.components import (
+from detection.components import (
     CombinedSampler,
     InstanceBalancedPositiveSampler,
     IoUBalancedNegativeSampler,
@@ -13,13 +13,13 @@ from pipeline.components import (
     RandomNegativeSampler,
     RandomPositiveSampler,
 )
-from pipeline.components import sampler as sampler_module, sampling as sampling_module
-from pipeline.config import IoUBalancedSamplingConfig
-from pipeline.models.faster_rcnn import build_negative_sampler
+from detection.components import sampler as sampler_module, sampling as sampling_module
+from detection.config import IoUBalancedSamplingConfig
+from detection.models.faster_rcnn import build_negative_sampler
 
 
 def negative(**fields) -> IoUBalancedNegativeSampler:
-    """The IoU-balanced negative sampler of the config's settings (the defaults of pipeline/config.py but ``fields``)."""
+    """The IoU-balanced negative sampler of the config's settings (the defaults of detection/config.py but ``fields``)."""
     return build_negative_sampler(IoUBalancedSamplingConfig(enabled=True, **fields))
 
 

@@ -14,9 +14,9 @@ import yaml
 
 from conftest import ROOT
 from test_console import assert_quiet
-from pipeline.ablation import plan_ablation, read_params, write_plan
-from pipeline.runplan import RUN_KEY_FILE
-from pipeline.tracking import log_ablation
+from pipeline.plan.ablation import plan_ablation, read_params, write_plan
+from pipeline.plan.runplan import RUN_KEY_FILE
+from pipeline.tracking.ablation import log_ablation
 
 COST = {"train_wall_s": 12.5, "train_steps": 4, "train_s_per_step": 3.1, "train_images_per_s": 5.0,
         "train_peak_rss_mb": 900.0, "train_peak_gpu_mem_mb": None, "eval_wall_s": 2.0, "eval_images_per_s": 4.0,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, checkpoint_complete, libra, tiny_overrides
-from pipeline.engine.coco_eval import IOU_THRESHOLDS
+from detection.engine.coco_eval import IOU_THRESHOLDS
 
 pytestmark = pytest.mark.trains
 

@@ -16,7 +16,7 @@ import yaml
 from conftest import ROOT, tiny_weights_path
 from optuna.trial import TrialState
 
-from pipeline.config import ConfigError, load_config
+from detection.config import ConfigError, load_config
 from pipeline.tuning import StudyError, TuneOptions, load_study_spec, run_tuning
 from pipeline.tuning.liveness import owner_alive, worker_identity
 from pipeline.tuning.plan import TuningPlan

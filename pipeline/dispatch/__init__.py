@@ -13,7 +13,7 @@ then decides (:mod:`.runs`):
 
 Each run to do is one job (:class:`RunJob`, :mod:`.job`): ``libra run --plan P --out RUN --resume``,
 which trains the run and then evaluates it in one subprocess in the repository root, with its output
-appended to ``<run>/dispatch.log``. Executors (:mod:`.backends`; settings: :mod:`pipeline.execution`):
+appended to ``<run>/dispatch.log``. Executors (:mod:`.backends`; settings: :mod:`pipeline.plan.execution`):
 ``inline`` (one after another in this process), ``local`` (submitit's LocalExecutor: ``jobs`` runs at
 once, each with its share of the cores) and ``slurm`` (submitit: one sbatch job per run, nodes and GPUs
 from the run's ``trainer`` settings, Lightning DDP over them through Lightning's SLURM environment; at
@@ -31,7 +31,7 @@ from pipeline.dispatch.backends import InlineBackend, LocalBackend, SlurmBackend
 from pipeline.dispatch.job import JobResult, RunJob, describe_exit
 from pipeline.dispatch.runs import PlannedRun, decide, planned_runs, prepare_run_dir, resumed_step
 from pipeline.dispatch.scheduler import DispatchOutcome, RunStatus, dispatch
-from pipeline.execution import ExecutionSettings, SlurmSettings, execution_settings
+from pipeline.plan.execution import ExecutionSettings, SlurmSettings, execution_settings
 
 __all__ = ["InlineBackend", "LocalBackend", "SlurmBackend", "make_backend", "slurm_parameters", "JobResult", "RunJob",
            "describe_exit", "PlannedRun", "decide", "planned_runs", "prepare_run_dir", "resumed_step",

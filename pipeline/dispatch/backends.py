@@ -12,12 +12,12 @@ from typing import Any, Protocol
 import submitit
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
-from pipeline.config import ConfigError
+from detection.config import ConfigError
 from pipeline.dispatch.job import JobResult, RunJob
 from pipeline.dispatch.runs import PlannedRun
-from pipeline.execution import ExecutionSettings
-from pipeline.processes import cores
-from pipeline.runplan import RunPlan
+from pipeline.plan.execution import ExecutionSettings
+from pipeline.dispatch.processes import cores
+from pipeline.plan.runplan import RunPlan
 
 LOCAL_TIMEOUT_MIN = 60 * 24 * 30
 """Local jobs have no time limit of their own; submitit's LocalExecutor needs one (default 2 min)."""

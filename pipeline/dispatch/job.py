@@ -17,9 +17,9 @@ from typing import Any, Literal
 
 import submitit
 
-from pipeline.processes import start_process
-from pipeline.runplan import EVALUATION_STARTED
-from pipeline.signals import STOP_SIGNALS, handling_stop_signals
+from pipeline.dispatch.processes import start_process
+from pipeline.plan.runplan import EVALUATION_STARTED
+from detection.signals import STOP_SIGNALS, handling_stop_signals
 
 LOG_FILE = "dispatch.log"
 """In a run directory: the output of every attempt of its job, appended."""

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pipeline.ablation import file_digest, plan_path
-from pipeline.config import ConfigError
-from pipeline.io import write_text_atomic
-from pipeline.ownership import DISPATCH, check_replaceable, mark, remove_owned, writer_of
-from pipeline.runplan import RUN_KEY_FILE, RunPlan, compute_run_key, read_plan_summary, read_run_plan
+from pipeline.plan.ablation import file_digest, plan_path
+from detection.config import ConfigError
+from detection.io import write_text_atomic
+from detection.ownership import DISPATCH, check_replaceable, mark, remove_owned, writer_of
+from pipeline.plan.runplan import RUN_KEY_FILE, RunPlan, compute_run_key, read_plan_summary, read_run_plan
 
 Action = Literal["reused", "resumed", "trained"]
 
@@ -58,7 +58,7 @@ def check_run_dirs(runs: list[PlannedRun], root: Path, force: bool = False) -> N
     """Before any job starts: every run directory that is there must be one libra dispatch made, as it may
     discard it (:func:`prepare_run_dir`). One holding a ``run_key`` (dispatch made it before it marked its
     directories) is marked as dispatch's; with ``force`` any is. Raises
-    :class:`~pipeline.ownership.NotOwnedError` naming the first other one."""
+    :class:`~detection.ownership.NotOwnedError` naming the first other one."""
     for run in runs:
         directory = root / run.plan.run_dir
         if (directory.is_dir() and writer_of(directory) != DISPATCH
@@ -97,6 +97,6 @@ def prepare_run_dir(run: PlannedRun, root: Path) -> str | None:
 
 def resumed_step(run: PlannedRun, root: Path) -> int:
     """The optimizer step ``run``'s last checkpoint was saved at."""
-    from pipeline.engine.checkpoint import read_checkpoint
+    from detection.engine.checkpoint import read_checkpoint
 
     return int(read_checkpoint(root / run.plan.run_dir / "checkpoints" / "last.ckpt").get("global_step", 0))

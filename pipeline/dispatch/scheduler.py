@@ -12,14 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.config import ConfigError
+from detection.config import ConfigError
 from pipeline.dispatch.backends import Backend, Handle, make_backend
 from pipeline.dispatch.job import LOG_FILE, RunJob
 from pipeline.dispatch.runs import (Action, PlannedRun, check_run_dirs, decide, planned_runs, prepare_run_dir,
                                     resumed_step)
-from pipeline.execution import ExecutionSettings
-from pipeline.io import write_json_atomic
-from pipeline.signals import StopRequest, handling_stop_signals
+from pipeline.plan.execution import ExecutionSettings
+from detection.io import write_json_atomic
+from detection.signals import StopRequest, handling_stop_signals
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def dispatch(plan_dir: Path, manifest: Path, settings: ExecutionSettings, index:
              root: Path = Path("."), say: Callable[[str], None] = print, force: bool = False) -> DispatchOutcome:
     """Bring every planned run to finished (see :mod:`pipeline.dispatch`); writes ``index`` and ``curves``.
     ``force``: take over run directories libra dispatch did not make (see :func:`check_run_dirs`)."""
-    from pipeline.engine.curves import write_runs_curves
+    from detection.engine.curves import write_runs_curves
 
     try:
         data_digest = json.loads(manifest.read_text())["digest"]

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.config import BalancedL1Config, ReportConfig
-from pipeline.engine.coco_eval import IOU_THRESHOLDS
+from detection.config import BalancedL1Config, ReportConfig
+from detection.engine.coco_eval import IOU_THRESHOLDS
 from pipeline.report import figures
 from pipeline.report.claims import CLAIMS, ClaimResult, assess_claims
 from pipeline.report.bootstrap import APSamples, PairedDelta, ap_samples, paired_delta, resample_counts
@@ -24,8 +24,8 @@ from pipeline.report.results import (RUN_FIGURES_DIR, RunResult, ap_points, load
                                      validation_ground_truth)
 from pipeline.report.tables import (ablation_table, claims_markdown, detector_markdown, headline_metrics,
                                     power_markdown, summary_metrics)
-from pipeline.runplan import PlanSummary
-from pipeline.io import write_text_atomic
+from pipeline.plan.runplan import PlanSummary
+from detection.io import write_text_atomic
 
 DETECTOR_TITLES = {"faster_rcnn": "Faster R-CNN", "retinanet": "RetinaNet"}
 
@@ -83,7 +83,7 @@ def _box_losses(results: list[RunResult]) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from pipeline.components import balanced_l1_loss
+    from detection.components import balanced_l1_loss
 
     torch_zeros = torch.zeros_like
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline.io import write_text_atomic
+from detection.io import write_text_atomic
 
 
 def offline_template() -> str:

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.engine.curves import epoch_curves, read_metrics_csv
-from pipeline.runplan import PlanSummary, RunPlan, read_plan_summary, read_run_plan
+from detection.engine.curves import epoch_curves, read_metrics_csv
+from pipeline.plan.runplan import PlanSummary, RunPlan, read_plan_summary, read_run_plan
 
 RUN_FIGURES_DIR = "runs"
 """Folder of the report directory with one folder of figures per run, ``<detector>/<combination>/seed<k>``."""
@@ -30,7 +30,7 @@ class RunResult:
     """``metrics.json``: bbox (AP..APl), stats (12 COCO numbers), ap_per_iou, counts."""
     detections: list[dict[str, Any]]
     curves: pd.DataFrame
-    """Per-epoch training curves (see :func:`pipeline.engine.curves.epoch_curves`)."""
+    """Per-epoch training curves (see :func:`detection.engine.curves.epoch_curves`)."""
     negative_iou: tuple[np.ndarray, np.ndarray] | None
     """(bin edges [K+1], counts [K]) of the IoUs of the negatives sampled during training (Faster R-CNN)."""
 
@@ -46,7 +46,7 @@ def ap_points(fraction: float | None) -> float:
 
 
 def negative_iou_histogram(checkpoint: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    from pipeline.engine.checkpoint import read_checkpoint
+    from detection.engine.checkpoint import read_checkpoint
 
     state = read_checkpoint(checkpoint)["state_dict"]
     edges, counts = state.get(f"{NEGATIVE_IOU_BUFFER}.edges"), state.get(f"{NEGATIVE_IOU_BUFFER}.counts")
@@ -83,6 +83,6 @@ def load_results(plan_dir: Path, root: Path = Path("."), skip: frozenset[str] = 
 
 def validation_ground_truth(plan: RunPlan) -> dict[str, Any]:
     """The validation annotations a run was evaluated on (its ``data`` settings, ``max_images`` applied)."""
-    from pipeline.engine.splits import coco_subset, validation_split
+    from detection.engine.splits import coco_subset, validation_split
 
     return coco_subset(validation_split(plan.experiment_config().data))

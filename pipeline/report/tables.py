@@ -9,13 +9,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.engine.coco_eval import IOU_THRESHOLDS
-from pipeline.params import COMPONENTS, DETECTOR_COMPONENTS
+from detection.engine.coco_eval import IOU_THRESHOLDS
+from pipeline.plan.params import COMPONENTS, DETECTOR_COMPONENTS
 from pipeline.report.bootstrap import PairedDelta
 from pipeline.report.claims import VERDICT_CODES, ClaimResult
 from pipeline.report.reference import PAPER_SOURCES, ModelZooRow, paper_row
 from pipeline.report.results import RunResult, ap_points, runs_of
-from pipeline.runplan import PlanSummary
+from pipeline.plan.runplan import PlanSummary
 
 BOX_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_COLUMNS = tuple(f"AP@{t}" for t in IOU_THRESHOLDS)

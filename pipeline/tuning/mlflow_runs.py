@@ -3,7 +3,7 @@
 Written with ``MlflowClient`` (explicit run ids, no global "active run"), so several worker processes
 log into the same store side by side. The parent run's id is kept in the Optuna study's user
 attributes, so every worker, on any host, and every resume nests its trials under the same parent;
-it is looked up or created under the store's lock (see :func:`pipeline.mlflow_store.store_lock`), and
+it is looked up or created under the store's lock (see :func:`pipeline.tracking.store.store_lock`), and
 found by the study's ``uid`` tag if the attribute was never written.
 Trial runs carry the tags ``optuna.study`` and ``optuna.trial_number``, params (the sampled values
 and the flattened trial config), ``val/*`` per epoch (step = epoch), and the trial's final state
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from pipeline.mlflow_store import (
+from pipeline.tracking.store import (
     flatten_params,
     get_or_create_experiment,
     now_ms,
@@ -63,7 +63,7 @@ class StudyTracker:
 
     @property
     def client(self) -> MlflowClient:
-        """Made on first use, by :func:`pipeline.mlflow_store.open_store` (which creates a new SQLite store)."""
+        """Made on first use, by :func:`pipeline.tracking.store.open_store` (which creates a new SQLite store)."""
         if self._client is None:
             self._client = open_store(self.uri)
         return self._client

@@ -18,7 +18,7 @@ import optuna
 from lightning.pytorch.callbacks import Callback
 from optuna.trial import TrialState
 
-from pipeline.engine.train import train
+from detection.engine.train import train
 from pipeline.report.results import ap_points
 from pipeline.tuning.liveness import OWNER_ATTR, worker_identity
 from pipeline.tuning.mlflow_runs import StudyTracker

@@ -24,7 +24,7 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from pipeline.io import replace_atomic, write_text_atomic
+from detection.io import replace_atomic, write_text_atomic
 from pipeline.report.results import AP_UNIT
 from pipeline.tuning.plan import TuningPlan
 

@@ -1,6 +1,6 @@
 """What one study runs: the study file, the profile and the user's overrides, composed into trial configs.
 
-A trial's config is :func:`pipeline.compose.compose_config`, the same composition as an ablation
+A trial's config is :func:`pipeline.plan.compose.compose_config`, the same composition as an ablation
 run's: the detector of the study's ``base_config`` (``configs/<detector>_<c>.yaml`` with the
 profile's config suffix ``c``), the profile's overrides, the components the study's ``fixed``
 enables (with the knobs ``params.yaml`` sets for them), then one device per trial, the study's
@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.compose import base_config_file, compose_config
+from pipeline.plan.compose import base_config_file, compose_config
 from pydantic import ValidationError
 
-from pipeline.config import ConfigError, ExperimentConfig, parse_override, read_yaml
-from pipeline.io import flatten
-from pipeline.params import COMPONENTS
+from detection.config import ConfigError, ExperimentConfig, parse_override, read_yaml
+from detection.io import flatten
+from pipeline.plan.params import COMPONENTS
 from pipeline.report.results import AP_UNIT
 from pipeline.tuning.profiles import TRIAL_DEVICE, Profile
 from pipeline.tuning.space import StudyError, StudySpec, format_override

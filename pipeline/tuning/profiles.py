@@ -1,6 +1,6 @@
 """Tuning profiles: the ablation's profiles of ``params.yaml`` (smoke, tiny, coco_1x), reused as they are.
 
-A trial's config is :func:`pipeline.compose.compose_config` of the study's detector, the profile
+A trial's config is :func:`pipeline.plan.compose.compose_config` of the study's detector, the profile
 and the component under study, exactly as an ablation run's, with the ``data``, ``trainer`` and
 per-detector component knobs of ``params.yaml``; so a trial of the ``tiny`` profile trains like a
 ``tiny`` ablation run. Tuning then pins each trial to one device (``TRIAL_DEVICE``): trials run
@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.compose import profile_overrides
-from pipeline.config import ConfigError
-from pipeline.params import Params, load_params
+from pipeline.plan.compose import profile_overrides
+from detection.config import ConfigError
+from pipeline.plan.params import Params, load_params
 
 DEFAULT_PROFILE = "tiny"
 PARAMS_FILE = Path("params.yaml")

@@ -8,7 +8,7 @@ they are replaced. A worker stops after ``max_failures`` failed trials in a row 
 
 Order of work, so that bad input leaves nothing behind: validate the study file, profile and trial
 configs (every corner of the search space) and the data set, resolve and open the storage, reach
-MLflow (within a bounded time, see ``pipeline.mlflow_store.open_store``); only then is the study created
+MLflow (within a bounded time, see ``pipeline.tracking.store.open_store``); only then is the study created
 (``load_if_exists``: a restart resumes it) and the parent MLflow run opened. ``--report-only`` on a
 study that does not exist creates neither a storage file nor an MLflow store. Trials whose worker
 process died on this host are marked FAIL before new trials start (``liveness.py``).
@@ -30,9 +30,9 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from pipeline.config import ExperimentConfig
-from pipeline.mlflow_store import dvc_experiment_tags, git_state, project_root
-from pipeline.processes import cores, start_process
+from detection.config import ExperimentConfig
+from pipeline.tracking.store import dvc_experiment_tags, git_state, project_root
+from pipeline.dispatch.processes import cores, start_process
 from pipeline.tuning.liveness import fail_dead_trials
 from pipeline.tuning.mlflow_runs import StudyTracker
 from pipeline.tuning.outputs import write_reports
@@ -115,7 +115,7 @@ def prepare(opts: TuneOptions) -> Prepared:
 
 
 def check_data(cfg: ExperimentConfig) -> None:
-    from pipeline.engine.datamodule import load_splits
+    from detection.engine.datamodule import load_splits
 
     load_splits(cfg.data)
 

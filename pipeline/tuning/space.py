@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 import optuna
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from pipeline.config import ConfigError, StrictModel, parse_override, read_yaml
+from detection.config import ConfigError, StrictModel, parse_override, read_yaml
 
 Scalar = bool | int | float | str
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -182,7 +182,7 @@ class StudySpec(StrictModel):
     """The two parameters of the contour plot (default: the first two)."""
     baseline: dict[str, Scalar] | Literal["defaults"] | None = None
     """Parameter values enqueued as the study's first trial; ``defaults``: the values a trial's config has
-    for the searched keys without sampling (the defaults of pipeline/config.py and the knobs params.yaml
+    for the searched keys without sampling (the defaults of detection/config.py and the knobs params.yaml
     sets), resolved by :meth:`pipeline.tuning.plan.TuningPlan.create`, so no study file restates a default."""
     sampler: SamplerSpec = SamplerSpec()
     pruner: PrunerSpec = PrunerSpec()

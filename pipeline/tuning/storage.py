@@ -31,7 +31,7 @@ from filelock import FileLock
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
-from pipeline.mlflow_store import connect_timeout_args, project_root
+from pipeline.tracking.store import connect_timeout_args, project_root
 
 ENV_STORAGE = "LIBRA_OPTUNA_STORAGE"
 HEARTBEAT_INTERVAL = 60

@@ -1,0 +1,81 @@
+"""Evaluate a trained run directory on its validation split: detections.json + metrics.json."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from detection.config import ConfigError, ExperimentConfig, load_config
+from detection.data import CocoDetectionDataset, collate_detection
+from detection.engine.checkpoint import read_checkpoint
+from detection.engine.coco_eval import Backend, evaluate_coco
+from detection.engine.cost import run_cost
+from detection.engine.detections import predict
+from detection.engine.splits import coco_subset, validation_split
+from detection.io import write_json_atomic
+from detection.models.detectors import build_detector
+
+
+class ValidationData:
+    """The validation split of a config: dataset, loader, ground truth, label mapping (no Lightning)."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+        self.val_split = validation_split(cfg.data)
+        self.val_dataset = CocoDetectionDataset(self.val_split, train=False)
+        self.val_gt = coco_subset(self.val_split)
+        self.num_classes = self.val_dataset.num_classes
+        self.label_to_category_id = self.val_dataset.label_to_category_id
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_dataset, batch_size=self.cfg.eval.batch_size, shuffle=False,
+                          collate_fn=collate_detection, num_workers=self.cfg.data.num_workers)
+
+
+def load_trained_model(run: Path, checkpoint: str = "last") -> tuple[ExperimentConfig, torch.nn.Module, ValidationData]:
+    """The run's config, its detector with the ``checkpoint`` weights, and its validation data."""
+    config_file = run / "config.yaml"
+    ckpt = run / "checkpoints" / f"{checkpoint}.ckpt"
+    if not config_file.exists():
+        raise ConfigError(f"{config_file}: not a run directory (no config.yaml); train one with `libra train --out {run}`")
+    if not ckpt.exists():
+        raise ConfigError(f"{ckpt}: no such checkpoint; has `libra train --out {run}` finished an epoch?")
+    cfg = load_config(config_file)
+    data = ValidationData(cfg)
+    model = build_detector(cfg, data.num_classes)
+    state = read_checkpoint(ckpt)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+    return cfg, model, data
+
+
+def resolve_device(name: str) -> str:
+    """``name`` as a torch device; ``auto``: cuda if available, else cpu."""
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def evaluate_run(run: Path, checkpoint: str = "last", backend: Backend | None = None,
+                 device: str = "cpu") -> dict[str, Any]:
+    """Predict the val split with the run's checkpoint and COCO-evaluate; writes both files atomically.
+
+    ``metrics.json`` holds the run's ``cost`` (see :func:`detection.engine.cost.run_cost`); the
+    evaluation's wall time covers loading the model, predicting and COCO evaluation.
+    """
+    start = time.perf_counter()
+    cfg, model, data = load_trained_model(run, checkpoint)
+    model.to(device)
+    with torch.inference_mode():
+        results = predict(model, data.val_dataloader(), torch.device(device), data.label_to_category_id)
+    metrics = evaluate_coco(data.val_gt, results, backend or cfg.eval.backend)
+    metrics["num_images"] = len(data.val_split.image_ids)
+    metrics["num_detections"] = len(results)
+    metrics["cost"] = run_cost(run, time.perf_counter() - start, metrics["num_images"], device)
+    write_json_atomic(run / "detections.json", results)
+    write_json_atomic(run / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,1 @@
+"""MLflow: the store, and the logging of an ablation."""
