@@ -122,8 +122,10 @@ def file_digest(paths: list[Path]) -> str:
 
 
 def read_params(path: Path = Path("params.yaml")) -> dict[str, Any]:
-    """``params.yaml`` as written; :func:`pipeline.params.parse_params` types it."""
-    return read_yaml(path)
+    """``params.yaml`` as written, checked by :func:`pipeline.params.parse_params` (an error names ``path``)."""
+    raw = read_yaml(path)
+    parse_params(raw, str(path))
+    return raw
 
 
 def ablation_key(parent_params: dict[str, str], run_keys: list[str]) -> str:

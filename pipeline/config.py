@@ -37,9 +37,10 @@ Fraction = Annotated[Float, Field(ge=0, le=1)]
 
 
 class StrictModel(BaseModel):
-    """A frozen pydantic model that refuses unknown fields (every config and study section)."""
+    """A frozen pydantic model that refuses unknown fields and non-finite floats (``.inf``, ``.nan``) in every
+    field (every config and study section)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class BackboneConfig(StrictModel):
@@ -436,7 +437,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=0.01")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw, f"override {text!r}") if raw.strip() else None
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or type(exc).__name__
         raise ConfigError(f"override {text!r}: {key.strip()}: not a plain YAML value ({problem}); quote strings, "
@@ -459,13 +460,45 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return merged
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that holds a key twice (plain YAML keeps the last silently)."""
+
+    source = "<yaml>"
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may set keys again: YAML's own rule
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                raise ConfigError(f"{self.source}: line {line}: key {key!r} appears twice in one mapping (first at "
+                                  f"line {first_line[key]}); keep one")
+            first_line[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """The one way configs, params and ``--set`` values are read: plain YAML values (no tags), no key twice
+    in a mapping (a :class:`ConfigError` naming ``source``, the key and its line)."""
+    loader = _UniqueKeyLoader(text)
+    loader.source = source
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = Path(path).read_text()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = load_yaml(text, str(path)) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: malformed YAML: {exc}") from exc
     if not isinstance(raw, dict):
