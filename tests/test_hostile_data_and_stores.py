@@ -463,3 +463,18 @@ def test_a_params_file_is_named_when_it_is_invalid_or_not_utf8(tmp_path, capsys)
     err = capsys.readouterr().err
     assert f"{params}: not UTF-8 text" in err and "Traceback" not in err, err
     assert not (tmp_path / "plan").exists()
+
+
+def test_a_16_bit_grayscale_image_is_scaled_to_8_bits_and_a_float_one_refused(coco_set, capsys):
+    image = coco_set / "images" / "train" / "000001.png"
+    gray = np.asarray(Image.open(image).convert("L"))
+    Image.fromarray(gray.astype(np.uint16) * 257).save(image)  # mode I;16, values up to 65535
+    assert Image.open(image).mode == "I;16"
+    split = validate_coco(_annotations(coco_set, "train"), coco_set / "images" / "train")
+    pixels = CocoDetectionDataset(split)[0][0]
+    assert pixels.shape == (3, 128, 128)
+    assert np.array_equal((pixels[0] * 255).round().byte().numpy(), gray), "the gray levels, not white"
+
+    Image.fromarray(gray.astype(np.float32)).save(coco_set / "images" / "val" / "000002.png", format="TIFF")
+    rc, err = _prepare(coco_set, capsys)
+    assert rc == 2 and "image id 2: image file" in err and "'F' pixels (32-bit) with no defined scale" in err, err
