@@ -237,3 +237,23 @@ def test_train_refuses_a_foreign_folder_and_a_second_writer(synthetic_root, tmp_
         _refused(capsys, libra_main(["train", "--config", config, "--out", str(run), *sets]),
                  "another libra process writes", f"pid {os.getpid()}")
     assert not run.exists()
+
+
+# ---- libra pretrain --out ----------------------------------------------------------------------------------
+
+def test_pretrain_refuses_a_folder_and_a_file_it_did_not_write(tmp_path, capsys, monkeypatch):
+    """The pre-training itself is replaced by a stand-in that writes the file: what is tested is the stage."""
+    import pipeline.engine.pretrain
+
+    def pretrain(cfg, out):
+        Path(out).write_bytes(b"weights")
+        return {"val_accuracy": 1.0, "chance_accuracy": 0.1, "seconds_generate": 0, "seconds_train": 0}
+
+    monkeypatch.setattr(pipeline.engine.pretrain, "pretrain", pretrain)
+    _refused(capsys, libra_main(["pretrain", "--out", str(tmp_path)]), f"{tmp_path}: is a directory")
+    out = tmp_path / "backbone.pt"
+    out.write_bytes(b"someone's weights")
+    _refused(capsys, libra_main(["pretrain", "--out", str(out)]), str(out), "an existing file", "--force")
+    assert out.read_bytes() == b"someone's weights"
+    assert libra_main(["pretrain", "--out", str(out), "--force"]) == 0 and writer_of(out) == "libra pretrain"
+    assert libra_main(["pretrain", "--out", str(out)]) == 0, "its own file is replaced"
