@@ -132,6 +132,10 @@ class RetinaNetConfig(StrictModel):
     """Anchors with IoU < this to every ground truth are negatives (in between: ignored)."""
     focal_alpha: Fraction = 0.25
     focal_gamma: Float = Field(2.0, ge=0)
+    prior_prob: Float = Field(0.01, gt=0, lt=1)
+    """Foreground probability every class logit starts at: the classification predictor's bias is
+    ``-log((1 - prior_prob) / prior_prob)`` (the paper's π = 0.01), so the many background anchors do not
+    swamp the focal loss in the first steps."""
 
     @model_validator(mode="after")
     def _thresholds(self) -> "RetinaNetConfig":
@@ -310,10 +314,23 @@ class TrainConfig(StrictModel):
     weight_decay: Float = Field(1e-4, ge=0)
     warmup_steps: Int = Field(500, ge=0)
     warmup_ratio: Float = Field(0.001, gt=0, le=1)
+    schedule: Literal["step", "cosine"] = "step"
+    """The learning rate after warm-up, as a factor of ``lr`` at optimizer step ``t`` of the run's ``T``:
+    ``step``: ``lr_gamma ** (milestones passed)``; ``cosine``: ``(1 + cos(π t / T)) / 2``, from 1 at the first
+    step to 0 at the end (needs ``milestones: []``). The linear warm-up multiplies either."""
     milestones: tuple[PositiveInt, ...] = (8, 11)
     """Epochs after which the learning rate is multiplied by ``lr_gamma`` (increasing)."""
     lr_gamma: Float = Field(0.1, gt=0)
     grad_clip: Annotated[Float, Field(gt=0)] | None = None
+    """Clip the total L2 norm of all gradients to this before each step (None: no clipping)."""
+    ema_decay: Annotated[Float, Field(gt=0, lt=1)] | None = None
+    """Validate, checkpoint as best and evaluate an exponential moving average of the weights instead of the
+    weights themselves (None: no average). After optimizer step ``t`` of ``T``, every floating tensor
+    becomes ``avg ← d_t · avg + (1 - d_t) · w`` with ``d_t = ema_decay · (1 - exp(-t / (ema_ramp · T)))``:
+    the average starts as the weights and reaches its full memory, ``1 / (1 - ema_decay)`` steps, after a
+    few ``ema_ramp · T`` steps."""
+    ema_ramp: Float = Field(0.05, gt=0, le=1)
+    """Time constant of the EMA's warm-up ramp, as a fraction of the run's optimizer steps (see ``ema_decay``)."""
     val_every_n_epochs: PositiveInt = 1
     val_max_images: PositiveInt | None = None
     """Validate during training on only the first N validation images (sorted ids; val/AP, best.ckpt);
@@ -340,6 +357,9 @@ class TrainConfig(StrictModel):
         if late:
             raise ValueError(f"milestones {late} are not before the last epoch (epochs: {self.epochs}), so they "
                              "would never lower the learning rate; drop them or raise train.epochs")
+        if self.schedule == "cosine" and self.milestones:
+            raise ValueError(f"schedule: cosine lowers the learning rate at every step, so milestones "
+                             f"{list(self.milestones)} would be ignored; set train.milestones: [] or schedule: step")
         return self
 
 
