@@ -143,15 +143,13 @@ def _claim_metrics(c: ClaimResult | UntestableClaim) -> dict[str, Any]:
 
 
 def headline_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The DVC metrics (``reports/headline.json``, what ``dvc exp show`` lists per experiment): of
-    :func:`summary_metrics`, AP and ΔAP per combination and each claim's verdict code."""
-    metrics = dict(metrics)
-    claims = metrics.pop("claims")
-    out: dict[str, Any] = {detector: {combination: {k: v for k, v in values.items() if k in ("AP", "dAP")}
-                                      for combination, values in combinations.items()}
-                           for detector, combinations in metrics.items()}
-    out["verdict_code"] = {key: claim["verdict_code"] for key, claim in claims.items()}
-    return out
+    """The DVC metrics (``reports/headline.json``, the first columns of ``dvc exp show``): of
+    :func:`summary_metrics`, AP and ΔAP per combination. The claims' verdicts stay in ``metrics.json``
+    (``dvc metrics diff --targets reports/metrics.json``): nine more columns would push the APs off a
+    terminal's first screen."""
+    return {detector: {combination: {k: v for k, v in values.items() if k in ("AP", "dAP")}
+                       for combination, values in combinations.items()}
+            for detector, combinations in metrics.items() if detector != "claims"}
 
 
 def _rounded(values: dict[str, Any]) -> dict[str, Any]:
