@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> None:
         return
     from pipeline.ablation import plan_ablation, read_params, write_plan
 
-    ablation = plan_ablation(read_params(args.params), args.configs)
+    ablation = plan_ablation(read_params(args.params), args.configs, str(args.params))
     write_plan(ablation, args.out, args.force)
     chosen = ", ".join(f"{d}: {len(a.combinations)} combinations" for d, a in ablation.detectors.items())
     print(f"planned {len(ablation.runs)} runs (profile {ablation.profile}, design {ablation.design}, "
