@@ -243,7 +243,7 @@ def runs_view_state() -> dict[str, Any]:
     tags = ["libra.detector", "libra.combination", "libra.seed", "libra.dvc_experiment"]
     return {
         "searchFilter": "tags.`libra.role` = 'run'",
-        "orderByKey": "attributes.run_name",
+        "orderByKey": "tags.`mlflow.runName`",
         "orderByAsc": True,
         "selectedColumns": [f"metrics.`{m}`" for m in metrics] + [f"tags.`{t}`" for t in tags],
         "groupBy": {"aggregateFunction": "average",
