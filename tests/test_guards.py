@@ -162,9 +162,9 @@ def test_not_testable_in_metrics_table_console_mlflow_and_power():
     assert read_splits(metrics) == {}, "a claim not testable has no variance split to plan seeds with"
 
 
-def _one_step_ablation(root, tmp_path, pairs: tuple[tuple[str, str], ...]) -> tuple[dict, str, dict]:
+def _one_step_ablation(root, tmp_path, pairs: tuple[tuple[str, str], ...]) -> tuple[dict, str]:
     """Seed 0 of the baseline and one combination of each detector in ``pairs``, every run trained for a
-    single step on the built-in set, then reported: (metrics.json, ablation.md, headline.json). The 16
+    single step on the built-in set, then reported: (metrics.json, ablation.md). The 16
     validation images pass the image guard here (min_val_images 16), so that the learning guard decides."""
     from test_dispatch import _dispatch, _plan as run_plan, _write_ablation
 
@@ -176,20 +176,18 @@ def _one_step_ablation(root, tmp_path, pairs: tuple[tuple[str, str], ...]) -> tu
     assert _dispatch(tmp_path, "inline").exit_code == 0
     write_report(tmp_path / "runs/plan", tmp_path / "reports", ReportConfig(bootstrap_resamples=50, min_val_images=16),
                  root=tmp_path, index=tmp_path / "runs/index.json")
-    return (json.loads((tmp_path / "reports/metrics.json").read_text()),
-            (tmp_path / "reports/ablation.md").read_text(),
-            json.loads((tmp_path / "reports/headline.json").read_text()))
+    return json.loads((tmp_path / "reports/metrics.json").read_text()), (tmp_path / "reports/ablation.md").read_text()
 
 
-def _assert_every_claim_not_testable(metrics: dict, markdown: str, headline: dict, keys: set[str]) -> None:
+def _assert_every_claim_not_testable(metrics: dict, markdown: str, keys: set[str]) -> None:
     assert set(metrics["claims"]) == keys
     for key, claim in metrics["claims"].items():
         detector = "faster_rcnn" if key.startswith("frcnn") else "retinanet"
         assert claim["verdict"] == claim["adjusted_verdict"] == NOT_TESTABLE and "delta" not in claim
+        assert claim["verdict_code"] == claim["adjusted_verdict_code"] == VERDICT_CODES[NOT_TESTABLE]
         assert claim["reason"].startswith(f"the {detector} baseline did not learn (seed 0: AP ")
         assert f"| **not testable** | — | not testable | — | {claim['reason']} |" in markdown
         assert metrics[detector]["baseline"]["untrained_AP"] >= 0
-    assert headline["verdict_code"] == {key: VERDICT_CODES[NOT_TESTABLE] for key in keys}
     assert "| detector | seed | AP untrained | AP trained | gain | learned (gain > 5) |" in markdown
     assert "**Not testable**" in markdown and "What this design can detect" not in markdown
 
