@@ -7,9 +7,9 @@ import json
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from conftest import ROOT, tiny_overrides
 from pipeline.config import ReportConfig
 from pipeline.report.bootstrap import ap_samples, resample_counts
 from pipeline.report.build import evaluate_claims
@@ -17,7 +17,7 @@ from pipeline.report.claims import CLAIMS, NOT_TESTABLE, VERDICT_CODES, ClaimRes
 from pipeline.report.guards import BaselineLearning
 from pipeline.report.per_image import match_images
 from pipeline.report.power import read_splits
-from pipeline.report.tables import claims_markdown, summary_metrics
+from pipeline.report.tables import COLUMNS, claims_markdown, summary_metrics
 from pipeline.tracking import report_metrics
 from stages.report import summary_lines
 
@@ -142,10 +142,6 @@ def test_equivalent_needs_a_rope_small_on_the_baselines_scale(baseline_ap, expec
 def test_not_testable_in_metrics_table_console_mlflow_and_power():
     results, samples = _runs({"baseline": 30, "IS": 60})
     claims = evaluate_claims(results, samples, SETTINGS, _learned(ap=2.0), [])
-    import pandas as pd
-
-    from pipeline.report.tables import COLUMNS
-
     metrics = summary_metrics(pd.DataFrame(columns=list(COLUMNS)), claims)
     reason = claims[0].reason
     assert metrics["claims"] == {IS_CLAIM.key: {"verdict": NOT_TESTABLE, "verdict_code": VERDICT_CODES[NOT_TESTABLE],
