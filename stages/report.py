@@ -16,13 +16,13 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"),
-                        help="parameters file (its report section: pipeline/config.py ReportConfig)")
-    parser.add_argument("--plan", type=Path, default=Path("runs/plan"), help="plan directory written by `libra plan`")
+                        help="parameters file (its report section: pipeline/config.py ReportConfig) (default: %(default)s)")
+    parser.add_argument("--plan", type=Path, default=Path("runs/plan"), help="plan directory written by `libra plan` (default: %(default)s)")
     parser.add_argument("--manifest", type=Path, default=Path("data/manifest.json"),
-                        help="data manifest written by `libra prepare --manifest` (optional)")
+                        help="data manifest written by `libra prepare --manifest` (optional) (default: %(default)s)")
     parser.add_argument("--index", type=Path, default=Path("runs/index.json"),
-                        help="run index written by `libra dispatch`: its failed runs are listed, not reported")
-    parser.add_argument("--out", type=Path, default=Path("reports"), help="report directory")
+                        help="run index written by `libra dispatch`: its failed runs are listed, not reported (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="report directory (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> None:
