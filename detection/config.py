@@ -37,9 +37,10 @@ Fraction = Annotated[Float, Field(ge=0, le=1)]
 
 
 class StrictModel(BaseModel):
-    """A frozen pydantic model that refuses unknown fields (every config and study section)."""
+    """A frozen pydantic model that refuses unknown fields and non-finite floats (``.inf``, ``.nan``) in every
+    field (every config and study section)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class BackboneConfig(StrictModel):
@@ -131,6 +132,10 @@ class RetinaNetConfig(StrictModel):
     """Anchors with IoU < this to every ground truth are negatives (in between: ignored)."""
     focal_alpha: Fraction = 0.25
     focal_gamma: Float = Field(2.0, ge=0)
+    prior_prob: Float = Field(0.01, gt=0, lt=1)
+    """Foreground probability every class logit starts at: the classification predictor's bias is
+    ``-log((1 - prior_prob) / prior_prob)`` (the paper's π = 0.01), so the many background anchors do not
+    swamp the focal loss in the first steps."""
 
     @model_validator(mode="after")
     def _thresholds(self) -> "RetinaNetConfig":
@@ -309,10 +314,23 @@ class TrainConfig(StrictModel):
     weight_decay: Float = Field(1e-4, ge=0)
     warmup_steps: Int = Field(500, ge=0)
     warmup_ratio: Float = Field(0.001, gt=0, le=1)
+    schedule: Literal["step", "cosine"] = "step"
+    """The learning rate after warm-up, as a factor of ``lr`` at optimizer step ``t`` of the run's ``T``:
+    ``step``: ``lr_gamma ** (milestones passed)``; ``cosine``: ``(1 + cos(π t / T)) / 2``, from 1 at the first
+    step to 0 at the end (needs ``milestones: []``). The linear warm-up multiplies either."""
     milestones: tuple[PositiveInt, ...] = (8, 11)
     """Epochs after which the learning rate is multiplied by ``lr_gamma`` (increasing)."""
     lr_gamma: Float = Field(0.1, gt=0)
     grad_clip: Annotated[Float, Field(gt=0)] | None = None
+    """Clip the total L2 norm of all gradients to this before each step (None: no clipping)."""
+    ema_decay: Annotated[Float, Field(gt=0, lt=1)] | None = None
+    """Validate, checkpoint as best and evaluate an exponential moving average of the weights instead of the
+    weights themselves (None: no average). After optimizer step ``t`` of ``T``, every floating tensor
+    becomes ``avg ← d_t · avg + (1 - d_t) · w`` with ``d_t = ema_decay · (1 - exp(-t / (ema_ramp · T)))``:
+    the average starts as the weights and reaches its full memory, ``1 / (1 - ema_decay)`` steps, after a
+    few ``ema_ramp · T`` steps."""
+    ema_ramp: Float = Field(0.05, gt=0, le=1)
+    """Time constant of the EMA's warm-up ramp, as a fraction of the run's optimizer steps (see ``ema_decay``)."""
     val_every_n_epochs: PositiveInt = 1
     val_max_images: PositiveInt | None = None
     """Validate during training on only the first N validation images (sorted ids; val/AP, best.ckpt);
@@ -339,6 +357,9 @@ class TrainConfig(StrictModel):
         if late:
             raise ValueError(f"milestones {late} are not before the last epoch (epochs: {self.epochs}), so they "
                              "would never lower the learning rate; drop them or raise train.epochs")
+        if self.schedule == "cosine" and self.milestones:
+            raise ValueError(f"schedule: cosine lowers the learning rate at every step, so milestones "
+                             f"{list(self.milestones)} would be ignored; set train.milestones: [] or schedule: step")
         return self
 
 
@@ -404,6 +425,21 @@ class ReportConfig(StrictModel):
     """Target power of the minimum detectable effect (MDE)."""
     target_mde: Float = Field(1.0, gt=0)
     """The MDE, in AP points, that the power table asks the seeds for (``libra plan --power``'s default)."""
+    learned_margin: Float = Field(5.0, gt=0)
+    """AP points a detector's baseline must gain, at every seed, over the same detector before training (same
+    config, seed, initial weights and validation images) to count as learned; claims on a detector whose
+    baseline did not learn are 'not testable'. 5 AP is over twice the largest gain the papers claim (+2.3 AP
+    at IoU 0.9), so an effect of the claimed size, in either direction, stays clear of the untrained floor."""
+    min_val_images: PositiveInt = 30
+    """The fewest validation images the image bootstrap's verdicts rest on; with fewer, every claim is 'not
+    testable'. A percentile interval over n images covers near its level only once the resampled AP is close
+    to normal (the usual n ≥ 30); below, it is too narrow (its variance is (n - 1)/n of the sample's) and its
+    tails are a few distinct multisets (2 images have 3)."""
+    equivalence_rope_share: Float = Field(0.02, gt=0, lt=1)
+    """The largest share of the baseline's AP (mean over seeds) that ±rope may be for a claim to be called
+    'equivalent'; above it the verdict is 'not resolved'. The papers' typical gains are 2.0-2.5% of their
+    baselines' AP (+0.7 to +0.9 AP on about 36): a wider rope would call an effect of the paper's relative
+    size on our baseline 'equivalent' to none (rope 0.5 AP needs a baseline of at least 25 AP)."""
 
 
 class MlflowConfig(StrictModel):
@@ -436,7 +472,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=0.01")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw, f"override {text!r}") if raw.strip() else None
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or type(exc).__name__
         raise ConfigError(f"override {text!r}: {key.strip()}: not a plain YAML value ({problem}); quote strings, "
@@ -459,13 +495,45 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return merged
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that holds a key twice (plain YAML keeps the last silently)."""
+
+    source = "<yaml>"
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may set keys again: YAML's own rule
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                raise ConfigError(f"{self.source}: line {line}: key {key!r} appears twice in one mapping (first at "
+                                  f"line {first_line[key]}); keep one")
+            first_line[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """The one way configs, params and ``--set`` values are read: plain YAML values (no tags), no key twice
+    in a mapping (a :class:`ConfigError` naming ``source``, the key and its line)."""
+    loader = _UniqueKeyLoader(text)
+    loader.source = source
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = Path(path).read_text()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = load_yaml(text, str(path)) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: malformed YAML: {exc}") from exc
     if not isinstance(raw, dict):

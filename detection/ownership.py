@@ -82,8 +82,9 @@ def check_replaceable(path: Path, writers: tuple[str, ...], force: bool = False)
                         "replace it")
 
 
-def _aside(path: Path, suffix: str) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{suffix}")
+def _aside(path: Path) -> Path:
+    """Where ``path`` is renamed before it is deleted."""
+    return path.with_name(f".{path.name}.{os.getpid()}.old")
 
 
 def remove_owned(path: Path, writers: tuple[str, ...]) -> None:
@@ -92,7 +93,7 @@ def remove_owned(path: Path, writers: tuple[str, ...]) -> None:
     check_replaceable(path, writers)
     if not path.exists():
         return
-    aside = _aside(path, "old")
+    aside = _aside(path)
     path.rename(aside)
     shutil.rmtree(aside)
 
@@ -140,7 +141,7 @@ def _swap(staging: Path, out: Path) -> None:
     if not out.exists():
         staging.rename(out)
         return
-    retired = _aside(out, "old")
+    retired = _aside(out)
     out.rename(retired)
     try:
         staging.rename(out)

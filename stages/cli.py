@@ -53,10 +53,10 @@ def quiet_third_party_output() -> None:
     third-party code, no "previous log files will be deleted" or "checkpoint directory is not empty" on a
     run directory, no MLflow or alembic INFO lines.
 
-    Warnings of this project (modules ``pipeline``, ``stages``) and every error are kept.
+    Warnings of this project (modules ``detection``, ``pipeline``, ``stages``) and every error are kept.
     """
     for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
-        warnings.filterwarnings("ignore", category=category, module=r"(?!pipeline\b|stages\b)")
+        warnings.filterwarnings("ignore", category=category, module=r"(?!detection\b|pipeline\b|stages\b)")
     for message in LIGHTNING_NOT_EMPTY_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=UserWarning)
     for name in LIGHTNING_INFO_LOGGERS:

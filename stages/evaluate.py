@@ -10,7 +10,7 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", type=Path, required=True, help="run directory written by `libra train --out`")
     parser.add_argument("--checkpoint", default="last", choices=["last", "best"],
-                        help="which checkpoint to evaluate (best: highest val AP during training)")
+                        help="which checkpoint to evaluate (best: highest val AP during training) (default: %(default)s)")
     parser.add_argument("--backend", choices=["faster_coco_eval", "pycocotools"], default=None,
                         help="COCO evaluation library (default: eval.backend of the run's config)")
     parser.add_argument("--device", default="cpu",

@@ -17,17 +17,17 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="the DVC parameters file")
-    parser.add_argument("--configs", type=Path, default=Path("configs"), help="directory of the detector configs")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="the DVC parameters file (default: %(default)s)")
+    parser.add_argument("--configs", type=Path, default=Path("configs"), help="directory of the detector configs (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("runs/plan"),
-                        help="where the plan files go; replaces only an empty folder or a plan libra plan wrote")
+                        help="where the plan files go; replaces only an empty folder or a plan libra plan wrote (default: %(default)s)")
     parser.add_argument("--force", action="store_true",
                         help="replace --out even if libra plan did not write it (deletes what it holds)")
     power = parser.add_argument_group("power (plans nothing: what a finished ablation's design can detect)")
     power.add_argument("--power", action="store_true",
                        help="print per claim the MDE of the finished ablation and the seeds a target MDE needs")
     power.add_argument("--report", type=Path, default=Path("reports/metrics.json"),
-                       help="the finished ablation's report metrics (written by `libra report`)")
+                       help="the finished ablation's report metrics (written by `libra report`) (default: %(default)s)")
     power.add_argument("--target-mde", type=float, default=None,
                        help="target minimum detectable effect in AP points (default: params report.target_mde)")
     power.add_argument("--images", type=float, nargs="+", default=None,
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> None:
         return
     from pipeline.plan.ablation import plan_ablation, read_params, write_plan
 
-    ablation = plan_ablation(read_params(args.params), args.configs)
+    ablation = plan_ablation(read_params(args.params), args.configs, str(args.params))
     write_plan(ablation, args.out, args.force)
     chosen = ", ".join(f"{d}: {len(a.combinations)} combinations" for d, a in ablation.detectors.items())
     print(f"planned {len(ablation.runs)} runs (profile {ablation.profile}, design {ablation.design}, "

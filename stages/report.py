@@ -16,13 +16,13 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"),
-                        help="parameters file (its report section: bootstrap_resamples, confidence, seed, rope, power, target_mde)")
-    parser.add_argument("--plan", type=Path, default=Path("runs/plan"), help="plan directory written by `libra plan`")
+                        help="parameters file (its report section: detection/config.py ReportConfig) (default: %(default)s)")
+    parser.add_argument("--plan", type=Path, default=Path("runs/plan"), help="plan directory written by `libra plan` (default: %(default)s)")
     parser.add_argument("--manifest", type=Path, default=Path("data/manifest.json"),
-                        help="data manifest written by `libra prepare --manifest` (optional)")
+                        help="data manifest written by `libra prepare --manifest` (optional) (default: %(default)s)")
     parser.add_argument("--index", type=Path, default=Path("runs/index.json"),
-                        help="run index written by `libra dispatch`: its failed runs are listed, not reported")
-    parser.add_argument("--out", type=Path, default=Path("reports"), help="report directory")
+                        help="run index written by `libra dispatch`: its failed runs are listed, not reported (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="report directory (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> None:
 
 def summary_lines(metrics: dict) -> list[str]:
     """The console summary of a report's ``metrics.json``: AP and ΔAP per combination, then each claim
-    (with one seed a claim has no seed part of its standard error)."""
+    (with one seed a claim has no seed part of its standard error; a claim not testable has its reason)."""
     metrics = dict(metrics)
     claims = metrics.pop("claims")
     lines = []
@@ -48,7 +48,12 @@ def summary_lines(metrics: dict) -> list[str]:
                      f"{values.get('dAP_ci_high', float('nan')):+.1f}]") if "dAP" in values else ""
             lines.append(f"{detector:12s} {combination:24s} AP {values['AP']:5.1f}{delta}")
     for key, claim in claims.items():
+        if "delta" not in claim:
+            lines.append(f"{key:28s} {claim['verdict']}: {claim['reason']}")
+            continue
         seed_part = f"{claim['se_seed']:.2f}" if "se_seed" in claim else "unknown, one seed"
+        reason = f" ({claim['reason']})" if "reason" in claim else ""
         lines.append(f"{key:28s} {claim['delta']:+.2f} [{claim['ci_low']:+.2f}, {claim['ci_high']:+.2f}] "
-                     f"{claim['verdict']:13s} MDE {claim['mde']:.2f} (SE seeds {seed_part}, images {claim['se_image']:.2f})")
+                     f"{claim['verdict']:13s} MDE {claim['mde']:.2f} (SE seeds {seed_part}, images "
+                     f"{claim['se_image']:.2f}){reason}")
     return lines

@@ -1,5 +1,7 @@
-"""`libra track`: log the ablation to MLflow: a parent run with what `libra report` wrote, a child run per
-training run with its run directory's files and the figures the report drew for it.
+"""`libra track`: log the ablation to MLflow, a parent run per ablation and a child run per training run.
+
+The parent holds what `libra report` wrote; a child its run directory's files and what the report drew
+and measured for it (figures, IoU distributions).
 
 Store: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db (the main repository's, also from a
 `dvc exp` temporary copy). Re-running reuses unchanged runs and replaces changed ones; see
@@ -15,13 +17,13 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"),
-                        help="parameters file (mlflow.experiment, and the ablation's parameters)")
-    parser.add_argument("--plan", type=Path, default=Path("runs/plan"), help="plan directory written by `libra plan`")
+                        help="parameters file (mlflow.experiment, and the ablation's parameters) (default: %(default)s)")
+    parser.add_argument("--plan", type=Path, default=Path("runs/plan"), help="plan directory written by `libra plan` (default: %(default)s)")
     parser.add_argument("--manifest", type=Path, default=Path("data/manifest.json"),
-                        help="data manifest written by `libra prepare --manifest` (its digest tags the runs)")
+                        help="data manifest written by `libra prepare --manifest` (its digest tags the runs) (default: %(default)s)")
     parser.add_argument("--report", type=Path, default=Path("reports"),
-                        help="report directory written by `libra report` (logged as it is, nothing is recomputed)")
-    parser.add_argument("--out", type=Path, default=Path("reports/mlflow.json"), help="record of the logged runs")
+                        help="report directory written by `libra report` (logged as it is, nothing is recomputed) (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("reports/mlflow.json"), help="record of the logged runs (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> None:

@@ -183,7 +183,7 @@ def test_mlflow_holds_parent_and_child_runs(smoke_repo):
         figures = {a.path for a in client.list_artifacts(child.info.run_id, "figures")}
         assert {"figures/training_curves.png", "figures/score_vs_iou.png"} <= figures
         run_name = f"{tags['libra.detector']}/{tags['libra.combination']}/seed{tags['libra.seed']}"
-        assert child.info.run_name == f"{tags['libra.combination']} seed0"
+        assert child.info.run_name == run_name
         assert figures == {f"figures/{p.name}" for p in (repo / "reports/runs" / run_name).glob("*.png")}
         cost = json.loads((repo / tags["libra.run_dir"] / "metrics.json").read_text()).get("cost", {})
         assert {f"cost/{k}" for k, v in cost.items() if isinstance(v, int | float) and not isinstance(v, bool)} <= set(

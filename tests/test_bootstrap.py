@@ -200,6 +200,7 @@ def test_claims_are_tested_where_both_combinations_ran_and_get_their_verdict():
 
     from detection.config import ReportConfig
     from pipeline.report.build import evaluate_claims
+    from pipeline.report.guards import BaselineLearning
 
     n = 60
     gt = _one_box_per_image(n)
@@ -209,10 +210,11 @@ def test_claims_are_tested_where_both_combinations_ran_and_get_their_verdict():
     for combination, sample in (("IS", perfect), ("baseline", half)):
         for seed in (0, 1):
             name = f"faster_rcnn/{combination}/seed{seed}"
-            plan = SimpleNamespace(detector="faster_rcnn", combination=combination, seed=seed)
+            plan = SimpleNamespace(detector="faster_rcnn", combination=combination, seed=seed, name=name)
             results.append(SimpleNamespace(name=name, plan=plan))
             samples[name] = sample
-    tested = evaluate_claims(results, samples, ReportConfig(bootstrap_resamples=500))
+    learning = {"faster_rcnn": BaselineLearning("faster_rcnn", (0, 1), (100 * 51 / 101,) * 2, (0.0, 0.0))}
+    tested = evaluate_claims(results, samples, ReportConfig(bootstrap_resamples=500), learning, [])
     assert [c.claim.key for c in tested] == ["frcnn_IS_gt_baseline"]
     assert tested[0].delta.delta == pytest.approx(1 - 51 / 101)
     assert tested[0].verdict == "reproduced" and tested[0].adjusted_verdict == "reproduced"
@@ -226,13 +228,14 @@ def test_claims_are_tested_where_both_combinations_ran_and_get_their_verdict():
 def test_bonferroni_intervals_widen_with_the_number_of_claims_and_verdicts_follow():
     """Two claims at 95%: each adjusted interval is Δ ± z(1 - 0.05/4) · sd; a claim whose plain interval
     excludes 0 but whose adjusted one does not is reproduced alone, not resolved in the family."""
+    from detection.config import ReportConfig
     from pipeline.report.claims import CLAIMS, assess_claims
 
     rng = np.random.default_rng(0)
     resampled = 0.01 + 0.0048 * rng.standard_normal(4000)  # Δ = 1 AP point, sd 0.48: 95% excludes 0, 98.75% not
     low, high = np.quantile(resampled, [0.025, 0.975])
     delta = PairedDelta(0.01, low, high, low, high, (0.01, 0.01), resampled, resampled, 100)
-    results = assess_claims([(CLAIMS[0], delta), (CLAIMS[1], delta)], confidence=0.95, rope=0.5, power=0.8)
+    results = assess_claims([(CLAIMS[0], delta), (CLAIMS[1], delta)], {"faster_rcnn": 40.0}, ReportConfig())
     z = 2.241403  # norm.ppf(1 - 0.05 / 4)
     sd = 100 * np.std(resampled, ddof=1)
     for result in results:

@@ -123,6 +123,8 @@ def test_report_and_mlflow_settings_have_one_home():
 @pytest.mark.parametrize("section, named", [
     ({"rope": 0}, "rope"), ({"rope": -0.5}, "rope"), ({"power": 1.0}, "power"), ({"power": 0}, "power"),
     ({"confidence": 1}, "confidence"), ({"bootstrap_resamples": 0}, "bootstrap_resamples"), ({"bootstrap": 9}, "bootstrap"),
+    ({"learned_margin": 0}, "learned_margin"), ({"min_val_images": 0}, "min_val_images"),
+    ({"equivalence_rope_share": 1}, "equivalence_rope_share"),
 ])
 def test_bad_report_settings_name_the_field(section, named):
     with pytest.raises(ConfigError, match=f"report: {named}"):

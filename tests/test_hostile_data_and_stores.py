@@ -11,6 +11,7 @@ import copy
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import struct
@@ -28,6 +29,7 @@ import pytest
 from conftest import ROOT
 from PIL import Image
 
+from detection.config import ConfigError, apply_overrides, load_config
 from detection.data import CocoDetectionDataset, DatasetError, validate_coco, write_synthetic_coco
 from detection.engine.coco_eval import evaluate_coco
 from detection.engine.splits import coco_subset
@@ -423,3 +425,56 @@ def test_an_mmdet_config_that_is_not_plain_data_is_refused_naming_the_line_and_n
     err = capsys.readouterr().err
     assert rc == 2 and f"{config}{named}" in err and "not plain data" in err, err
     assert "Traceback" not in err and not marker.exists() and not (tmp_path / "out.yaml").exists()
+
+
+# ---- config values and YAML files -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field", ["train.lr", "train.weight_decay", "components.balanced_l1.alpha",
+                                   "components.balanced_l1.gamma", "components.balanced_l1.beta", "train.lr_gamma"])
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_a_non_finite_float_is_refused_naming_the_field(field, value):
+    with pytest.raises(ConfigError, match=rf"{re.escape(field)}: Input should be a finite number"):
+        load_config(ROOT / "configs" / "faster_rcnn_tiny.yaml", [f"{field}={value}"])
+
+
+def test_a_key_twice_in_a_yaml_file_is_refused_naming_file_key_and_line(tmp_path, capsys):
+    config = tmp_path / "twice.yaml"
+    config.write_text("train:\n  optimizer: adamw\n  lr: 0.001\ntrain:\n  optimizer: sgd\n")
+    with pytest.raises(ConfigError, match=rf"{config}: line 4: key 'train' appears twice .*first at line 1"):
+        load_config(config)
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text() + "\nprofile: tiny\n")
+    rc = libra_main(["plan", "--params", str(params), "--out", str(tmp_path / "plan")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{params}: line" in err and "key 'profile' appears twice" in err, err
+    with pytest.raises(ConfigError, match=r"override .*: line 1: key 'a' appears twice"):
+        apply_overrides({}, ["train.x={a: 1, a: 2}"])
+
+
+def test_a_params_file_is_named_when_it_is_invalid_or_not_utf8(tmp_path, capsys):
+    params = tmp_path / "my_params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text().replace("design: table", "design: tabel", 1))
+    assert "design: tabel" in params.read_text()
+    assert libra_main(["plan", "--params", str(params), "--out", str(tmp_path / "plan")]) == 2
+    err = capsys.readouterr().err
+    assert str(params) in err and "design" in err, err
+    params.write_bytes(b"profile: tiny\n# caf\xe9\n")
+    assert libra_main(["plan", "--params", str(params), "--out", str(tmp_path / "plan")]) == 2
+    err = capsys.readouterr().err
+    assert f"{params}: not UTF-8 text" in err and "Traceback" not in err, err
+    assert not (tmp_path / "plan").exists()
+
+
+def test_a_16_bit_grayscale_image_is_scaled_to_8_bits_and_a_float_one_refused(coco_set, capsys):
+    image = coco_set / "images" / "train" / "000001.png"
+    gray = np.asarray(Image.open(image).convert("L"))
+    Image.fromarray(gray.astype(np.uint16) * 257).save(image)  # mode I;16, values up to 65535
+    assert Image.open(image).mode == "I;16"
+    split = validate_coco(_annotations(coco_set, "train"), coco_set / "images" / "train")
+    pixels = CocoDetectionDataset(split)[0][0]
+    assert pixels.shape == (3, 128, 128)
+    assert np.array_equal((pixels[0] * 255).round().byte().numpy(), gray), "the gray levels, not white"
+
+    Image.fromarray(gray.astype(np.float32)).save(coco_set / "images" / "val" / "000002.png", format="TIFF")
+    rc, err = _prepare(coco_set, capsys)
+    assert rc == 2 and "image id 2: image file" in err and "'F' pixels (32-bit) with no defined scale" in err, err

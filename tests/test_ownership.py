@@ -40,7 +40,7 @@ def _foreign(folder: Path) -> Path:
 def _refused(capsys, rc: int, *named: str) -> str:
     err = capsys.readouterr().err
     assert rc == 2, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("libra "), err
     for name in named:
         assert name in err, err
     return err
@@ -225,15 +225,74 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
         pass
 
 
-def test_train_refuses_a_foreign_folder_and_a_second_writer(synthetic_root, tmp_path, capsys):
-    config = str(ROOT / "configs" / "faster_rcnn_tiny.yaml")
-    sets = [a for s in tiny_overrides(synthetic_root) for a in ("--set", s)]
+def _train(root: Path, out: Path, prelude: str = "") -> subprocess.CompletedProcess:
+    """`libra train` of a tiny config into ``out`` in a fresh process (Lightning binds its log handler to the
+    stderr it finds at import), after running ``prelude`` there."""
+    argv = ["train", "--config", str(ROOT / "configs" / "faster_rcnn_tiny.yaml"), "--out", str(out),
+            *[a for s in tiny_overrides(root) for a in ("--set", s)]]
+    script = f"import sys\n{prelude}\nfrom stages.cli import main\nsys.exit(main({argv!r}))"
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def _named(proc: subprocess.CompletedProcess, *named: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("libra "), proc.stderr
+    for name in named:
+        assert name in proc.stderr, proc.stderr
+
+
+def test_train_refuses_a_foreign_folder_and_a_second_writer(synthetic_root, tmp_path):
     mine = _foreign(tmp_path / "mine")
+    (mine / "metrics.csv").write_text("step,my_metric\n0,1\n")
     before = _files(mine)
-    _refused(capsys, libra_main(["train", "--config", config, "--out", str(mine), *sets]), str(mine), "--force")
+    _named(_train(synthetic_root, mine), str(mine), "--force")
     assert _files(mine) == before
     run = tmp_path / "run"
     with run_lock(run):
-        _refused(capsys, libra_main(["train", "--config", config, "--out", str(run), *sets]),
-                 "another libra process writes", f"pid {os.getpid()}")
+        _named(_train(synthetic_root, run), "another libra process writes", f"pid {os.getpid()}")
     assert not run.exists()
+
+
+# ---- libra pretrain --out ----------------------------------------------------------------------------------
+
+def test_pretrain_refuses_a_folder_and_a_file_it_did_not_write(tmp_path, capsys, monkeypatch):
+    """The pre-training itself is replaced by a stand-in that writes the file: what is tested is the stage."""
+    import detection.engine.pretrain
+
+    def pretrain(cfg, out):
+        Path(out).write_bytes(b"weights")
+        return {"val_accuracy": 1.0, "chance_accuracy": 0.1, "seconds_generate": 0, "seconds_train": 0}
+
+    monkeypatch.setattr(detection.engine.pretrain, "pretrain", pretrain)
+    _refused(capsys, libra_main(["pretrain", "--out", str(tmp_path)]), f"{tmp_path}: is a directory")
+    out = tmp_path / "backbone.pt"
+    out.write_bytes(b"someone's weights")
+    _refused(capsys, libra_main(["pretrain", "--out", str(out)]), str(out), "an existing file", "--force")
+    assert out.read_bytes() == b"someone's weights"
+    assert libra_main(["pretrain", "--out", str(out), "--force"]) == 0 and writer_of(out) == "libra pretrain"
+    assert libra_main(["pretrain", "--out", str(out)]) == 0, "its own file is replaced"
+
+
+def test_a_fresh_run_replaces_the_config_yaml_of_a_failed_start(tmp_path):
+    from detection.config import load_config, save_config
+    from detection.engine.train import _write_config
+
+    config = ROOT / "configs" / "faster_rcnn_tiny.yaml"
+    stale, fresh = load_config(config, ["train.lr=0.5"]), load_config(config)
+    save_config(stale, tmp_path / "config.yaml")
+    _write_config(fresh, tmp_path, resume=True)
+    assert load_config(tmp_path / "config.yaml") == stale, "a resumed run keeps the config it was checked against"
+    _write_config(fresh, tmp_path, resume=False)
+    assert load_config(tmp_path / "config.yaml") == fresh
+
+
+@pytest.mark.parametrize("fault", [errno.EROFS, errno.ENOSPC])
+def test_train_on_a_read_only_or_full_disk_is_a_message(synthetic_root, tmp_path, fault):
+    """The first write of the run (config.yaml) fails as on a read-only file system or a full disk (mocked)."""
+    prelude = ("import os, detection.engine.train as train\n"
+               "def save_config(cfg, path):\n"
+               f"    raise OSError({fault}, os.strerror({fault}), str(path))\n"
+               "train.save_config = save_config")
+    run = tmp_path / "run"
+    _named(_train(synthetic_root, run, prelude), os.strerror(fault), "config.yaml")
+    assert not (run / ".libra.lock").exists()

@@ -8,9 +8,11 @@ import pytest
 
 from conftest import ROOT
 from pipeline.plan.ablation import plan_ablation, read_params
+from detection.config import ReportConfig
 from detection.engine.coco_eval import IOU_THRESHOLDS
 from pipeline.report.bootstrap import PairedDelta
 from pipeline.report.claims import CLAIMS, assess_claims
+from pipeline.report.guards import BaselineLearning
 from pipeline.report.results import RunResult
 from pipeline.report.tables import COLUMNS, ablation_table, detector_markdown, summary_metrics
 
@@ -33,7 +35,8 @@ def table() -> tuple[pd.DataFrame, dict]:
     deltas = {("faster_rcnn", "IS+BFP+BL"): PairedDelta(0.05, 0.03, 0.07, 0.04, 0.06, (0.05, 0.05), np.zeros(3),
                                                         np.zeros(3), 96)}
     correlations = {("retinanet", "IoU-cls"): {"pearson": 0.4, "spearman": 0.35}}
-    return ablation_table(summary, results, deltas, correlations), summary
+    learning = {"faster_rcnn": BaselineLearning("faster_rcnn", (0, 1), (30.0, 31.0), (0.5, 0.7))}
+    return ablation_table(summary, results, deltas, correlations, learning), summary
 
 
 def test_schema_rows_and_units(table):
@@ -68,7 +71,7 @@ def test_summary_metrics_and_markdown(table):
     image_resampled = np.array([-0.025, -0.015] * 50)
     delta = PairedDelta(-0.02, -0.03, -0.01, -0.025, -0.015, (-0.025, -0.015), np.linspace(-0.03, -0.01, 101),
                         image_resampled, 96)
-    [assessed] = assess_claims([(claim, delta)], confidence=0.95, rope=0.5, power=0.8)
+    [assessed] = assess_claims([(claim, delta)], {"faster_rcnn": 30.5}, ReportConfig())
     metrics = summary_metrics(frame, [assessed])
     assert set(metrics) == {"faster_rcnn", "retinanet", "claims"}
     image_se = 100 * np.std(image_resampled, ddof=1)
@@ -99,7 +102,7 @@ def test_one_seed_claims_are_over_images_only_and_summarised(table):
     frame, _ = table
     image_resampled = np.array([0.005, 0.015] * 50)
     delta = PairedDelta(0.01, 0.004, 0.016, 0.004, 0.016, (0.01,), image_resampled, image_resampled, 96)
-    [assessed] = assess_claims([(CLAIMS[0], delta)], confidence=0.95, rope=0.5, power=0.8)
+    [assessed] = assess_claims([(CLAIMS[0], delta)], {"faster_rcnn": 30.5}, ReportConfig())
     image_se = 100 * np.std(image_resampled, ddof=1)
     assert assessed.split.images_only and assessed.split.se() == pytest.approx(image_se)
     assert assessed.mde == pytest.approx(2.8015852 * image_se)

@@ -16,7 +16,8 @@ from conftest import ROOT
 from test_console import assert_quiet
 from pipeline.plan.ablation import plan_ablation, read_params, write_plan
 from pipeline.plan.runplan import RUN_KEY_FILE
-from pipeline.tracking.ablation import log_ablation
+from pipeline.report.localization import IOU_DISTRIBUTIONS_FILE
+from pipeline.tracking.ablation import RUNS_VIEW, log_ablation, runs_view_state
 
 COST = {"train_wall_s": 12.5, "train_steps": 4, "train_s_per_step": 3.1, "train_images_per_s": 5.0,
         "train_peak_rss_mb": 900.0, "train_peak_gpu_mem_mb": None, "eval_wall_s": 2.0, "eval_images_per_s": 4.0,
@@ -62,6 +63,8 @@ def ablation(tmp_path):
     for name in names:
         (report / "runs" / name).mkdir(parents=True)
         (report / "runs" / name / "training_curves.png").write_bytes(name.encode())
+    (report / "runs" / names[0] / IOU_DISTRIBUTIONS_FILE).write_text(
+        "curve,iou,value\neval/score_by_IoU,60,0.4\neval/score_by_IoU,70,0.8\n")
     log = lambda: log_ablation(tmp_path / "runs/plan", report, {"digest": "d" * 64}, params, "ablation",  # noqa: E731
                                f"sqlite:///{tmp_path / 'mlflow.db'}", root=tmp_path)
     return tmp_path, plan, log
@@ -86,8 +89,11 @@ def test_track_logs_the_report_and_each_runs_files_cost_and_system_metrics(ablat
     assert {"config.yaml", "metrics.json", "detections.json", "metrics.csv", "system_metrics.csv", "figures"} <= artifacts
     assert "system_metrics.csv" not in {a.path for a in client.list_artifacts(second)}
     assert [a.path for a in client.list_artifacts(first, "figures")] == ["figures/training_curves.png"]
-    assert child.info.run_name == f"{plan.runs[0].combination} seed{plan.runs[0].seed}"
+    assert child.info.run_name == plan.runs[0].name, "detector/combination/seed<k>: unique across detectors"
     assert [(m.step, m.value) for m in client.get_metric_history(first, "eval/AP_by_IoU")] == [(50, pytest.approx(10.0))]
+    assert [(m.step, m.value) for m in client.get_metric_history(first, "eval/score_by_IoU")] == [(60, 0.4), (70, 0.8)]
+    view = client.get_experiment(record["experiment_id"]).tags[f"mlflow.sharedViewState.{RUNS_VIEW}"]
+    assert json.loads(view) == runs_view_state()
     parent = client.get_run(record["parent_run_id"])
     assert parent.data.tags["mlflow.note.content"].startswith("# report")
     assert parent.data.metrics["faster_rcnn/baseline/AP"] == 10.0 and parent.data.metrics["claims/c1/delta"] == 1.0

@@ -61,7 +61,8 @@ def test_train_then_evaluate_writes_schema(synthetic_root, tmp_path):
 
 @pytest.mark.slow  # fast: test_hostile_input's SIGKILL/SIGTERM mid-epoch, resumed to uninterrupted weights
 def test_resume_after_kill_matches_uninterrupted(synthetic_root, tmp_path):
-    sets = _sets(synthetic_root, **{"train.epochs": 3, "data.max_images": 12})
+    """With an EMA of the weights: the average resumes from the checkpoint too (compared as ema.*)."""
+    sets = _sets(synthetic_root, **{"train.epochs": 3, "data.max_images": 12, "train.ema_decay": 0.9})
     full, killed = tmp_path / "full", tmp_path / "killed"
     libra("train", "--config", "configs/faster_rcnn_tiny.yaml", "--out", str(full), *sets)
 
@@ -77,6 +78,7 @@ def test_resume_after_kill_matches_uninterrupted(synthetic_root, tmp_path):
     assert first["epoch"] < 3, "killed before the end"
 
     libra("train", "--config", "configs/faster_rcnn_tiny.yaml", "--out", str(killed), "--resume", *sets)
+    assert any(k.startswith("ema.") for k in _weights(full))
     assert _max_diff(_weights(full), _weights(killed)) < 1e-5
 
 

@@ -150,7 +150,7 @@ def read_image(path: Path, where: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Im
         with _no_pillow_pixel_limit(), Image.open(path) as handle:
             width, height = handle.size
             if width * height <= max_pixels:
-                return handle.convert("RGB")
+                return _to_rgb(handle, path, where)
     except FileNotFoundError:
         raise DatasetError(f"{where}: image file {path} not found") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
@@ -261,6 +261,17 @@ def _check_annotation(
     if not inside:
         raise DatasetError(f"{where}: bbox {bbox} is outside the {width}x{height} image")
     return image_id
+
+
+def _to_rgb(image: Image.Image, path: Path, where: str) -> Image.Image:
+    """8-bit RGB. 16-bit grayscale (Pillow's ``I;16*``, or ``I`` holding 16-bit values) is scaled to 8 bits
+    (value // 256): Pillow's own conversion clips every value above 255 to white."""
+    if image.mode == "F" or (image.mode == "I" and image.getextrema()[1] > 0xFFFF):
+        raise DatasetError(f"{where}: image file {path} has {image.mode!r} pixels (32-bit) with no defined scale to "
+                           "8 bits; save it as 8- or 16-bit")
+    if image.mode.startswith("I"):
+        image = image.point(lambda value: value / 256, "F").convert("L")
+    return image.convert("RGB")
 
 
 def _check_image_file(file: Path, image_dir: Path, image: dict[str, Any], max_pixels: int) -> None:

@@ -37,8 +37,14 @@ class ValidationData:
                           collate_fn=collate_detection, num_workers=self.cfg.data.num_workers)
 
 
+def evaluated_weights(cfg: ExperimentConfig) -> str:
+    """Which of a checkpoint's detectors a run evaluates: ``ema`` (the moving average, with ``train.ema_decay``)
+    or ``model`` (the trained weights); the prefix of its tensors in the checkpoint's state_dict."""
+    return "model" if cfg.train.ema_decay is None else "ema"
+
+
 def load_trained_model(run: Path, checkpoint: str = "last") -> tuple[ExperimentConfig, torch.nn.Module, ValidationData]:
-    """The run's config, its detector with the ``checkpoint`` weights, and its validation data."""
+    """The run's config, its detector with the ``checkpoint``'s evaluated weights, and its validation data."""
     config_file = run / "config.yaml"
     ckpt = run / "checkpoints" / f"{checkpoint}.ckpt"
     if not config_file.exists():
@@ -48,8 +54,9 @@ def load_trained_model(run: Path, checkpoint: str = "last") -> tuple[ExperimentC
     cfg = load_config(config_file)
     data = ValidationData(cfg)
     model = build_detector(cfg, data.num_classes)
+    prefix = evaluated_weights(cfg) + "."
     state = read_checkpoint(ckpt)["state_dict"]
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+    model.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
     return cfg, model, data
 
 
@@ -64,8 +71,9 @@ def evaluate_run(run: Path, checkpoint: str = "last", backend: Backend | None = 
                  device: str = "cpu") -> dict[str, Any]:
     """Predict the val split with the run's checkpoint and COCO-evaluate; writes both files atomically.
 
-    ``metrics.json`` holds the run's ``cost`` (see :func:`detection.engine.cost.run_cost`); the
-    evaluation's wall time covers loading the model, predicting and COCO evaluation.
+    ``metrics.json`` holds the run's ``cost`` (see :func:`detection.engine.cost.run_cost`), whose
+    evaluation's wall time covers loading the model, predicting and COCO evaluation, and the ``weights``
+    scored (:func:`evaluated_weights`).
     """
     start = time.perf_counter()
     cfg, model, data = load_trained_model(run, checkpoint)
@@ -75,6 +83,7 @@ def evaluate_run(run: Path, checkpoint: str = "last", backend: Backend | None = 
     metrics = evaluate_coco(data.val_gt, results, backend or cfg.eval.backend)
     metrics["num_images"] = len(data.val_split.image_ids)
     metrics["num_detections"] = len(results)
+    metrics["weights"] = evaluated_weights(cfg)
     metrics["cost"] = run_cost(run, time.perf_counter() - start, metrics["num_images"], device)
     write_json_atomic(run / "detections.json", results)
     write_json_atomic(run / "metrics.json", metrics)

@@ -36,7 +36,7 @@ from detection.config import ConfigError, ExperimentConfig, load_config, save_co
 from detection.engine.checkpoint import CheckpointError, read_checkpoint
 from detection.engine.cost import TrainingCost
 from detection.engine.datamodule import DetectionDataModule
-from detection.engine.module import DetectionModule
+from detection.engine.module import DetectionModule, schedule_steps
 from detection.io import replace_atomic, write_json_atomic
 from detection.ownership import DISPATCH, TRAIN, check_replaceable, mark, run_lock, writer_of
 from detection.models.detectors import check_backbone_weights, init_detector
@@ -235,12 +235,6 @@ def resume_checkpoint(cfg: ExperimentConfig, out: Path, resume: bool) -> dict[st
                               "hyper-parameters); delete it and train again")
     _check_same_config(cfg, validate_config(hparams.get("config"), f"{last}: config in its hyper-parameters"), last)
     return checkpoint
-
-
-def schedule_steps(cfg: ExperimentConfig, steps_per_epoch: int) -> int:
-    """Optimizer steps of the full schedule: every epoch, or ``train.max_steps`` if it comes first."""
-    steps = cfg.train.epochs * steps_per_epoch
-    return min(steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else steps
 
 
 def _write_config(cfg: ExperimentConfig, out: Path, resume: bool) -> None:

@@ -12,6 +12,7 @@ of its decoded predicted box, which torchvision's classification head never sees
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -70,7 +71,7 @@ class BalancedRetinaNetHead(RetinaNetHead):
 
     def __init__(self, in_channels: int, num_anchors: int, num_classes: int, *, box_loss: BoxLoss,
                  eta: float | None, loc_weight: IoUBalancedLocWeight | None, head_convs: int,
-                 group_norm: bool, kaiming_init: bool, focal_alpha: float, focal_gamma: float):
+                 group_norm: bool, kaiming_init: bool, focal_alpha: float, focal_gamma: float, prior_prob: float):
         norm = partial(nn.GroupNorm, min(32, in_channels // 4)) if group_norm else None
         super().__init__(in_channels, num_anchors, num_classes, norm_layer=norm)
         self.classification_head.conv = self.classification_head.conv[:head_convs]
@@ -80,6 +81,7 @@ class BalancedRetinaNetHead(RetinaNetHead):
                 for conv in subnet.modules():
                     if isinstance(conv, nn.Conv2d):
                         nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.constant_(self.classification_head.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
         self.focal = partial(sigmoid_focal_loss, alpha=focal_alpha, gamma=focal_gamma)
         self.box_loss = box_loss
         self.eta = eta
@@ -138,7 +140,7 @@ def build_retinanet(cfg: ExperimentConfig, num_classes: int) -> LibraRetinaNet:
             loc_weight=(IoUBalancedLocWeight(c.iou_balanced_loc.lam, c.iou_balanced_loc.w_loc)
                         if c.iou_balanced_loc.enabled else None),
             head_convs=r.head_convs, group_norm=r.head_norm == "group", kaiming_init=r.head_init == "kaiming",
-            focal_alpha=r.focal_alpha, focal_gamma=r.focal_gamma,
+            focal_alpha=r.focal_alpha, focal_gamma=r.focal_gamma, prior_prob=r.prior_prob,
         )
     return LibraRetinaNet(backbone, num_classes, min_size=m.min_size, max_size=m.max_size,
                      anchor_generator=anchors, head=head, score_thresh=m.score_thresh,

@@ -89,15 +89,16 @@ def resolve_config(params: dict[str, Any] | Params, detector: str, components: t
     return compose_config(typed, detector, typed.profile, components, seed, configs_dir=configs_dir)
 
 
-def data_config(params: dict[str, Any], configs_dir: Path = Path("configs")) -> DataConfig:
-    """The data settings every run of the ablation uses."""
+def data_config(params: dict[str, Any], configs_dir: Path = Path("configs"), source: str = "params.yaml") -> DataConfig:
+    """The data settings every run of the ablation uses (an error in ``params`` names ``source``)."""
     detector = next(iter(DETECTOR_COMPONENTS))
-    return resolve_config(params, detector, (), 0, configs_dir).data
+    return resolve_config(parse_params(params, source), detector, (), 0, configs_dir).data
 
 
-def plan_ablation(params: dict[str, Any], configs_dir: Path = Path("configs")) -> Ablation:
-    """Validate ``params`` and resolve every run the design selects into a :class:`RunPlan`."""
-    typed = parse_params(params)
+def plan_ablation(params: dict[str, Any], configs_dir: Path = Path("configs"), source: str = "params.yaml") -> Ablation:
+    """Validate ``params`` (an error names ``source``) and resolve every run the design selects into a
+    :class:`RunPlan`."""
+    typed = parse_params(params, source)
     design = typed.ablation.design
     detectors = {}
     for detector, section in typed.ablation.detectors().items():

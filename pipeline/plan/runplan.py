@@ -27,7 +27,7 @@ import yaml
 from pydantic import Field
 
 from pipeline.plan.code_digest import code_digest
-from detection.config import ConfigError, ExperimentConfig, Int, StrictModel, validate_config, validate_model
+from detection.config import ConfigError, ExperimentConfig, Int, StrictModel, load_yaml, validate_config, validate_model
 from detection.io import write_text_atomic
 
 
@@ -69,7 +69,7 @@ def write_run_plan(plan: RunPlan, path: Path) -> None:
 
 def read_run_plan(path: Path) -> RunPlan:
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        raw = load_yaml(Path(path).read_text(), str(path))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the run plan ({exc.strerror}); run `libra plan` first") from None
     if not isinstance(raw, dict):
@@ -111,7 +111,7 @@ def write_plan_summary(summary: PlanSummary, path: Path) -> None:
 def read_plan_summary(plan_dir: Path) -> PlanSummary:
     path = Path(plan_dir) / "ablation.yaml"
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text(), str(path))
     except OSError as exc:
         raise ConfigError(f"{path}: no ablation plan ({exc.strerror}); run `libra plan` (or `dvc repro`) first") from None
     return validate_model(PlanSummary, raw, f"{path} (written by `libra plan`)")

@@ -14,17 +14,19 @@ import pandas as pd
 from detection.config import BalancedL1Config, ReportConfig
 from detection.engine.coco_eval import IOU_THRESHOLDS
 from pipeline.report import figures
-from pipeline.report.claims import CLAIMS, ClaimResult, assess_claims
+from pipeline.report.claims import CLAIMS, ClaimResult, UntestableClaim, assess_claims
 from pipeline.report.bootstrap import APSamples, PairedDelta, ap_samples, paired_delta, resample_counts
-from pipeline.report.localization import detection_ious, score_iou_correlation
+from pipeline.report.localization import (IOU_DISTRIBUTIONS_FILE, detection_ious, iou_distributions,
+                                          score_iou_correlation)
 from pipeline.report.per_image import match_images
 from pipeline.report.reference import ModelZooRow, model_zoo_rows
 from pipeline.report.failures import failures_markdown, read_failures
+from pipeline.report.guards import BaselineLearning, baseline_learning, design_reason, image_count_reason
 from pipeline.report.results import (RUN_FIGURES_DIR, RunResult, ap_points, load_results, runs_of,
                                      validation_ground_truth)
 from pipeline.report.tables import (ablation_table, claims_markdown, detector_markdown, headline_metrics,
-                                    power_markdown, summary_metrics)
-from pipeline.plan.runplan import PlanSummary
+                                    learning_markdown, power_markdown, summary_metrics)
+from pipeline.plan.runplan import PlanSummary, RunPlan
 from detection.io import write_text_atomic
 
 DETECTOR_TITLES = {"faster_rcnn": "Faster R-CNN", "retinanet": "RetinaNet"}
@@ -64,17 +66,35 @@ def compute_deltas(summary: PlanSummary, results: list[RunResult], samples: dict
     return deltas
 
 
-def evaluate_claims(results: list[RunResult], samples: dict[str, APSamples],
-                    settings: ReportConfig) -> list[ClaimResult]:
-    """Every claim of :data:`CLAIMS` whose two combinations were both run: its paired difference, verdicts
-    and power."""
-    tested = []
+def evaluate_claims(results: list[RunResult], samples: dict[str, APSamples], settings: ReportConfig,
+                    learning: dict[str, BaselineLearning], unfinished: list[tuple[RunPlan, str]]
+                    ) -> list[ClaimResult | UntestableClaim]:
+    """Every claim of :data:`CLAIMS` whose two combinations are both planned, in order: tested (paired
+    difference, verdicts, power) where the guards (:mod:`pipeline.report.guards`) let the evidence carry a
+    verdict, else not testable with the reasons. ``learning``: each planned detector's baseline;
+    ``unfinished``: the planned runs without a result, with why."""
+    planned = [r.plan for r in results] + [plan for plan, _ in unfinished]
+    why_unfinished = {plan.name: why for plan, why in unfinished}
+    tested, untestable = [], {}
     for claim in CLAIMS:
+        sides = [p for p in planned
+                 if p.detector == claim.detector and p.combination in (claim.combination, claim.reference)]
+        if {p.combination for p in sides} != {claim.combination, claim.reference}:
+            continue
+        images = [samples[p.name].num_images for p in sides if p.name in samples]
+        reasons = [reason for reason in (design_reason(claim, sides, why_unfinished),
+                                         learning[claim.detector].reason(settings.learned_margin),
+                                         image_count_reason(min(images), settings) if images else None) if reason]
+        if reasons:
+            untestable[claim.key] = UntestableClaim(claim, "; ".join(reasons))
+            continue
         claimed, reference = _paired_runs(results, claim.detector, claim.combination, claim.reference)
-        if claimed:
-            tested.append((claim, paired_delta([samples[r.name] for r in claimed], [samples[r.name] for r in reference],
-                                               settings.confidence, claim.statistic, settings.seed)))
-    return assess_claims(tested, settings.confidence, settings.rope, settings.power)
+        tested.append((claim, paired_delta([samples[r.name] for r in claimed], [samples[r.name] for r in reference],
+                                           settings.confidence, claim.statistic, settings.seed)))
+    baseline_ap = {detector: baseline.mean_ap for detector, baseline in learning.items() if baseline.seeds}
+    assessed = {c.claim.key: c for c in assess_claims(tested, baseline_ap, settings)}
+    return [assessed.get(claim.key) or untestable[claim.key] for claim in CLAIMS
+            if claim.key in assessed or claim.key in untestable]
 
 
 def _box_losses(results: list[RunResult]) -> dict[str, Any]:
@@ -127,13 +147,16 @@ def _mean_curves(runs: list[RunResult]) -> pd.DataFrame:
     return pd.concat(frames).groupby(level=0).mean(numeric_only=True).reset_index()
 
 
-def draw_run_figures(result: RunResult, gt: dict[str, Any], out_dir: Path) -> list[Path]:
-    """The figures of one run (``libra track`` logs them on its MLflow run): training curves, score vs IoU,
-    sampled-negative IoUs."""
+def write_run_files(result: RunResult, gt: dict[str, Any], out_dir: Path) -> list[Path]:
+    """The files of one run that ``libra track`` logs on its MLflow run: its IoU distributions
+    (:data:`IOU_DISTRIBUTIONS_FILE`) and its figures (training curves, score vs IoU, sampled-negative IoUs),
+    whose paths it returns."""
     out_dir = Path(out_dir)
     paths = [figures.training_curves({result.plan.combination: result.curves}, out_dir / "training_curves.png",
                                      result.name)]
     scores, ious = detection_ious(gt, result.detections)
+    distributions = pd.DataFrame(iou_distributions(scores, ious, result.negative_iou), columns=["curve", "iou", "value"])
+    write_text_atomic(out_dir / IOU_DISTRIBUTIONS_FILE, distributions.to_csv(index=False, float_format="%.6g"))
     paths.append(figures.score_vs_iou({result.plan.combination: (scores, ious, score_iou_correlation(scores, ious))},
                                       out_dir / "score_vs_iou.png", result.name))
     if result.negative_iou is not None:
@@ -149,8 +172,8 @@ def write_report(plan_dir: Path, out_dir: Path, settings: ReportConfig, manifest
     returns the summary metrics (also in ``metrics.json``). The runs that ``index`` (runs/index.json)
     records as failed are listed with their reason instead of reported."""
     out_dir = Path(out_dir)
-    failures = read_failures(index) if index is not None else {}
-    summary, results = load_results(plan_dir, root, frozenset(failures))
+    summary, results, unfinished = load_results(plan_dir, read_failures(index) if index is not None else {}, root)
+    failures = {plan.name: why for plan, why in unfinished}
     if not results:
         raise ValueError(f"{plan_dir}: no finished run to report ({len(failures)} failed, see {index})" if failures
                          else f"{plan_dir}: the plan selects no runs")
@@ -164,7 +187,8 @@ def write_report(plan_dir: Path, out_dir: Path, settings: ReportConfig, manifest
             counts_by_images[ids] = resample_counts(len(ids), settings.bootstrap_resamples, settings.seed)
         samples[r.name] = ap_samples(matches[r.name], counts_by_images[ids])
     deltas = compute_deltas(summary, results, samples, settings)
-    claims = evaluate_claims(results, samples, settings)
+    learning = {detector: baseline_learning(results, detector) for detector in summary.detectors}
+    claims = evaluate_claims(results, samples, settings, learning, unfinished)
 
     correlations, score_panels = {}, {}
     for detector, spec in summary.detectors.items():
@@ -179,7 +203,7 @@ def write_report(plan_dir: Path, out_dir: Path, settings: ReportConfig, manifest
             score_panels[detector][combination] = (scores, ious, correlations[(detector, combination)])
 
     model_zoo = model_zoo_rows()
-    table = ablation_table(summary, results, deltas, correlations, model_zoo or ())
+    table = ablation_table(summary, results, deltas, correlations, learning, model_zoo or ())
     metrics = summary_metrics(table, claims)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "ablation.csv", table.to_csv(index=False, float_format="%.3f"))
@@ -214,9 +238,10 @@ def write_report(plan_dir: Path, out_dir: Path, settings: ReportConfig, manifest
         title = f"{DETECTOR_TITLES.get(detector, detector)}: training curves (mean over seeds)"
         drawn.append((title, figures.training_curves(curves, fig_dir / f"training_curves_{detector}.png", title)))
     for r in results:
-        draw_run_figures(r, gts[r.name], out_dir / RUN_FIGURES_DIR / r.name)
+        write_run_files(r, gts[r.name], out_dir / RUN_FIGURES_DIR / r.name)
 
-    markdown = _markdown(summary, table, claims, settings, manifest, results, drawn, out_dir, failures, model_zoo)
+    markdown = _markdown(summary, table, claims, learning, settings, manifest, results, drawn, out_dir, failures,
+                         model_zoo)
     write_text_atomic(out_dir / "ablation.md", markdown)
     write_text_atomic(out_dir / "ablation.html", standalone_html(markdown, out_dir))
     return metrics
@@ -237,8 +262,8 @@ def standalone_html(markdown: str, out_dir: Path) -> str:
     return f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><style>{style}</style></head><body>\n{body}</body></html>\n"
 
 
-def _markdown(summary: PlanSummary, table: pd.DataFrame, claims: list[ClaimResult], settings: ReportConfig,
-              manifest: dict[str, Any] | None,
+def _markdown(summary: PlanSummary, table: pd.DataFrame, claims: list[ClaimResult | UntestableClaim],
+              learning: dict[str, BaselineLearning], settings: ReportConfig, manifest: dict[str, Any] | None,
               results: list[RunResult], drawn: list[tuple[str, Path]], out_dir: Path, failures: dict[str, str],
               model_zoo: list[ModelZooRow] | None) -> str:
     val_images = results[0].metrics.get("num_images")
@@ -256,9 +281,15 @@ def _markdown(summary: PlanSummary, table: pd.DataFrame, claims: list[ClaimResul
                    "resample), so it leaves out the training noise between seeds; each standard error and MDE is its "
                    "image part alone, a lower bound. Run more seeds (`ablation.seeds`) before reading a verdict as "
                    "the paper's claim."), ""]
+    tested = [c for c in claims if isinstance(c, ClaimResult)]
     if claims:
         lines += ["## Verdicts on the papers' claims", "", *claims_markdown(claims, settings.confidence, settings.rope),
-                  "", "## What this design can detect", "",
+                  "", ("Did the baselines learn? COCO AP (points) of each baseline before training (the same "
+                       "detector built from its run config: same seed, initial weights, backbone weights and "
+                       "validation images) and after:"), "", *learning_markdown(learning, settings.learned_margin),
+                  ""]
+    if tested:
+        lines += ["## What this design can detect", "",
                   (f"Standard error of each claim's difference (AP points) and its parts: seeds (the spread of the "
                    f"per-seed differences / √seeds) and validation images (the image bootstrap); MDE: the smallest "
                    f"effect this design detects with {round(100 * settings.power)}% power at the "
@@ -266,7 +297,7 @@ def _markdown(summary: PlanSummary, table: pd.DataFrame, claims: list[ClaimResul
                    f"{settings.target_mde:g} AP needs with as many, 4x and 16x as many validation images, and "
                    "with infinitely many (— : the image part alone exceeds it). `libra plan --power` computes "
                    "this for any target."), "",
-                  *power_markdown(claims, settings.confidence, settings.power, settings.target_mde), ""]
+                  *power_markdown(tested, settings.confidence, settings.power, settings.target_mde), ""]
     for detector in summary.detectors:
         if (table["detector"] == detector).any():
             lines += [f"## {DETECTOR_TITLES.get(detector, detector)}", ""]
@@ -297,9 +328,25 @@ def _markdown(summary: PlanSummary, table: pd.DataFrame, claims: list[ClaimResul
         ("**Verdicts**: *reproduced* when the seeds + images interval of the claimed difference excludes 0 on "
          "the paper's side, *contradicted* when it excludes 0 on the other side, *equivalent* when it contains 0 "
          f"and lies inside the region of practical equivalence ±{settings.rope:g} AP (`report.rope`), *not "
-         "resolved* when it contains 0 and reaches past ±rope (the design is too small to tell: see its MDE)."),
-        (f"**Multiplicity**: the {len(claims)} claims are tested together. The Bonferroni column widens each "
-         f"interval to confidence 1 - {1 - settings.confidence:.2g}/{max(len(claims), 1)}, so that all its "
+         "resolved* when it contains 0 and reaches past ±rope (the design is too small to tell: see its MDE). "
+         "*Equivalent* also needs ±rope to be at most "
+         f"{settings.equivalence_rope_share:.0%} of the detector's baseline AP (`report.equivalence_rope_share`; the "
+         "papers' typical gains are 2.0-2.5% of their baselines' AP, and a wider rope would call an effect of that "
+         "relative size 'equivalent' to none): otherwise such an interval is *not resolved*, with the reason."),
+        ("**Not testable**: no verdict, with the reason in the table, when the evidence cannot carry one: (1) a "
+         "planned run of either combination has no result (failed, stopped or not evaluated; each is named), or "
+         "a seed is planned for one combination and not the other (unpaired); (2) the detector's baseline did "
+         "not learn: it *learned* when, at every seed, its AP exceeds by more than "
+         f"{settings.learned_margin:g} AP (`report.learned_margin`) the AP of the same detector before training "
+         "(built from the run's config: its seed fixes every module's initial weights; the same backbone weights "
+         "and validation images) - over twice the largest gain the papers claim (+2.3 AP at IoU 0.9), so that "
+         "an effect of the claimed size in either direction stays clear of the untrained floor; (3) fewer than "
+         f"{settings.min_val_images} validation images (`report.min_val_images`): a percentile interval over n "
+         "images covers near its level only once the resampled AP is close to normal (the usual n ≥ 30); below, "
+         "it is too narrow ((n - 1)/n of the variance) and its tails are a few distinct multisets."),
+        (f"**Multiplicity**: the {len(tested)} testable claims are tested together (a claim that is not testable "
+         "is not in the family). The Bonferroni column widens each "
+         f"interval to confidence 1 - {1 - settings.confidence:.2g}/{max(len(tested), 1)}, so that all its "
          f"verdicts hold together at {level}; the per-claim verdict holds for that claim alone. The adjusted "
          "interval is Δ ± z · sd of the same two-level resamples (a normal interval: a percentile that far "
          "out would rest on a few resamples)."),

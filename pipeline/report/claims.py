@@ -7,9 +7,14 @@ region of practical equivalence ±rope (AP points) around 0:
 * ``reproduced``: it excludes 0 on the paper's side (low > 0);
 * ``contradicted``: it excludes 0 on the other side (high < 0);
 * ``equivalent``: it contains 0 and lies inside (-rope, +rope): no effect of practical size;
-* ``not resolved``: it contains 0 and reaches past ±rope: too few seeds or images to tell.
+* ``not resolved``: it contains 0 and reaches past ±rope: too few seeds or images to tell;
+* ``not testable``: the evidence cannot carry a verdict (:mod:`pipeline.report.guards`): no interval.
 
-Multiplicity: the claims are a family of m tests. Each claim also gets a Bonferroni-adjusted
+'Equivalent' is declared only where ±rope is at most ``report.equivalence_rope_share`` of the baseline's
+AP; a wider rope would call an effect of the paper's relative size 'equivalent' to none, so such an
+interval is 'not resolved', with the reason.
+
+Multiplicity: the testable claims are a family of m tests. Each claim also gets a Bonferroni-adjusted
 interval (confidence 1 - (1 - confidence) / m; normal, from the two-level resamples' standard
 deviation) and the verdict read from it, which holds for all m claims together at the report's
 confidence.
@@ -21,10 +26,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from detection.config import ReportConfig
 from pipeline.report.bootstrap import PairedDelta, Statistic, coco_ap
 from pipeline.report.power import VarianceSplit
 
-VERDICT_CODES = {"reproduced": 1, "not resolved": 0, "contradicted": -1, "equivalent": 2}
+NOT_TESTABLE = "not testable"
+VERDICT_CODES = {"reproduced": 1, "not resolved": 0, "contradicted": -1, "equivalent": 2, NOT_TESTABLE: 3}
 """Numeric form of the verdict, so ``dvc metrics diff`` shows when one flips."""
 
 
@@ -72,13 +79,14 @@ CLAIMS: tuple[Claim, ...] = (
 )
 
 
-def verdict(low: float, high: float, rope: float) -> str:
-    """The verdict of an interval [low, high] on a claimed positive difference (see the module docstring)."""
+def verdict(low: float, high: float, rope: float, equivalence: bool = True) -> str:
+    """The verdict of an interval [low, high] on a claimed positive difference (see the module docstring);
+    ``equivalence``: whether ±rope is small enough on the baseline's scale to declare 'equivalent'."""
     if low > 0:
         return "reproduced"
     if high < 0:
         return "contradicted"
-    if -rope < low and high < rope:
+    if -rope < low and high < rope and equivalence:
         return "equivalent"
     return "not resolved"
 
@@ -97,17 +105,40 @@ class ClaimResult:
     split: VarianceSplit
     mde: float
     """Minimum detectable effect of this design (two-sided at the report's confidence, the report's power)."""
+    reason: str | None
+    """Why an interval inside ±rope is 'not resolved' rather than 'equivalent' (None: it is not)."""
 
 
-def assess_claims(tested: list[tuple[Claim, PairedDelta]], confidence: float, rope: float, power: float
+@dataclass(frozen=True)
+class UntestableClaim:
+    """A claim of the design that the evidence cannot carry (:mod:`pipeline.report.guards`)."""
+
+    claim: Claim
+    reason: str
+    verdict = NOT_TESTABLE
+    adjusted_verdict = NOT_TESTABLE
+
+
+def assess_claims(tested: list[tuple[Claim, PairedDelta]], baseline_ap: dict[str, float], settings: ReportConfig
                   ) -> list[ClaimResult]:
-    """Verdicts, Bonferroni-adjusted verdicts and power of ``tested`` claims; ``rope`` in AP points."""
+    """Verdicts, Bonferroni-adjusted verdicts and power of the ``tested`` claims (the family);
+    ``baseline_ap``: each detector's baseline AP (AP points, mean over seeds), the scale of 'equivalent'."""
     family = max(len(tested), 1)
-    adjusted_confidence = 1 - (1 - confidence) / family
+    adjusted_confidence = 1 - (1 - settings.confidence) / family
+    rope = settings.rope
     results = []
     for claim, delta in tested:
+        share = rope / baseline_ap[claim.detector]  # a tested claim's baseline learned: its AP is > 0
+        equivalence = share <= settings.equivalence_rope_share
         low, high = (100 * v for v in delta.normal_interval(adjusted_confidence))
+        plain = (100 * delta.ci_low, 100 * delta.ci_high)
+        inside_rope = any(verdict(*interval, rope) == "equivalent" for interval in (plain, (low, high)))
+        reason = None if equivalence or not inside_rope else (
+            f"not 'equivalent': ±{rope:g} AP (report.rope) is {share:.1%} of the {claim.detector} baseline's "
+            f"AP {baseline_ap[claim.detector]:.1f}, more than report.equivalence_rope_share "
+            f"{settings.equivalence_rope_share:.0%}")
         split = delta.variance_split()
-        results.append(ClaimResult(claim, delta, verdict(100 * delta.ci_low, 100 * delta.ci_high, rope), low, high,
-                                   verdict(low, high, rope), split, split.mde(confidence, power)))
+        results.append(ClaimResult(claim, delta, verdict(*plain, rope, equivalence), low, high,
+                                   verdict(low, high, rope, equivalence), split,
+                                   split.mde(settings.confidence, settings.power), reason))
     return results

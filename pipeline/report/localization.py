@@ -47,3 +47,32 @@ def score_iou_correlation(scores: np.ndarray, ious: np.ndarray) -> dict[str, flo
     if len(scores) < 3 or np.ptp(scores) == 0 or np.ptp(ious) == 0:
         return {"pearson": float("nan"), "spearman": float("nan")}
     return {"pearson": float(pearsonr(scores, ious)[0]), "spearman": float(spearmanr(scores, ious)[0])}
+
+
+IOU_DISTRIBUTIONS_FILE = "iou_distributions.csv"
+"""A run's :func:`iou_distributions` (columns curve, iou, value), written by the report next to the run's figures."""
+DETECTION_IOU_EDGES = np.linspace(0.0, 1.0, 11)
+"""IoU bins (tenths) of a run's detections in :func:`iou_distributions`."""
+
+
+def iou_distributions(scores: np.ndarray, ious: np.ndarray,
+                      negative_iou: tuple[np.ndarray, np.ndarray] | None) -> list[tuple[str, int, float]]:
+    """A run's IoU distributions as curves over IoU bins, (curve, bin's lower edge in IoU percent, value):
+
+    * ``eval/detections_by_IoU``: share of the run's detections whose IoU (:func:`detection_ious`) is in the bin;
+    * ``eval/score_by_IoU``: the mean score of those detections (bins holding any);
+    * ``train/sampled_negatives_by_IoU``: share of the negatives the R-CNN sampler drew during training
+      (``negative_iou``: the checkpoint's histogram, Faster R-CNN only).
+
+    ``libra track`` logs each curve as an MLflow metric with step = IoU, so runs overlay in one chart.
+    """
+    counts, _ = np.histogram(ious, DETECTION_IOU_EDGES)
+    score_sums, _ = np.histogram(ious, DETECTION_IOU_EDGES, weights=scores)
+    lower = [round(100 * edge) for edge in DETECTION_IOU_EDGES[:-1]]
+    curves = [("eval/detections_by_IoU", step, float(n / max(1, len(ious)))) for step, n in zip(lower, counts)]
+    curves += [("eval/score_by_IoU", step, float(s / n)) for step, s, n in zip(lower, score_sums, counts) if n]
+    if negative_iou is not None:
+        edges, negatives = negative_iou
+        curves += [("train/sampled_negatives_by_IoU", round(100 * float(edge)), float(n / max(1, negatives.sum())))
+                   for edge, n in zip(edges[:-1], negatives)]
+    return curves

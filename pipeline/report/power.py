@@ -87,9 +87,14 @@ class VarianceSplit:
 
 
 def read_splits(metrics: dict) -> dict[str, VarianceSplit]:
-    """Per claim key, the variance split a report's ``metrics.json`` (its ``claims``) recorded."""
+    """Per tested claim's key, the variance split a report's ``metrics.json`` (its ``claims``) recorded (a
+    claim not testable has none)."""
+    from pipeline.report.claims import NOT_TESTABLE  # claims imports this module
+
     splits = {}
     for key, claim in metrics.get("claims", {}).items():
+        if claim.get("verdict") == NOT_TESTABLE:
+            continue
         try:
             splits[key] = VarianceSplit(float(claim.get("seed_sd", math.nan)), float(claim["se_image"]),
                                         int(claim["seeds"]), int(claim["images"]))

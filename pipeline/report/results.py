@@ -73,12 +73,22 @@ def runs_of(results: list[RunResult], detector: str, combination: str) -> list[R
     return [r for r in results if r.plan.detector == detector and r.plan.combination == combination]
 
 
-def load_results(plan_dir: Path, root: Path = Path("."), skip: frozenset[str] = frozenset()
-                 ) -> tuple[PlanSummary, list[RunResult]]:
-    """The ablation summary and the results of every planned run not named in ``skip``, in plan order."""
+def load_results(plan_dir: Path, failures: dict[str, str], root: Path = Path(".")
+                 ) -> tuple[PlanSummary, list[RunResult], list[tuple[RunPlan, str]]]:
+    """The ablation summary, the results of every planned run in plan order, and the planned runs without
+    one, with why: named in ``failures`` (run name -> reason) or not evaluated."""
     summary = read_plan_summary(plan_dir)
-    results = [load_run(read_run_plan(root / entry.plan), root) for entry in summary.runs if entry.name not in skip]
-    return summary, results
+    results, unfinished = [], []
+    for entry in summary.runs:
+        plan = read_run_plan(root / entry.plan)
+        if entry.name in failures:
+            unfinished.append((plan, failures[entry.name]))
+            continue
+        try:
+            results.append(load_run(plan, root))
+        except FileNotFoundError:
+            unfinished.append((plan, "not evaluated"))
+    return summary, results, unfinished
 
 
 def validation_ground_truth(plan: RunPlan) -> dict[str, Any]:

@@ -12,7 +12,8 @@ import pandas as pd
 from detection.engine.coco_eval import IOU_THRESHOLDS
 from pipeline.plan.params import COMPONENTS, DETECTOR_COMPONENTS
 from pipeline.report.bootstrap import PairedDelta
-from pipeline.report.claims import VERDICT_CODES, ClaimResult
+from pipeline.report.claims import VERDICT_CODES, ClaimResult, UntestableClaim
+from pipeline.report.guards import BaselineLearning
 from pipeline.report.reference import PAPER_SOURCES, ModelZooRow, paper_row
 from pipeline.report.results import RunResult, ap_points, runs_of
 from pipeline.plan.runplan import PlanSummary
@@ -20,12 +21,13 @@ from pipeline.plan.runplan import PlanSummary
 BOX_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_COLUMNS = tuple(f"AP@{t}" for t in IOU_THRESHOLDS)
 DELTA_COLUMNS = ("dAP", "dAP_sd", "dAP_ci_low", "dAP_ci_high", "dAP_image_ci_low", "dAP_image_ci_high")
-COLUMNS = ("detector", "combination", "source", *COMPONENTS, "seeds", *BOX_METRICS, "AP_sd", *IOU_COLUMNS,
+COLUMNS = ("detector", "combination", "source", *COMPONENTS, "seeds", *BOX_METRICS, "AP_sd", "untrained_AP",
+           *IOU_COLUMNS,
            *DELTA_COLUMNS, "score_iou_pearson", "score_iou_spearman", "train_time_ratio", "peak_mem_mb",
            "infer_ms_per_image")
 """Columns of ``ablation.csv``. Source: ours, paper or mmdet (the model zoo). Components: True/False
 (empty where the detector has no such component); metrics in percent; ``AP_sd`` and ``dAP_sd`` over
-seeds; ``dAP_ci_*`` the two-level (seeds and images) paired bootstrap interval, ``dAP_image_ci_*``
+seeds; ``untrained_AP`` (baselines) the AP of the same detectors before training, mean over seeds; ``dAP_ci_*`` the two-level (seeds and images) paired bootstrap interval, ``dAP_image_ci_*``
 the image-only one; score-IoU correlations of the detections pooled over seeds;
 ``train_time_ratio`` the median training s/step over seeds divided by the baseline's (the median, so
 that one run slowed by another process on the machine does not move it);
@@ -65,9 +67,9 @@ def _peak_memory_mb(run: RunResult) -> float | None:
 def ablation_table(summary: PlanSummary, results: list[RunResult],
                    deltas: dict[tuple[str, str], PairedDelta],
                    correlations: dict[tuple[str, str], dict[str, float]],
-                   model_zoo: Sequence[ModelZooRow] = ()) -> pd.DataFrame:
+                   learning: dict[str, BaselineLearning], model_zoo: Sequence[ModelZooRow] = ()) -> pd.DataFrame:
     """Rows in design order: ours for every combination, then the paper's row where the paper has one,
-    then the mmdet model zoo's where ``model_zoo`` has one."""
+    then the mmdet model zoo's where ``model_zoo`` has one. ``learning``: the baselines before training."""
     rows = []
     for detector, spec in summary.detectors.items():
         baseline_s = _median(_cost(runs_of(results, detector, "baseline"), "train_s_per_step"))
@@ -80,6 +82,8 @@ def ablation_table(summary: PlanSummary, results: list[RunResult],
             for metric in BOX_METRICS:
                 row[metric] = float(np.mean([ap_points(r.metrics["bbox"][metric]) for r in runs]))
             row["AP_sd"] = _sd([ap_points(r.metrics["bbox"]["AP"]) for r in runs])
+            if combination == "baseline" and detector in learning:
+                row["untrained_AP"] = _mean(list(learning[detector].untrained))
             for t, column in zip(IOU_THRESHOLDS, IOU_COLUMNS):
                 row[column] = float(np.mean([ap_points(r.metrics["ap_per_iou"][t]) for r in runs]))
             delta = deltas.get((detector, combination))
@@ -106,37 +110,46 @@ def ablation_table(summary: PlanSummary, results: list[RunResult],
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
-def summary_metrics(table: pd.DataFrame, claims: list[ClaimResult]) -> dict[str, Any]:
-    """The DVC metrics file of the report: ``{detector: {combination: {AP, AP_sd, AP50, AP75, dAP,
-    dAP_ci_low, dAP_ci_high}}}`` of our rows (NaN values left out), and ``claims``: per claim its
-    difference, interval and Bonferroni-adjusted interval (AP points), verdicts and their codes
-    (:data:`VERDICT_CODES`), the standard error with its seed and image parts, the minimum detectable
-    effect and the seeds and images it was measured with."""
+def summary_metrics(table: pd.DataFrame, claims: list[ClaimResult | UntestableClaim]) -> dict[str, Any]:
+    """The DVC metrics file of the report: ``{detector: {combination: {AP, AP_sd, AP50, AP75, untrained_AP,
+    dAP, dAP_ci_low, dAP_ci_high}}}`` of our rows (NaN values left out), and ``claims``: per claim its
+    verdicts and their codes (:data:`VERDICT_CODES`), the ``reason`` where a claim is not testable or not
+    'equivalent', and for a tested claim its difference, interval and Bonferroni-adjusted interval (AP
+    points), the standard error with its seed and image parts, the minimum detectable effect and the seeds
+    and images it was measured with."""
     out: dict[str, Any] = {}
     for row in table[table["source"] == "ours"].to_dict("records"):
-        values = {k: round(float(row[k]), 3) for k in ("AP", "AP_sd", "AP50", "AP75", "dAP", "dAP_ci_low", "dAP_ci_high")
+        values = {k: round(float(row[k]), 3) for k in ("AP", "AP_sd", "AP50", "AP75", "untrained_AP", "dAP",
+                                                       "dAP_ci_low", "dAP_ci_high")
                   if row[k] is not None and not pd.isna(row[k])}
         out.setdefault(row["detector"], {})[row["combination"]] = values
-    out["claims"] = {c.claim.key: _rounded({
-        "delta": ap_points(c.delta.delta), "ci_low": ap_points(c.delta.ci_low), "ci_high": ap_points(c.delta.ci_high),
-        "verdict": c.verdict, "verdict_code": VERDICT_CODES[c.verdict],
-        "adjusted_ci_low": c.adjusted_low, "adjusted_ci_high": c.adjusted_high,
-        "adjusted_verdict": c.adjusted_verdict, "adjusted_verdict_code": VERDICT_CODES[c.adjusted_verdict],
-        "se": c.split.se(), "se_seed": c.split.seed_se, "se_image": c.split.image_se, "seed_sd": c.split.seed_sd,
-        "mde": c.mde, "seeds": c.split.seeds, "images": c.split.images}) for c in claims}
+    out["claims"] = {c.claim.key: _claim_metrics(c) for c in claims}
     return out
+
+
+def _claim_metrics(c: ClaimResult | UntestableClaim) -> dict[str, Any]:
+    values: dict[str, Any] = {"verdict": c.verdict, "verdict_code": VERDICT_CODES[c.verdict],
+                              "adjusted_verdict": c.adjusted_verdict,
+                              "adjusted_verdict_code": VERDICT_CODES[c.adjusted_verdict]}
+    if c.reason:
+        values["reason"] = c.reason
+    if isinstance(c, ClaimResult):
+        values.update(
+            delta=ap_points(c.delta.delta), ci_low=ap_points(c.delta.ci_low), ci_high=ap_points(c.delta.ci_high),
+            adjusted_ci_low=c.adjusted_low, adjusted_ci_high=c.adjusted_high, se=c.split.se(),
+            se_seed=c.split.seed_se, se_image=c.split.image_se, seed_sd=c.split.seed_sd, mde=c.mde,
+            seeds=c.split.seeds, images=c.split.images)
+    return _rounded(values)
 
 
 def headline_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The DVC metrics (``reports/headline.json``, what ``dvc exp show`` lists per experiment): of
-    :func:`summary_metrics`, AP and ΔAP per combination and each claim's verdict code."""
-    metrics = dict(metrics)
-    claims = metrics.pop("claims")
-    out: dict[str, Any] = {detector: {combination: {k: v for k, v in values.items() if k in ("AP", "dAP")}
-                                      for combination, values in combinations.items()}
-                           for detector, combinations in metrics.items()}
-    out["verdict_code"] = {key: claim["verdict_code"] for key, claim in claims.items()}
-    return out
+    """The DVC metrics (``reports/headline.json``, the first columns of ``dvc exp show``): of
+    :func:`summary_metrics`, AP and ΔAP per combination. The claims' verdicts stay in ``metrics.json``
+    (``dvc metrics diff --targets reports/metrics.json``): nine more columns would push the APs off a
+    terminal's first screen."""
+    return {detector: {combination: {k: v for k, v in values.items() if k in ("AP", "dAP")}
+                       for combination, values in combinations.items()}
+            for detector, combinations in metrics.items() if detector != "claims"}
 
 
 def _rounded(values: dict[str, Any]) -> dict[str, Any]:
@@ -145,17 +158,35 @@ def _rounded(values: dict[str, Any]) -> dict[str, Any]:
             if not (isinstance(v, float) and math.isnan(v))}
 
 
-def claims_markdown(claims: list[ClaimResult], confidence: float, rope: float) -> list[str]:
-    """The verdict table: claim, comparison, paper, ours with its interval and the Bonferroni-adjusted one,
-    both verdicts, and the minimum detectable effect."""
+def claims_markdown(claims: list[ClaimResult | UntestableClaim], confidence: float, rope: float) -> list[str]:
+    """The verdict table: claim, comparison, paper, ours with its interval and the Bonferroni-adjusted one
+    (over the tested claims), both verdicts, the minimum detectable effect, and the reason where a claim is
+    not testable or not 'equivalent'."""
     level = f"{round(100 * confidence)}%"
-    rows = [[c.claim.text, f"{c.claim.combination} vs {c.claim.reference} ({c.claim.detector})", c.claim.measure,
-             c.claim.paper, f"{ap_points(c.delta.delta):+.2f}",
-             f"[{ap_points(c.delta.ci_low):+.2f}, {ap_points(c.delta.ci_high):+.2f}]", f"**{c.verdict}**",
-             f"[{c.adjusted_low:+.2f}, {c.adjusted_high:+.2f}]", c.adjusted_verdict, f"{c.mde:.2f}"]
-            for c in claims]
+    rows = []
+    for c in claims:
+        named = [c.claim.text, f"{c.claim.combination} vs {c.claim.reference} ({c.claim.detector})", c.claim.measure,
+                 c.claim.paper]
+        if isinstance(c, ClaimResult):
+            measured = [f"{ap_points(c.delta.delta):+.2f}",
+                        f"[{ap_points(c.delta.ci_low):+.2f}, {ap_points(c.delta.ci_high):+.2f}]", f"**{c.verdict}**",
+                        f"[{c.adjusted_low:+.2f}, {c.adjusted_high:+.2f}]", c.adjusted_verdict, f"{c.mde:.2f}"]
+        else:
+            measured = ["—", "—", f"**{c.verdict}**", "—", c.adjusted_verdict, "—"]
+        rows.append([*named, *measured, (c.reason or "").replace("|", "/")])
+    family = sum(isinstance(c, ClaimResult) for c in claims)
     return _md_table(["claim", "comparison", "measure", "paper", "ours (AP points)", f"{level} CI (seeds + images)",
-                      "verdict", f"Bonferroni {level} CI (×{len(claims)})", "verdict (family)", "MDE"], rows)
+                      "verdict", f"Bonferroni {level} CI (×{family})", "verdict (family)", "MDE", "reason"], rows)
+
+
+def learning_markdown(learning: dict[str, BaselineLearning], margin: float) -> list[str]:
+    """Per detector and seed: the baseline's AP before and after training, and whether it learned."""
+    rows = [[baseline.detector, str(seed), f"{untrained:.2f}", f"{trained:.2f}", f"{gain:+.2f}",
+             "yes" if gain > margin else "**no**"]
+            for baseline in learning.values()
+            for seed, trained, untrained, gain in zip(baseline.seeds, baseline.trained, baseline.untrained,
+                                                      baseline.gains)]
+    return _md_table(["detector", "seed", "AP untrained", "AP trained", "gain", f"learned (gain > {margin:g})"], rows)
 
 
 def power_markdown(claims: list[ClaimResult], confidence: float, power: float, target_mde: float) -> list[str]:

@@ -14,8 +14,9 @@ Re-logging never duplicates runs silently (see :func:`log_ablation`):
 
 Nothing is recomputed here: the parent gets the report directory (``metrics.json`` as metrics, the
 claims' verdicts as tags, every file as an artifact), a child its run directory's files, the
-figures the report drew for it (``<report>/runs/<run name>/``), ``metrics.json``'s numbers (COCO
-metrics as ``eval/*``, the run's cost as ``cost/*``) and, when the run recorded them,
+figures the report drew for it (``<report>/runs/<run name>/``), its IoU distributions and AP by IoU as
+curves over IoU (step = IoU in percent), ``metrics.json``'s numbers (COCO metrics as ``eval/*``, the run's
+cost as ``cost/*``) and, when the run recorded them,
 ``system_metrics.csv``'s rows with their own timestamps and steps.
 """
 
@@ -42,12 +43,16 @@ from pipeline.tracking.store import (
     store_lock,
     tracking_uri,
 )
+from pipeline.report.localization import IOU_DISTRIBUTIONS_FILE
 from pipeline.report.results import ap_points
 
 RUN_FILES = ("config.yaml", "metrics.json", "detections.json", "metrics.csv")
 """A run directory's files every child run holds (and whose digest decides whether it is re-logged)."""
 SYSTEM_METRICS_FILE = "system_metrics.csv"
 """Resource usage sampled during training (columns timestamp_ms, step, name, value), when recorded."""
+RUNS_VIEW = "libra-runs"
+"""The saved view of the experiment's runs table (:func:`runs_view_state`): MLflow's UI opens it at
+``#/experiments/<id>/runs?viewStateShareKey=libra-runs``."""
 
 
 def epoch_metrics(curves) -> list[tuple[str, float, int]]:
@@ -95,6 +100,15 @@ def ap_by_iou(metrics: dict[str, Any]) -> list[tuple[str, float, int]]:
     return [("eval/AP_by_IoU", ap_points(v), round(100 * float(t))) for t, v in metrics.get("ap_per_iou", {}).items()]
 
 
+def iou_distribution_curves(path: Path) -> list[tuple[str, float, int]]:
+    """The IoU distributions the report wrote for a run (:func:`pipeline.report.localization.iou_distributions`)
+    as metric histories with step = IoU in percent, like ``eval/AP_by_IoU``; none if the file is absent."""
+    if not path.exists():
+        return []
+    with path.open(newline="") as file:
+        return [(row["curve"], float(row["value"]), int(row["iou"])) for row in csv.DictReader(file)]
+
+
 @dataclass
 class ChildSpec:
     """What one child run holds."""
@@ -122,7 +136,11 @@ class AblationTracker:
 
     @cached_property
     def experiment_id(self) -> str:
-        return get_or_create_experiment(self.client, self.uri, self.experiment)
+        """The experiment's id; the experiment holds the saved view :data:`RUNS_VIEW`."""
+        experiment_id = get_or_create_experiment(self.client, self.uri, self.experiment)
+        self.client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{RUNS_VIEW}",
+                                       json.dumps(runs_view_state()))
+        return experiment_id
 
     def _search(self, filter_string: str) -> list:
         return search_all_runs(self.client, self.experiment_id, filter_string, ["attributes.start_time DESC"])
@@ -216,6 +234,26 @@ class AblationTracker:
         return True
 
 
+def runs_view_state() -> dict[str, Any]:
+    """The MLflow UI state of the saved view :data:`RUNS_VIEW` (the UI reads it from the experiment tag
+    ``mlflow.sharedViewState.<view>``): the child runs sorted by name (detector/combination/seed<k>), grouped
+    by detector and combination (a group row: the mean over seeds), with AP and the run's tags as columns;
+    the chart view shows every run and opens on the curves over IoU (``*_by_IoU``)."""
+    metrics = ["eval/AP", "eval/AP50", "eval/AP75", "eval/APs", "eval/APm", "eval/APl", "cost/train_wall_s"]
+    tags = ["libra.detector", "libra.combination", "libra.seed", "libra.dvc_experiment"]
+    return {
+        "searchFilter": "tags.`libra.role` = 'run'",
+        "orderByKey": "tags.`mlflow.runName`",
+        "orderByAsc": True,
+        "selectedColumns": [f"metrics.`{m}`" for m in metrics] + [f"tags.`{t}`" for t in tags],
+        "groupBy": {"aggregateFunction": "average",
+                    "groupByKeys": [{"mode": "tag", "groupByData": "libra.detector"},
+                                    {"mode": "tag", "groupByData": "libra.combination"}]},
+        "runsHiddenMode": "SHOW_ALL",
+        "chartsSearchFilter": "_by_IoU",
+    }
+
+
 def report_description(markdown: Path) -> str:
     """The parent run's description (the MLflow UI shows it above the run): the report's opening and its
     verdict table, cut to what a tag holds (8000 characters)."""
@@ -285,15 +323,17 @@ def log_ablation(plan_dir: Path, report_dir: Path, manifest: dict[str, Any], par
         files = [run / name for name in RUN_FILES]
         system_file = run / SYSTEM_METRICS_FILE
         digested = files + [system_file] if system_file.exists() else files
-        figures = sorted((report_dir / RUN_FIGURES_DIR / plan.name).glob("*.png"))
+        run_report = report_dir / RUN_FIGURES_DIR / plan.name
+        figures = sorted(run_report.glob("*.png"))
         evaluation = json.loads((run / "metrics.json").read_text())
         spec = ChildSpec(
-            name=f"{plan.combination} seed{plan.seed}", key=keys[plan.name], results_digest=path_digest(digested),
+            name=plan.name, key=keys[plan.name], results_digest=path_digest(digested),
             params=flatten_params(plan.config),
             tags={**common, "libra.ablation_key": key, "libra.detector": plan.detector,
                   "libra.combination": plan.combination, "libra.components": ",".join(plan.components) or "none",
                   "libra.seed": str(plan.seed), "libra.run_dir": plan.run_dir.as_posix()},
-            epoch_metrics=epoch_metrics(epoch_curves(read_metrics_csv(run / "metrics.csv"))) + ap_by_iou(evaluation),
+            epoch_metrics=epoch_metrics(epoch_curves(read_metrics_csv(run / "metrics.csv"))) + ap_by_iou(evaluation)
+                          + iou_distribution_curves(run_report / IOU_DISTRIBUTIONS_FILE),
             final_metrics=final_metrics(evaluation),
             timed_metrics=system_metrics(system_file),
             artifacts=[(f, None) for f in digested] + [(p, "curves") for p in sorted((run / "curves").glob("*.csv"))]
