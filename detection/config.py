@@ -409,46 +409,6 @@ class PretrainConfig(StrictModel):
     num_threads: PositiveInt | None = None
 
 
-class ReportConfig(StrictModel):
-    """The ``report`` section of params.yaml: the statistics of ``libra report`` and ``libra plan --power``."""
-
-    bootstrap_resamples: PositiveInt = 1000
-    """Paired image resamples for the ΔAP confidence intervals."""
-    confidence: Float = Field(0.95, gt=0, lt=1)
-    """Confidence level of the intervals (before the Bonferroni adjustment over claims)."""
-    seed: Int = Field(0, ge=0)
-    """Seed of the bootstrap resampling."""
-    rope: Float = Field(0.5, gt=0)
-    """Region of practical equivalence, in AP points: a difference whose interval lies inside ±rope is
-    'equivalent'."""
-    power: Float = Field(0.8, gt=0, lt=1)
-    """Target power of the minimum detectable effect (MDE)."""
-    target_mde: Float = Field(1.0, gt=0)
-    """The MDE, in AP points, that the power table asks the seeds for (``libra plan --power``'s default)."""
-    learned_margin: Float = Field(5.0, gt=0)
-    """AP points a detector's baseline must gain, at every seed, over the same detector before training (same
-    config, seed, initial weights and validation images) to count as learned; claims on a detector whose
-    baseline did not learn are 'not testable'. 5 AP is over twice the largest gain the papers claim (+2.3 AP
-    at IoU 0.9), so an effect of the claimed size, in either direction, stays clear of the untrained floor."""
-    min_val_images: PositiveInt = 30
-    """The fewest validation images the image bootstrap's verdicts rest on; with fewer, every claim is 'not
-    testable'. A percentile interval over n images covers near its level only once the resampled AP is close
-    to normal (the usual n ≥ 30); below, it is too narrow (its variance is (n - 1)/n of the sample's) and its
-    tails are a few distinct multisets (2 images have 3)."""
-    equivalence_rope_share: Float = Field(0.02, gt=0, lt=1)
-    """The largest share of the baseline's AP (mean over seeds) that ±rope may be for a claim to be called
-    'equivalent'; above it the verdict is 'not resolved'. The papers' typical gains are 2.0-2.5% of their
-    baselines' AP (+0.7 to +0.9 AP on about 36): a wider rope would call an effect of the paper's relative
-    size on our baseline 'equivalent' to none (rope 0.5 AP needs a baseline of at least 25 AP)."""
-
-
-class MlflowConfig(StrictModel):
-    """The ``mlflow`` section of params.yaml (the store is ``$MLFLOW_TRACKING_URI``, else the repository's)."""
-
-    experiment: str = Field("libra-ablation", min_length=1)
-    """The MLflow experiment ``libra track`` logs the ablation to."""
-
-
 class ExperimentConfig(StrictModel):
     model: ModelConfig = ModelConfig()
     components: ComponentsConfig = ComponentsConfig()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"),
-                        help="parameters file (its report section: detection/config.py ReportConfig) (default: %(default)s)")
+                        help="parameters file (its report section: pipeline/plan/params.py ReportConfig) (default: %(default)s)")
     parser.add_argument("--plan", type=Path, default=Path("runs/plan"), help="plan directory written by `libra plan` (default: %(default)s)")
     parser.add_argument("--manifest", type=Path, default=Path("data/manifest.json"),
                         help="data manifest written by `libra prepare --manifest` (optional) (default: %(default)s)")

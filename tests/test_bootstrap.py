@@ -198,7 +198,7 @@ def test_claims_are_tested_where_both_combinations_ran_and_get_their_verdict():
     and 1: 'IS > baseline' is reproduced; nothing else was run, so no other claim is tested."""
     from types import SimpleNamespace
 
-    from detection.config import ReportConfig
+    from pipeline.plan.params import ReportConfig
     from pipeline.report.build import evaluate_claims
     from pipeline.report.guards import BaselineLearning
 
@@ -228,7 +228,7 @@ def test_claims_are_tested_where_both_combinations_ran_and_get_their_verdict():
 def test_bonferroni_intervals_widen_with_the_number_of_claims_and_verdicts_follow():
     """Two claims at 95%: each adjusted interval is Δ ± z(1 - 0.05/4) · sd; a claim whose plain interval
     excludes 0 but whose adjusted one does not is reproduced alone, not resolved in the family."""
-    from detection.config import ReportConfig
+    from pipeline.plan.params import ReportConfig
     from pipeline.report.claims import CLAIMS, assess_claims
 
     rng = np.random.default_rng(0)

@@ -2,10 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from detection.config import (ConfigError, MlflowConfig, ReportConfig, RetinaNetConfig, load_config, read_yaml,
-                             save_config, validate_model)
+from detection.config import ConfigError, RetinaNetConfig, load_config, read_yaml, save_config, validate_model
 from detection.io import flatten
-from pipeline.plan.params import load_params
+from pipeline.plan.params import MlflowConfig, ReportConfig, load_params
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

@@ -23,7 +23,8 @@ import yaml
 
 from conftest import ROOT, tiny_overrides
 from pipeline.plan.ablation import Ablation, DetectorAblation, run_dir, write_plan
-from detection.config import ConfigError, ReportConfig, load_config
+from detection.config import ConfigError, load_config
+from pipeline.plan.params import ReportConfig
 from pipeline.dispatch import (ExecutionSettings, RunJob, SlurmBackend, SlurmSettings, decide,
                                describe_exit, dispatch, execution_settings, make_backend, planned_runs, prepare_run_dir,
                                slurm_parameters)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from detection.config import ReportConfig
+from pipeline.plan.params import ReportConfig
 from pipeline.report.bootstrap import ap_samples, resample_counts
 from pipeline.report.build import evaluate_claims
 from pipeline.report.claims import CLAIMS, NOT_TESTABLE, VERDICT_CODES, ClaimResult, UntestableClaim

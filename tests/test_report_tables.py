@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ROOT
 from pipeline.plan.ablation import plan_ablation, read_params
-from detection.config import ReportConfig
+from pipeline.plan.params import ReportConfig
 from detection.engine.coco_eval import IOU_THRESHOLDS
 from pipeline.report.bootstrap import PairedDelta
 from pipeline.report.claims import CLAIMS, assess_claims

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from detection.config import BalancedL1Config, ReportConfig
+from detection.config import BalancedL1Config
+from pipeline.plan.params import ReportConfig
 from detection.engine.coco_eval import IOU_THRESHOLDS
 from pipeline.report import figures
 from pipeline.report.claims import CLAIMS, ClaimResult, UntestableClaim, assess_claims

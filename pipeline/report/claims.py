@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from detection.config import ReportConfig
+from pipeline.plan.params import ReportConfig
 from pipeline.report.bootstrap import PairedDelta, Statistic, coco_ap
 from pipeline.report.power import VarianceSplit
 

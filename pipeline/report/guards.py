@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from detection.config import ReportConfig
+from pipeline.plan.params import ReportConfig
 from pipeline.report.claims import Claim
 from pipeline.report.results import RunResult, ap_points, runs_of
 from pipeline.plan.runplan import RunPlan
