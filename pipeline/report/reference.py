@@ -8,7 +8,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from detection.config import load_yaml
 
 PAPER_ROWS: dict[str, dict[str, dict[str, float]]] = {
     "faster_rcnn": {
@@ -92,7 +92,7 @@ def _zoo_row(detector: str, combination: str, configs: Path, folder: str, name: 
     if not metafile.exists():
         raise FileNotFoundError(f"{metafile}: no mmdet model-zoo metafile; install mmdet {MMDET_VERSION} "
                                 f"(`pip install mmdet=={MMDET_VERSION}`)")
-    models = {m["Name"]: m for m in yaml.safe_load(metafile.read_text())["Models"]}
+    models = {m["Name"]: m for m in load_yaml(metafile.read_text(), str(metafile))["Models"]}
     if name not in models:
         raise KeyError(f"{metafile}: no model named {name!r}; is mmdet {MMDET_VERSION} installed?")
     model = models[name]
