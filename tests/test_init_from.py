@@ -103,6 +103,21 @@ def test_other_classes_need_the_predictor_reset_and_keep_everything_else(tmp_pat
         assert torch.equal(value, expected), key
 
 
+def test_a_checkpoint_with_a_moving_average_gives_the_average_its_run_evaluated(tmp_path):
+    """A checkpoint trained with train.ema_decay holds the trained detector under model. and its moving
+    average under ema.; the run scored the average, so fine-tuning starts from it."""
+    trained, average = (build_detector(_tiny(**{"train.seed": seed}), num_classes=3).state_dict() for seed in (1, 2))
+    torch.save({"state_dict": {**{f"model.{k}": v for k, v in trained.items()},
+                               **{f"ema.{k}": v for k, v in average.items()}}}, tmp_path / "ema.ckpt")
+    target = build_detector(_tiny(**{"train.seed": 3}), num_classes=3)
+    report = init_detector(target, _tiny(**{"model.init_from": tmp_path / "ema.ckpt"}).model)
+    assert report.not_used == [] and report.not_in_source == []
+    weights = [k for k in average if not k.startswith(STATISTICS)]
+    assert report.loaded == sorted(weights) and any(not torch.equal(average[k], trained[k]) for k in weights)
+    for key in weights:
+        assert torch.equal(target.state_dict()[key], average[key]), key
+
+
 def test_another_architecture_is_refused_naming_the_tensors(tmp_path):
     torch.save(build_detector(_tiny(**{"model.fpn_channels": 32}), num_classes=3).state_dict(), tmp_path / "fpn32.pt")
     with pytest.raises(ConfigError, match=r"shape mismatch \(source vs this detector\) 21 \[backbone.fpn.inner_blocks.0.0.weight \(32, 16, 1, 1\) "

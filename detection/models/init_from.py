@@ -1,9 +1,10 @@
 """Initialising a detector from another detector's weights (``model.init_from``: fine-tuning).
 
-The source is a ``libra train`` checkpoint (its ``state_dict``, keys under the Lightning module's
-``model.``) or a torchvision detection state_dict of the same architecture, whose names are this
-project's except that a body feeding the FPN from its later stages sits one level deeper here
-(``backbone.body.layer2`` is ``backbone.body.body.layer2``).
+The source is a ``libra train`` checkpoint or a torchvision detection state_dict of the same
+architecture, whose names are this project's except that a body feeding the FPN from its later stages
+sits one level deeper here (``backbone.body.layer2`` is ``backbone.body.body.layer2``). Of a checkpoint
+the weights loaded are those its run evaluated: the moving average where it kept one
+(``train.ema_decay``), else the trained detector.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from detection.models.weights import few, read_state_dict
 
 LIGHTNING_PREFIX = "model."
 """``DetectionModule`` keeps the detector as ``self.model``."""
+EMA_PREFIX = "ema."
+"""``DetectionModule`` keeps the detector's moving average (``train.ema_decay``) as ``self.ema``."""
 INIT_FROM_FIX = "point model.init_from at a `libra train` checkpoint (checkpoints/last.ckpt) or a detector state_dict"
 
 
@@ -45,6 +48,15 @@ class InitReport:
                 f"not used {few(self.not_used)}")
 
 
+def _evaluated_detector(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Of a ``libra train`` checkpoint's state_dict, the detector its run evaluated (the EMA's where it has
+    one), keys without the prefix; any other state_dict as it is."""
+    if not state or not all(key.startswith((LIGHTNING_PREFIX, EMA_PREFIX)) for key in state):
+        return state
+    prefix = EMA_PREFIX if any(key.startswith(EMA_PREFIX) for key in state) else LIGHTNING_PREFIX
+    return {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
+
+
 def _our_name(key: str, own: dict[str, Tensor]) -> str | None:
     for candidate in (key, key.replace("backbone.body.", "backbone.body.body.", 1)):
         if candidate in own:
@@ -60,9 +72,7 @@ def load_detector_weights(model: nn.Module, path: Path, class_layers: tuple[str,
     when ``reset_heads``; those under ``not_weights`` (a run's statistics) always are. A shape
     mismatch is an error naming the tensors; so is a source of which nothing matches.
     """
-    state = read_state_dict(path, "model.init_from", INIT_FROM_FIX)
-    if state and all(key.startswith(LIGHTNING_PREFIX) for key in state):
-        state = {key[len(LIGHTNING_PREFIX):]: value for key, value in state.items()}
+    state = _evaluated_detector(read_state_dict(path, "model.init_from", INIT_FROM_FIX))
     own = model.state_dict()
     skipped = not_weights + (class_layers if reset_heads else ())
     mapped: dict[str, Tensor] = {}
