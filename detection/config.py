@@ -440,19 +440,30 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set dotted keys in a nested dict; unknown keys are caught by validation."""
+def with_values(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the nested ``raw`` with each ``{"a.b.c": value}`` set; unknown keys are caught by validation."""
     merged = copy.deepcopy(raw)
-    for text in overrides:
-        path, value = parse_override(text)
+    for dotted, value in values.items():
+        *sections, last = dotted.split(".")
         node = merged
-        for part in path[:-1]:
+        for part in sections:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
+                raise ConfigError(f"{dotted}: {part!r} is a value, not a section")
             node = child
-        node[path[-1]] = value
+        node[last] = copy.deepcopy(value)
     return merged
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``raw`` with ``key=value`` texts (``--set``, a study's ``fixed``) parsed and set in order."""
+    for text in overrides:
+        path, value = parse_override(text)
+        try:
+            raw = with_values(raw, {".".join(path): value})
+        except ConfigError as exc:
+            raise ConfigError(f"override {text!r}: {exc}") from None
+    return raw
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

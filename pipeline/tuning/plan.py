@@ -28,7 +28,7 @@ from detection.io import flatten
 from pipeline.plan.params import COMPONENTS
 from pipeline.report.results import AP_UNIT
 from pipeline.tuning.profiles import TRIAL_DEVICE, Profile
-from pipeline.tuning.space import StudyError, StudySpec, format_override
+from pipeline.tuning.space import StudyError, StudySpec
 
 
 def enabled_components(overrides: tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -87,12 +87,10 @@ class TuningPlan:
 
     def config(self, values: dict[str, Any]) -> ExperimentConfig:
         """The config of the trial that samples ``{config key: value}``."""
-        overrides = [*TRIAL_DEVICE, *self.spec.fixed, *self.overrides,
-                     *(format_override(k, v) for k, v in values.items())]
         try:
             cfg = compose_config(self.profile.params, self.detector, self.profile_name,
-                                 enabled_components(self.spec.fixed), overrides=overrides,
-                                 configs_dir=self.base_config.parent)
+                                 enabled_components(self.spec.fixed), values={**TRIAL_DEVICE, **values},
+                                 overrides=[*self.spec.fixed, *self.overrides], configs_dir=self.base_config.parent)
         except ConfigError as exc:
             raise ConfigError(f"study {self.study}, profile {self.profile_name}: {exc}") from None
         check_single_device(cfg)
@@ -113,7 +111,7 @@ class TuningPlan:
         """Identifies what the study optimises: resuming it with another space or profile is refused."""
         payload = {"spec": self.spec.model_dump(mode="json", exclude={"n_trials", "description"}),
                    "profile": self.profile_name, "base_config": str(self.base_config),
-                   "profile_overrides": list(self.profile.overrides)}
+                   "profile_values": self.profile.values}
         knobs = self.profile.params.knobs(self.detector)
         set_knobs = {COMPONENTS[c]: getattr(knobs, COMPONENTS[c]) for c in enabled_components(self.spec.fixed)
                      if getattr(knobs, COMPONENTS[c])}

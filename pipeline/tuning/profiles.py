@@ -12,13 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.plan.compose import profile_overrides
+from typing import Any
+
+from pipeline.plan.compose import profile_values
 from detection.config import ConfigError
 from pipeline.plan.params import Params, load_params
 
 DEFAULT_PROFILE = "tiny"
 PARAMS_FILE = Path("params.yaml")
-TRIAL_DEVICE = ("trainer.devices=1", "trainer.num_nodes=1", "trainer.strategy=auto")
+TRIAL_DEVICE: dict[str, Any] = {"trainer.devices": 1, "trainer.num_nodes": 1, "trainer.strategy": "auto"}
 
 
 @dataclass(frozen=True)
@@ -33,9 +35,9 @@ class Profile:
         return self.params.profile_params(self.name).config
 
     @property
-    def overrides(self) -> tuple[str, ...]:
-        """What every trial of the profile sets on its base config before the study's own overrides."""
-        return (*profile_overrides(self.params, self.name), *TRIAL_DEVICE)
+    def values(self) -> dict[str, Any]:
+        """What every trial of the profile sets on its base config before the study's own settings."""
+        return {**profile_values(self.params, self.name), **TRIAL_DEVICE}
 
 
 def get_profile(name: str, params_file: Path = PARAMS_FILE) -> Profile:
