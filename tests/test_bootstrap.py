@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from detection.engine.coco_eval import IOU_THRESHOLDS, evaluate_coco
+from detection.engine.coco_eval import IOU_KEYS, IOU_THRESHOLDS, evaluate_coco
 from pipeline.report.bootstrap import PairedDelta, ap_samples, paired_delta, resample_counts, seed_draws
 from pipeline.report.claims import high_iou_gain_over_ap50, verdict
 from pipeline.report.per_image import RECALL_THRESHOLDS, average_precision, match_images
@@ -45,7 +45,7 @@ def test_unit_weights_reproduce_cocoeval(backend):
     assert ap.mean() == pytest.approx(reference["bbox"]["AP"], abs=1e-12)
     assert ap[0] == pytest.approx(reference["bbox"]["AP50"], abs=1e-12)
     assert ap[5] == pytest.approx(reference["bbox"]["AP75"], abs=1e-12)
-    assert ap == pytest.approx([reference["ap_per_iou"][t] for t in IOU_THRESHOLDS], abs=1e-12)
+    assert ap == pytest.approx([reference["ap_per_iou"][t] for t in IOU_KEYS], abs=1e-12)
 
 
 def test_weights_equal_evaluating_the_duplicated_multiset():
@@ -187,10 +187,10 @@ def test_verdicts_read_the_interval(low, high, expected):
     assert verdict(low, high, rope=0.5) == expected
 
 
-def test_high_iou_statistic():
-    ap = np.array([[0.6, 0.58, 0.55, 0.5, 0.45, 0.4, 0.3, 0.2, 0.1, 0.0]])
-    assert high_iou_gain_over_ap50(ap) == pytest.approx([(0.3 + 0.1) / 2 - 0.6])
-    assert (IOU_THRESHOLDS[6], IOU_THRESHOLDS[8]) == ("0.80", "0.90")
+def test_high_iou_statistic_selects_its_thresholds_by_value():
+    """With AP at each IoU threshold equal to the threshold, the statistic is (0.80 + 0.90) / 2 - 0.50."""
+    ap = np.array(IOU_THRESHOLDS) * np.array([[1.0], [0.5]])  # [2, T]: AP = t and AP = t / 2
+    assert high_iou_gain_over_ap50(ap) == pytest.approx([0.35, 0.175], abs=1e-12)
 
 
 def test_claims_are_tested_where_both_combinations_ran_and_get_their_verdict():

@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision.models import resnet50
 
 from detection.config import load_config
-from detection.engine.coco_eval import IOU_THRESHOLDS
+from detection.engine.coco_eval import IOU_KEYS
 from detection.engine.evaluate import evaluate_run
 from detection.engine.train import train
 
@@ -85,7 +85,7 @@ def test_coco_1x_recipe_trains_two_steps_and_evaluates(config, coco_root, resnet
     metrics = evaluate_run(run)
     assert json.loads((run / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     assert set(metrics["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
-    assert set(metrics["ap_per_iou"]) == set(IOU_THRESHOLDS) and len(metrics["stats"]) == 12
+    assert set(metrics["ap_per_iou"]) == set(IOU_KEYS) and len(metrics["stats"]) == 12
     values = [*metrics["bbox"].values(), *metrics["ap_per_iou"].values(), *metrics["stats"].values()]
     assert all(0.0 <= v <= 1.0 for v in values)
     assert metrics["num_images"] == 1

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from detection.engine.coco_eval import IOU_THRESHOLDS, STAT_NAMES, evaluate_coco
+from detection.engine.coco_eval import IOU_KEYS, STAT_NAMES, evaluate_coco
 
 
 def _noisy_detections(gt: dict, seed: int) -> list[dict]:
@@ -38,7 +38,7 @@ def test_backends_agree(gt):
     ref = evaluate_coco(gt, dets, "pycocotools")
     for name in STAT_NAMES:
         assert fast["stats"][name] == pytest.approx(ref["stats"][name], abs=1e-6), name
-    for t in IOU_THRESHOLDS:
+    for t in IOU_KEYS:
         assert fast["ap_per_iou"][t] == pytest.approx(ref["ap_per_iou"][t], abs=1e-6), t
     assert 0.05 < fast["bbox"]["AP"] < 0.95
     assert fast["ap_per_iou"]["0.50"] >= fast["ap_per_iou"]["0.95"]
@@ -50,4 +50,4 @@ def test_perfect_and_empty_detections(gt):
                for a in gt["annotations"]]
     assert evaluate_coco(gt, perfect)["bbox"]["AP"] == pytest.approx(1.0)
     empty = evaluate_coco(gt, [])
-    assert empty["bbox"]["AP"] == 0.0 and set(empty["ap_per_iou"]) == set(IOU_THRESHOLDS)
+    assert empty["bbox"]["AP"] == 0.0 and set(empty["ap_per_iou"]) == set(IOU_KEYS)

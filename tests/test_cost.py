@@ -17,8 +17,10 @@ import pytest
 import torch
 
 from conftest import ROOT, libra, tiny_overrides
-from pipeline.plan.ablation import plan_ablation, read_params
-from detection.engine.coco_eval import IOU_THRESHOLDS
+from detection.config import read_yaml
+from pipeline.plan.params import parse_params
+from pipeline.plan.ablation import plan_ablation
+from detection.engine.coco_eval import IOU_KEYS
 from detection.engine.cost import COST_KEYS, SYSTEM_METRICS_COLUMNS
 from pipeline.report.reference import MODEL_ZOO, ModelZooRow, model_zoo_rows
 from pipeline.report.results import RunResult
@@ -84,7 +86,7 @@ def _result(plan, s_per_step: float | None, rss: float, gpu: float | None) -> Ru
     bbox = dict.fromkeys(("AP", "AP50", "AP75", "APs", "APm", "APl"), 0.3)
     cost = dict.fromkeys(COST_KEYS)
     cost.update(train_s_per_step=s_per_step, train_peak_rss_mb=rss, train_peak_gpu_mem_mb=gpu)
-    metrics = {"bbox": bbox, "ap_per_iou": dict.fromkeys(IOU_THRESHOLDS, 0.3), "cost": cost}
+    metrics = {"bbox": bbox, "ap_per_iou": dict.fromkeys(IOU_KEYS, 0.3), "cost": cost}
     return RunResult(plan, metrics, [], pd.DataFrame(), None)
 
 
@@ -93,9 +95,9 @@ ZOO = [ModelZooRow("faster_rcnn", "IS+BFP+BL", "libra-faster-rcnn_r50_fpn_1x_coc
 
 
 def test_report_cost_columns_against_hand_computed_ratios():
-    params = read_params(ROOT / "params.yaml")
+    params = read_yaml(ROOT / "params.yaml")
     params["ablation"]["seeds"] = [0, 1, 2]
-    ablation = plan_ablation(params, ROOT / "configs")
+    ablation = plan_ablation(parse_params(params), ROOT / "configs")
     s_per_step = {("baseline", 0): 0.20, ("baseline", 1): 0.60, ("baseline", 2): 0.20,  # seed 1 slowed down
                   ("IS", 0): 0.25, ("IS", 1): 0.27, ("IS", 2): 0.26}
     results = [_result(r, s_per_step.get((r.combination, r.seed), 0.4), rss=1000.0 + r.seed, gpu=None)

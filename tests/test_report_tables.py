@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 from pipeline.plan.ablation import plan_ablation, read_params
 from pipeline.plan.params import ReportConfig
-from detection.engine.coco_eval import IOU_THRESHOLDS
+from detection.engine.coco_eval import IOU_KEYS
 from pipeline.report.bootstrap import PairedDelta
 from pipeline.report.claims import CLAIMS, assess_claims
 from pipeline.report.guards import BaselineLearning
@@ -19,7 +19,7 @@ from pipeline.report.tables import COLUMNS, ablation_table, detector_markdown, s
 
 def _metrics(ap: float) -> dict:
     bbox = {"AP": ap, "AP50": ap + 0.2, "AP75": ap - 0.05, "APs": ap / 2, "APm": ap, "APl": ap * 1.5}
-    return {"bbox": bbox, "stats": bbox, "ap_per_iou": {t: ap + 0.3 - 0.06 * i for i, t in enumerate(IOU_THRESHOLDS)},
+    return {"bbox": bbox, "stats": bbox, "ap_per_iou": {t: ap + 0.3 - 0.06 * i for i, t in enumerate(IOU_KEYS)},
             "num_images": 96, "num_detections": 10}
 
 

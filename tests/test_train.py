@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, checkpoint_complete, libra, tiny_overrides
-from detection.engine.coco_eval import IOU_THRESHOLDS
+from detection.engine.coco_eval import IOU_KEYS
 
 pytestmark = pytest.mark.trains
 
@@ -43,7 +43,7 @@ def test_train_then_evaluate_writes_schema(synthetic_root, tmp_path):
     libra("evaluate", "--run", str(run))
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
-    assert set(metrics["ap_per_iou"]) == set(IOU_THRESHOLDS) and "0.50" in metrics["ap_per_iou"]
+    assert set(metrics["ap_per_iou"]) == set(IOU_KEYS) and "0.50" in metrics["ap_per_iou"]
     values = list(metrics["bbox"].values()) + list(metrics["ap_per_iou"].values())
     assert all(0.0 <= v <= 1.0 for v in values)
     detections = json.loads((run / "detections.json").read_text())

@@ -9,7 +9,13 @@ from typing import Any, Literal
 import numpy as np
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-IOU_THRESHOLDS = tuple(f"{t:.2f}" for t in np.linspace(0.5, 0.95, 10))
+"""COCOeval's 12 summary numbers, in its order."""
+BOX_METRICS = STAT_NAMES[:6]
+"""The AP numbers of ``bbox``: the ones each run logs (``val/<name>``), a study maximises and the report tabulates."""
+IOU_THRESHOLDS = tuple(round(float(t), 2) for t in np.linspace(0.5, 0.95, 10))
+"""COCO's IoU thresholds 0.50:0.05:0.95, in the order of every array of AP per threshold."""
+IOU_KEYS = tuple(f"{t:.2f}" for t in IOU_THRESHOLDS)
+"""The keys of ``ap_per_iou``, ``"0.50"`` ... ``"0.95"``."""
 Backend = Literal["faster_coco_eval", "pycocotools"]
 
 
@@ -28,9 +34,9 @@ def _api(backend: Backend):
 
 def _empty_metrics() -> dict[str, Any]:
     return {
-        "bbox": {k: 0.0 for k in STAT_NAMES[:6]},
+        "bbox": {k: 0.0 for k in BOX_METRICS},
         "stats": {k: 0.0 for k in STAT_NAMES},
-        "ap_per_iou": {t: 0.0 for t in IOU_THRESHOLDS},
+        "ap_per_iou": {t: 0.0 for t in IOU_KEYS},
     }
 
 
@@ -63,5 +69,5 @@ def evaluate_coco(gt: dict[str, Any], detections: list[dict[str, Any]], backend:
         evaluator.summarize()
     stats = {name: max(0.0, float(v)) for name, v in zip(STAT_NAMES, evaluator.stats[:12])}
     precision = evaluator.eval["precision"]  # [T, R, K, A, M]; area "all", maxDets 100
-    per_iou = {t: _mean_valid(precision[i, :, :, 0, -1]) for i, t in enumerate(IOU_THRESHOLDS)}
-    return {"bbox": {k: stats[k] for k in STAT_NAMES[:6]}, "stats": stats, "ap_per_iou": per_iou}
+    per_iou = {t: _mean_valid(precision[i, :, :, 0, -1]) for i, t in enumerate(IOU_KEYS)}
+    return {"bbox": {k: stats[k] for k in BOX_METRICS}, "stats": stats, "ap_per_iou": per_iou}

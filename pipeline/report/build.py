@@ -25,7 +25,7 @@ from pipeline.report.failures import failures_markdown, read_failures
 from pipeline.report.guards import BaselineLearning, baseline_learning, design_reason, image_count_reason
 from pipeline.report.results import (RUN_FIGURES_DIR, RunResult, ap_points, load_results, runs_of,
                                      validation_ground_truth)
-from pipeline.report.tables import (ablation_table, claims_markdown, detector_markdown, headline_metrics,
+from pipeline.report.tables import (IOU_COLUMNS, ablation_table, claims_markdown, detector_markdown, headline_metrics,
                                     learning_markdown, power_markdown, summary_metrics)
 from pipeline.plan.runplan import PlanSummary, RunPlan
 from detection.io import write_text_atomic
@@ -225,12 +225,12 @@ def write_report(plan_dir: Path, out_dir: Path, settings: ReportConfig, manifest
             title = f"{DETECTOR_TITLES.get(detector, detector)}: detection score vs IoU (seeds pooled)"
             drawn.append((title, figures.score_vs_iou(panels, fig_dir / f"score_vs_iou_{detector}.png", title)))
     ap_curves = {detector: {combination: list(table[(table.detector == detector) & (table.combination == combination)
-                                              & (table.source == "ours")][[f"AP@{t}" for t in IOU_THRESHOLDS]].iloc[0])
+                                              & (table.source == "ours")][list(IOU_COLUMNS)].iloc[0])
                             for combination in spec.combinations
                             if runs_of(results, detector, combination)}
                  for detector, spec in summary.detectors.items()}
     drawn.append(("AP by IoU threshold (mean over seeds)",
-                  figures.ap_by_iou(ap_curves, [float(t) for t in IOU_THRESHOLDS], fig_dir / "ap_by_iou.png")))
+                  figures.ap_by_iou(ap_curves, list(IOU_THRESHOLDS), fig_dir / "ap_by_iou.png")))
     drawn.append(("Balanced L1 vs smooth L1: loss and gradient",
                   figures.loss_and_gradient(_box_losses(results), fig_dir / "balanced_l1.png")))
     for detector, spec in summary.detectors.items():

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from detection.engine.coco_eval import IOU_THRESHOLDS
 from pipeline.plan.params import ReportConfig
 from pipeline.report.bootstrap import PairedDelta, Statistic, coco_ap
 from pipeline.report.power import VarianceSplit
@@ -37,7 +38,8 @@ VERDICT_CODES = {"reproduced": 1, "not resolved": 0, "contradicted": -1, "equiva
 
 def high_iou_gain_over_ap50(ap: np.ndarray) -> np.ndarray:
     """Mean AP at IoU 0.80 and 0.90 (the thresholds Wu et al. report) minus AP50."""
-    return ap[..., [6, 8]].mean(axis=-1) - ap[..., 0]
+    high = [IOU_THRESHOLDS.index(t) for t in (0.80, 0.90)]
+    return ap[..., high].mean(axis=-1) - ap[..., IOU_THRESHOLDS.index(0.50)]
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
+from detection.engine.coco_eval import IOU_THRESHOLDS
+
 RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
 MAX_DETECTIONS = 100
 _EPS = np.spacing(1)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from detection.engine.coco_eval import IOU_THRESHOLDS
+from detection.engine.coco_eval import BOX_METRICS, IOU_KEYS
 from pipeline.plan.params import COMPONENTS, DETECTOR_COMPONENTS
 from pipeline.report.bootstrap import PairedDelta
 from pipeline.report.claims import VERDICT_CODES, ClaimResult, UntestableClaim
@@ -18,8 +18,7 @@ from pipeline.report.reference import PAPER_SOURCES, ModelZooRow, paper_row
 from pipeline.report.results import RunResult, ap_points, runs_of
 from pipeline.plan.runplan import PlanSummary
 
-BOX_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-IOU_COLUMNS = tuple(f"AP@{t}" for t in IOU_THRESHOLDS)
+IOU_COLUMNS = tuple(f"AP@{t}" for t in IOU_KEYS)
 DELTA_COLUMNS = ("dAP", "dAP_sd", "dAP_ci_low", "dAP_ci_high", "dAP_image_ci_low", "dAP_image_ci_high")
 COLUMNS = ("detector", "combination", "source", *COMPONENTS, "seeds", *BOX_METRICS, "AP_sd", "untrained_AP",
            *IOU_COLUMNS,
@@ -84,7 +83,7 @@ def ablation_table(summary: PlanSummary, results: list[RunResult],
             row["AP_sd"] = _sd([ap_points(r.metrics["bbox"]["AP"]) for r in runs])
             if combination == "baseline" and detector in learning:
                 row["untrained_AP"] = _mean(list(learning[detector].untrained))
-            for t, column in zip(IOU_THRESHOLDS, IOU_COLUMNS):
+            for t, column in zip(IOU_KEYS, IOU_COLUMNS):
                 row[column] = float(np.mean([ap_points(r.metrics["ap_per_iou"][t]) for r in runs]))
             delta = deltas.get((detector, combination))
             if delta is not None:
@@ -232,7 +231,7 @@ def detector_markdown(table: pd.DataFrame, detector: str, confidence: float,
     part = table[table["detector"] == detector]
     comps = list(DETECTOR_COMPONENTS[detector])
     level = f"{round(100 * confidence)}%"
-    header = ["combination", *comps, "source", "AP", "AP50", "AP75", "APs", "APm", "APl", "ΔAP",
+    header = ["combination", *comps, "source", *BOX_METRICS, "ΔAP",
               f"ΔAP {level} CI (seeds + images)", f"ΔAP {level} CI (images only)", "train time ×", "peak mem (MB)"]
     rows = []
     for r in part.to_dict("records"):
@@ -258,7 +257,7 @@ def detector_markdown(table: pd.DataFrame, detector: str, confidence: float,
                "rank 0's peak resident set size on CPU), mean over seeds."), ""]
     ours = part[part["source"] == "ours"]
     lines += ["AP (%) at each IoU threshold, mean over seeds:", ""]
-    lines += _md_table(["combination", *(t for t in IOU_THRESHOLDS)],
+    lines += _md_table(["combination", *IOU_KEYS],
                        [[r["combination"], *(_fmt(r[c]) for c in IOU_COLUMNS)] for r in ours.to_dict("records")])
     lines += ["", ("Correlation of detection score and IoU with the best-matching ground truth of the same class "
                    "(all detections, seeds pooled):"), ""]

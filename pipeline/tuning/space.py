@@ -24,10 +24,9 @@ import optuna
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from detection.config import ConfigError, StrictModel, parse_override, read_yaml
+from detection.engine.coco_eval import BOX_METRICS
 
 Scalar = bool | int | float | str
-METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-"""Validation metrics a study can maximise (logged by the training module as ``val/<name>``)."""
 
 
 class StudyError(ValueError):
@@ -174,7 +173,7 @@ class StudySpec(StrictModel):
     """KEY=VALUE overrides applied to every trial, e.g. the one that enables the component."""
     params: dict[str, Param]
     """Search space: Optuna parameter name -> distribution and the config field it sets."""
-    metric: Literal[METRICS] = "AP"  # type: ignore[valid-type]
+    metric: Literal[BOX_METRICS] = "AP"  # type: ignore[valid-type]
     """Objective: this validation metric (maximised), at the last validated epoch."""
     n_trials: int = Field(20, ge=1)
     """Default target number of finished trials (``--n-trials`` overrides)."""
