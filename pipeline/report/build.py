@@ -5,13 +5,14 @@ from __future__ import annotations
 import base64
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from detection.config import BalancedL1Config
+from detection.config import BalancedL1Config, BoxLossConfig, ExperimentConfig
 from pipeline.plan.params import ReportConfig
 from detection.engine.coco_eval import IOU_THRESHOLDS
 from pipeline.report import figures
@@ -98,37 +99,28 @@ def evaluate_claims(results: list[RunResult], samples: dict[str, APSamples], set
             if claim.key in assessed or claim.key in untestable]
 
 
-def _box_losses(results: list[RunResult]) -> dict[str, Any]:
-    """The box losses the ablation used, as functions of the regression error, for the loss figure:
-    the detectors' own losses, smooth L1 with β = 1 (the paper's comparison) and each Balanced L1 setting."""
+def _box_losses(configs: list[ExperimentConfig]) -> dict[str, Callable]:
+    """The box losses the runs of ``configs`` used, as functions of the regression error, for the loss figure:
+    the detectors' own losses, smooth L1 with β = 1 (the paper's comparison) and each Balanced L1 setting
+    (the default one if no run enabled it), each built as the detectors build theirs."""
     import torch
-    import torch.nn.functional as F
 
-    from detection.components import balanced_l1_loss
+    from detection.models.box_loss import build_box_loss
 
-    torch_zeros = torch.zeros_like
+    def of_error(own: BoxLossConfig, balanced_l1: BalancedL1Config) -> Callable:
+        loss = build_box_loss(own, balanced_l1)
+        return lambda x: loss(x, torch.zeros_like(x))
 
-    def smooth_l1(beta: float):
-        return lambda x: F.smooth_l1_loss(x, torch_zeros(x), beta=beta, reduction="none")
-
-    def balanced(bl: dict[str, Any]):
-        return lambda x: balanced_l1_loss(x, torch_zeros(x), alpha=bl["alpha"], gamma=bl["gamma"], beta=bl["beta"],
-                                          formula=bl["formula"], reduction="none")
-
-    losses: dict[str, Any] = {"smooth L1 (β=1)": smooth_l1(1.0)}
-    settings = []
-    for r in results:
-        box, bl = r.plan.config["model"]["box_loss"], r.plan.config["components"]["balanced_l1"]
-        if box["type"] == "l1":
-            losses[f"{r.plan.detector} default: L1"] = lambda x: x.abs()
-        else:
-            losses[f"{r.plan.detector} default: smooth L1 (β={box['beta']:.3g})"] = smooth_l1(box["beta"])
-        if bl["enabled"]:
-            settings.append(bl)
-    if not settings:
-        settings.append(BalancedL1Config().model_dump(mode="json"))
-    for bl in settings:
-        losses[f"Balanced L1 (α={bl['alpha']:g}, γ={bl['gamma']:g}, β={bl['beta']:g}, {bl['formula']})"] = balanced(bl)
+    disabled = BalancedL1Config()
+    losses = {"smooth L1 (β=1)": of_error(BoxLossConfig(type="smooth_l1", beta=1.0), disabled)}
+    for config in configs:
+        own = config.model.box_loss
+        name = "L1" if own.type == "l1" else f"smooth L1 (β={own.beta:.3g})"
+        losses[f"{config.model.detector} default: {name}"] = of_error(own, disabled)
+    enabled = [c.components.balanced_l1 for c in configs if c.components.balanced_l1.enabled]
+    for bl in enabled or [BalancedL1Config(enabled=True)]:
+        losses[f"Balanced L1 (α={bl.alpha:g}, γ={bl.gamma:g}, β={bl.beta:g}, {bl.formula})"] = of_error(
+            BoxLossConfig(), bl)
     return losses
 
 
@@ -232,7 +224,8 @@ def write_report(plan_dir: Path, out_dir: Path, settings: ReportConfig, manifest
     drawn.append(("AP by IoU threshold (mean over seeds)",
                   figures.ap_by_iou(ap_curves, list(IOU_THRESHOLDS), fig_dir / "ap_by_iou.png")))
     drawn.append(("Balanced L1 vs smooth L1: loss and gradient",
-                  figures.loss_and_gradient(_box_losses(results), fig_dir / "balanced_l1.png")))
+                  figures.loss_and_gradient(_box_losses([r.plan.experiment_config() for r in results]),
+                                            fig_dir / "balanced_l1.png")))
     for detector, spec in summary.detectors.items():
         curves = {combination: _mean_curves(runs_of(results, detector, combination))
                   for combination in spec.combinations}
