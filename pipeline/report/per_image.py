@@ -50,6 +50,15 @@ class ImageMatches:
         return len(self.image_ids)
 
 
+# The matching is redone here, with pycocotools, rather than taken from the run's evaluation, because
+# faster-coco-eval (1.8) does not give it out: COCOeval_faster keeps its per-image results in C++
+# (``evalImgs`` stays empty; with ``separate_eval`` its ``_evalImgs_cpp`` is a list of ImageEvaluation
+# objects without readable fields) and ``eval["matched"]`` holds only the detection-ground truth pairs
+# of one threshold, with neither the matches at the other nine thresholds nor the ignore flags. The
+# weighted AP needs per image and category, at every threshold, dtMatches and dtIgnore, and gtIgnore.
+# For the evaluation to write them, every run (tuning trials included) would have to run pycocotools'
+# evaluateImg, which is this same second matching, and keep a file of about 3 MB per 1000 images x 100
+# detections; here it takes about 1.5 s per such run, and only for the runs a report reads.
 def match_images(gt: dict[str, Any], detections: list[dict[str, Any]]) -> ImageMatches:
     """Per-image COCO bbox matching of ``detections`` (results format) on every image of ``gt``."""
     from pycocotools.coco import COCO
