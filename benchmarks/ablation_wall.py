@@ -24,6 +24,7 @@ import yaml
 from pipeline.plan.ablation import Ablation, plan_ablation, read_params, write_plan
 from pipeline.dispatch import ExecutionSettings, dispatch
 from pipeline.dispatch.processes import cores
+from detection.run_dir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +54,8 @@ def timed_dispatch(workdir: Path, ablation: Ablation, name: str, settings: Execu
                        root / "runs/curves.csv", root=root, say=lambda line: print(f"  {name}: {line}", flush=True))
     seconds = time.perf_counter() - start
     if outcome.exit_code:
-        raise SystemExit(f"{name}: runs did not finish: {outcome.unfinished}; see {root}/runs/*/*/*/dispatch.log")
+        logs = RunDir(root / "runs/*/*/*").dispatch_log()
+        raise SystemExit(f"{name}: runs did not finish: {outcome.unfinished}; see {logs}")
     return seconds
 
 

@@ -45,6 +45,7 @@ from detection.engine.coco_eval import evaluate_coco
 from detection.engine.detections import predict
 from detection.engine.splits import coco_subset, load_splits
 from detection.models.detectors import build_detector
+from detection.run_dir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"faster_rcnn": "configs/faster_rcnn_tiny.yaml", "retinanet": "configs/retinanet_tiny.yaml"}
@@ -79,7 +80,7 @@ def _model(cfg, num_classes: int, run: Path | None) -> torch.nn.Module:
     torch.manual_seed(0)
     model = build_detector(cfg, num_classes)
     if run is not None:
-        state = read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
+        state = read_checkpoint(RunDir(run).checkpoint("last"))["state_dict"]
         model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
     return model
 

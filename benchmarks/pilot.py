@@ -36,6 +36,7 @@ from detection.engine.evaluate import evaluate_run
 from detection.engine.train import train
 from detection.io import flatten, write_json_atomic, write_text_atomic
 from detection.ownership import NotOwnedError, check_replaceable, mark
+from detection.run_dir import RunDir
 from pipeline.plan.params import DETECTOR_COMPONENTS, Params, load_params, parse_combination
 from pipeline.report.guards import untrained_ap
 from pipeline.report.power import VarianceSplit
@@ -135,14 +136,14 @@ def run_config(params: Params, profile: str, detector: str, combination: str, se
 
 
 def train_and_evaluate(cfg: ExperimentConfig, run: Path) -> dict[str, Any]:
-    """The run's metrics.json, training and evaluating what is not done yet; their console output goes
+    """The run's metrics, training and evaluating what is not done yet; their console output goes
     to ``run/pilot.log``."""
     run.mkdir(parents=True, exist_ok=True)
     with (run / "pilot.log").open("a") as log, redirect_stdout(log), redirect_stderr(log):
         trained = train(cfg, run, resume=True, progress_bar=False)
-        if trained is not None or not (run / "metrics.json").exists():
+        if trained is not None or not RunDir(run).metrics.exists():
             return evaluate_run(run)
-    return json.loads((run / "metrics.json").read_text())
+    return json.loads(RunDir(run).metrics.read_text())
 
 
 def fmt(value: float | None, digits: int = 1) -> str:

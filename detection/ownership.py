@@ -23,6 +23,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from detection.io import write_text_atomic
+from detection.run_dir import RunDir
 
 __all__ = ["MARKER", "FORCE", "PREPARE", "PRETRAIN", "PLAN", "TRAIN", "DISPATCH", "NotOwnedError", "RunLockedError", "marker_path", "mark", "writer_of",
            "check_replaceable", "remove_owned", "replacing", "run_lock"]
@@ -31,7 +32,6 @@ MARKER = ".libra"
 """A folder's marker file; a file's marker is ``.<name>.libra`` beside it (see :func:`marker_path`)."""
 FORCE = "--force"
 """The option of every command that lets it replace what it did not write."""
-LOCK_FILE = ".libra.lock"
 
 PREPARE, PRETRAIN, PLAN, TRAIN, DISPATCH = "libra prepare", "libra pretrain", "libra plan", "libra train", "libra dispatch"
 """The commands that mark what they write (a marker holds one of these)."""
@@ -74,7 +74,7 @@ def check_replaceable(path: Path, writers: tuple[str, ...], force: bool = False)
         raise NotOwnedError(f"{path}: cannot be made, {blocking} is a file (Not a directory); choose another --out")
     if not target.exists() or force or writer_of(target) in writers:
         return
-    if target.is_dir() and all(p.name == LOCK_FILE for p in target.iterdir()):  # empty, or a run starting in it
+    if target.is_dir() and all(p == RunDir(target).lock for p in target.iterdir()):  # empty, or a run starting in it
         return
     what = "not empty" if target.is_dir() else "an existing file"
     raise NotOwnedError(f"{path}: {what} and not written by `{writers[0]}` (no {marker_path(path).name} marker), so "
@@ -161,7 +161,7 @@ def run_lock(directory: Path) -> Iterator[None]:
     directory = Path(directory)
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / LOCK_FILE
+    path = RunDir(directory).lock
     try:
         handle = _acquire(path)
         try:

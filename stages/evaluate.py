@@ -19,7 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from detection.engine.evaluate import evaluate_run, resolve_device
+    from detection.run_dir import RunDir
 
     metrics = evaluate_run(args.run, args.checkpoint, args.backend, resolve_device(args.device))
     print(json.dumps({"bbox": metrics["bbox"], "detections": metrics["num_detections"]}))
-    print(f"wrote {args.run / 'metrics.json'} and {args.run / 'detections.json'}")
+    run = RunDir(args.run)
+    print(f"wrote {run.metrics} and {run.detections}")

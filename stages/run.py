@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> None:
     from detection.engine.curves import write_curve_files
     from detection.engine.evaluate import evaluate_run, resolve_device
     from detection.engine.train import TrainingStopped, train
+    from detection.run_dir import RunDir
     from pipeline.plan.runplan import EVALUATION_STARTED, read_run_plan
 
     cfg = validate_config(read_run_plan(args.plan).config, str(args.plan))
@@ -51,4 +52,4 @@ def run(args: argparse.Namespace) -> None:
     print(f"{EVALUATION_STARTED} {args.out} on {device}", flush=True)
     metrics = evaluate_run(args.out, "last", None, device)
     print(f"bbox {metrics['bbox']}, {metrics['num_detections']} detections; "
-          f"wrote {args.out / 'metrics.json'} and {args.out / 'detections.json'}")
+          f"wrote {RunDir(args.out).metrics} and {RunDir(args.out).detections}")

@@ -15,7 +15,8 @@ from torchvision.models.detection import fasterrcnn_resnet50_fpn, retinanet_resn
 
 from conftest import tiny_overrides
 from detection.config import ConfigError, load_config
-from detection.engine.train import INIT_REPORT_FILE, TrainingStopped, train
+from detection.engine.train import TrainingStopped, train
+from detection.run_dir import RunDir
 from detection.models.detectors import build_detector, init_detector
 
 pytestmark = pytest.mark.trains
@@ -68,7 +69,7 @@ def test_a_fresh_run_starts_from_the_checkpoint_and_a_resumed_one_does_not_rerea
     weights = [k for k in source if not k.startswith(STATISTICS)]
     for key in weights:
         assert torch.equal(capture.state[key], source[key]), key
-    report = json.loads((run / INIT_REPORT_FILE).read_text())
+    report = json.loads(RunDir(run).init_report.read_text())
     assert report == {"init_from": str(init), "loaded": len(weights), "reinitialised": [], "not_in_source": [],
                       "not_used": []}
     assert load_config(run / "config.yaml").model.init_from == init
@@ -76,7 +77,7 @@ def test_a_fresh_run_starts_from_the_checkpoint_and_a_resumed_one_does_not_rerea
     init.write_bytes(b"gone")  # a resumed run continues from its own checkpoint, never from init_from
     assert train(cfg, run, resume=True, progress_bar=False) is not None
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
-    assert json.loads((run / INIT_REPORT_FILE).read_text()) == report
+    assert json.loads(RunDir(run).init_report.read_text()) == report
 
 
 def _tiny(**sets: object):

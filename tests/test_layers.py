@@ -10,7 +10,7 @@ from conftest import ROOT
 
 FLOORS: dict[str, int] = {
     "detection.components": 1, "detection.config": 1, "detection.io": 1, "detection.signals": 1,
-    "detection.ownership": 1,
+    "detection.ownership": 1, "detection.run_dir": 1,
     "detection.data": 2,
     "detection.models": 3,
     "detection.engine": 4,

@@ -15,7 +15,7 @@ import yaml
 from conftest import ROOT
 from test_console import assert_quiet
 from pipeline.plan.ablation import plan_ablation, read_params, write_plan
-from pipeline.plan.runplan import RUN_KEY_FILE
+from detection.run_dir import RunDir
 from pipeline.report.localization import IOU_DISTRIBUTIONS_FILE
 from pipeline.tracking.ablation import RUNS_VIEW, log_ablation, runs_view_state
 
@@ -26,7 +26,7 @@ COST = {"train_wall_s": 12.5, "train_steps": 4, "train_s_per_step": 3.1, "train_
 
 def _write_run(run: Path, ap: float, system_rows: list[tuple[int, int, str, float]] | None) -> None:
     run.mkdir(parents=True, exist_ok=True)
-    (run / RUN_KEY_FILE).write_text("-".join(run.parts[-3:]) + "\n")
+    RunDir(run).run_key.write_text("-".join(run.parts[-3:]) + "\n")
     (run / "config.yaml").write_text("model: {}\n")
     (run / "metrics.json").write_text(json.dumps({"stats": {"AP": ap, "AP50": ap + 0.1}, "ap_per_iou": {"0.5": ap},
                                                   "num_images": 8, "num_detections": 3, "cost": COST}))

@@ -14,14 +14,14 @@ sessions), with ``T_fit`` the wall time of each ``fit``, ``t_i`` the time of opt
 
 The totals travel in the checkpoint (the callback's state), so a run resumed from ``last.ckpt``
 counts every step it keeps exactly once, and steps lost with a killed session are counted when
-they run again. At the end of each session the totals are written atomically to
-``<run>/train_cost.json``; :func:`detection.engine.evaluate.evaluate_run` adds them to
-``metrics.json``.
+they run again. At the end of each session the totals are written atomically to the run's
+:attr:`~detection.run_dir.RunDir.train_cost`; evaluation adds them to its metrics.
 
 :class:`SystemMetricsSampler` samples MLflow's system-metrics monitors (CPU, memory, disk,
 network, GPU when NVML finds one) in a background thread every ``interval_s`` seconds, and once
 when training ends, appending rows ``timestamp_ms, step, name, value`` (names as MLflow logs them,
-e.g. ``system/cpu_utilization_percentage``) to ``<run>/system_metrics.csv`` (rewritten atomically).
+e.g. ``system/cpu_utilization_percentage``) to the run's :attr:`~detection.run_dir.RunDir.system_metrics`
+(rewritten atomically).
 """
 
 from __future__ import annotations
@@ -38,9 +38,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from detection.io import write_json_atomic, write_text_atomic
+from detection.run_dir import RunDir
 
-TRAIN_COST_FILE = "train_cost.json"
-SYSTEM_METRICS_FILE = "system_metrics.csv"
 SYSTEM_METRICS_COLUMNS = ("timestamp_ms", "step", "name", "value")
 COST_KEYS = ("train_wall_s", "train_steps", "train_s_per_step", "train_images_per_s", "train_peak_rss_mb",
              "train_peak_gpu_mem_mb", "eval_wall_s", "eval_images_per_s", "device", "threads")
@@ -105,10 +104,10 @@ class SystemMetricsSampler:
 
 
 class TrainingCost(Callback):
-    """Accumulates the cost of training (see the module docstring); writes ``<run>/train_cost.json``."""
+    """Accumulates the cost of training (see the module docstring); writes the run's ``train_cost``."""
 
-    def __init__(self, run_dir: Path, system_metrics_interval_s: float = 10.0):
-        self.run_dir = Path(run_dir)
+    def __init__(self, run: RunDir, system_metrics_interval_s: float = 10.0):
+        self.run = run
         self.interval_s = system_metrics_interval_s
         self.totals: dict[str, Any] = {"wall_s": 0.0, "steps": 0, "step_s": 0.0, "images": 0,
                                        "peak_rss_mb": 0.0, "peak_gpu_mem_mb": None}
@@ -131,7 +130,7 @@ class TrainingCost(Callback):
         if self._device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self._device)
         if trainer.is_global_zero:
-            self._sampler = SystemMetricsSampler(self.run_dir / SYSTEM_METRICS_FILE, self.interval_s,
+            self._sampler = SystemMetricsSampler(self.run.system_metrics, self.interval_s,
                                                  lambda: trainer.global_step)
             self._sampler.start()
 
@@ -171,7 +170,7 @@ class TrainingCost(Callback):
             self._sampler.stop()
             self._sampler = None
         if trainer.is_global_zero:
-            write_json_atomic(self.run_dir / TRAIN_COST_FILE, train_cost(
+            write_json_atomic(self.run.train_cost, train_cost(
                 self._current(), device_name(self._device, self._world_size), torch.get_num_threads()))
 
 
@@ -187,11 +186,11 @@ def train_cost(totals: dict[str, Any], device: str, threads: int) -> dict[str, A
             "device": device, "threads": threads}
 
 
-def run_cost(run_dir: Path, eval_wall_s: float, eval_images: int, eval_device: str) -> dict[str, Any]:
-    """``metrics.json``'s ``cost``: the training totals of ``<run>/train_cost.json`` (None where the run
-    has no such file; then ``device`` and ``threads`` are the evaluation's) and this evaluation's wall
-    time and images/s."""
-    path = Path(run_dir) / TRAIN_COST_FILE
+def run_cost(run: RunDir, eval_wall_s: float, eval_images: int, eval_device: str) -> dict[str, Any]:
+    """``metrics.json``'s ``cost``: the training totals of the run's ``train_cost`` file (None where the run
+    has none; then ``device`` and ``threads`` are the evaluation's) and this evaluation's wall time and
+    images/s."""
+    path = run.train_cost
     train = json.loads(path.read_text()) if path.exists() else {"device": eval_device, "threads": torch.get_num_threads()}
     cost = {key: train.get(key) for key in COST_KEYS}
     cost.update(eval_wall_s=round(eval_wall_s, 3),

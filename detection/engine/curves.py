@@ -1,4 +1,4 @@
-"""Per-epoch training curves from the ``metrics.csv`` that Lightning's CSVLogger writes in a run directory.
+"""Per-epoch training curves from the log that Lightning's CSVLogger writes in a run directory.
 
 The logger writes one row per logging event: step rows (``train/*_step``, ``lr``), an epoch-end
 row of training means (``train/*_epoch``) and a validation row (``val/*``), each with ``epoch``
@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from detection.io import write_text_atomic
+from detection.run_dir import RunDir
 
 
 def read_metrics_csv(path: Path) -> pd.DataFrame:
@@ -47,7 +48,7 @@ def write_curve_files(run_dir: Path) -> None:
     """``<run>/curves/train_loss.csv`` and ``<run>/curves/val_AP.csv``: ``epoch`` and one value per
     epoch, the files DVC renders as plots (the last column is the plotted one). A file that already
     holds these values is left untouched."""
-    curves = epoch_curves(read_metrics_csv(Path(run_dir) / "metrics.csv"))
+    curves = epoch_curves(read_metrics_csv(RunDir(run_dir).training_log))
     for name, column in (("train_loss", "train/loss"), ("val_AP", "val/AP")):
         frame = pd.DataFrame({"epoch": curves["epoch"],
                               name: curves[column] if column in curves else pd.Series(dtype=float)})
@@ -63,7 +64,7 @@ def write_runs_curves(run_dirs: dict[str, Path], path: Path) -> None:
     (empty where not logged)."""
     frames = []
     for name, run_dir in run_dirs.items():
-        curves = epoch_curves(read_metrics_csv(Path(run_dir) / "metrics.csv"))
+        curves = epoch_curves(read_metrics_csv(RunDir(run_dir).training_log))
         if curves.empty:
             continue
         frames.append(pd.DataFrame({"run": name, "epoch": curves["epoch"],

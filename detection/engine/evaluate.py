@@ -1,4 +1,4 @@
-"""Evaluate a trained run directory on its validation split: detections.json + metrics.json."""
+"""Evaluate a trained run directory on its validation split: its detections and metrics files."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from detection.engine.detections import predict
 from detection.engine.splits import coco_subset, validation_split
 from detection.io import write_json_atomic
 from detection.models.detectors import build_detector
+from detection.run_dir import Checkpoint, RunDir
 
 
 class ValidationData:
@@ -43,12 +44,14 @@ def evaluated_weights(cfg: ExperimentConfig) -> str:
     return "model" if cfg.train.ema_decay is None else "ema"
 
 
-def load_trained_model(run: Path, checkpoint: str = "last") -> tuple[ExperimentConfig, torch.nn.Module, ValidationData]:
+def load_trained_model(run: Path, checkpoint: Checkpoint = "last"
+                       ) -> tuple[ExperimentConfig, torch.nn.Module, ValidationData]:
     """The run's config, its detector with the ``checkpoint``'s evaluated weights, and its validation data."""
-    config_file = run / "config.yaml"
-    ckpt = run / "checkpoints" / f"{checkpoint}.ckpt"
+    files = RunDir(run)
+    config_file, ckpt = files.config, files.checkpoint(checkpoint)
     if not config_file.exists():
-        raise ConfigError(f"{config_file}: not a run directory (no config.yaml); train one with `libra train --out {run}`")
+        raise ConfigError(f"{config_file}: not a run directory (no {config_file.name}); "
+                          f"train one with `libra train --out {run}`")
     if not ckpt.exists():
         raise ConfigError(f"{ckpt}: no such checkpoint; has `libra train --out {run}` finished an epoch?")
     cfg = load_config(config_file)
@@ -67,7 +70,7 @@ def resolve_device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def evaluate_run(run: Path, checkpoint: str = "last", backend: Backend | None = None,
+def evaluate_run(run: Path, checkpoint: Checkpoint = "last", backend: Backend | None = None,
                  device: str = "cpu") -> dict[str, Any]:
     """Predict the val split with the run's checkpoint and COCO-evaluate; writes both files atomically.
 
@@ -84,7 +87,8 @@ def evaluate_run(run: Path, checkpoint: str = "last", backend: Backend | None = 
     metrics["num_images"] = len(data.val_split.image_ids)
     metrics["num_detections"] = len(results)
     metrics["weights"] = evaluated_weights(cfg)
-    metrics["cost"] = run_cost(run, time.perf_counter() - start, metrics["num_images"], device)
-    write_json_atomic(run / "detections.json", results)
-    write_json_atomic(run / "metrics.json", metrics)
+    files = RunDir(run)
+    metrics["cost"] = run_cost(files, time.perf_counter() - start, metrics["num_images"], device)
+    write_json_atomic(files.detections, results)
+    write_json_atomic(files.metrics, metrics)
     return metrics

@@ -1,11 +1,11 @@
 """Train one detector with Lightning: run directory layout, checkpoints, logs, resume, stop on a signal.
 
-A run directory holds ``config.yaml`` (the resolved config), ``checkpoints/last.ckpt`` (plus the
-best by val AP), ``metrics.csv`` (per-step and per-epoch losses, learning rate, val AP), and what the
-training cost: ``train_cost.json`` and ``system_metrics.csv`` (see :mod:`detection.engine.cost`).
+A run directory (:class:`detection.run_dir.RunDir`) holds the resolved config, the last checkpoint
+(plus the best by val AP), Lightning's log (per-step and per-epoch losses, learning rate, val AP), and
+what the training cost (see :mod:`detection.engine.cost`).
 
-SIGTERM or SIGINT stops training after the current step (or the running validation), saves
-``checkpoints/last.ckpt`` and raises :class:`TrainingStopped`; ``resume=True`` continues the run
+SIGTERM or SIGINT stops training after the current step (or the running validation), saves the
+last checkpoint and raises :class:`TrainingStopped`; ``resume=True`` continues the run
 from there, on the same batches an uninterrupted run would see. A second signal ends the process
 at once.
 """
@@ -40,10 +40,9 @@ from detection.engine.module import DetectionModule, schedule_steps
 from detection.io import replace_atomic, write_json_atomic
 from detection.ownership import DISPATCH, TRAIN, check_replaceable, mark, run_lock, writer_of
 from detection.models.detectors import check_backbone_weights, init_detector
+from detection.run_dir import RunDir
 from detection.signals import StopRequest, handling_stop_signals
 
-INIT_REPORT_FILE = "init_from.json"
-"""What ``model.init_from`` loaded and re-initialised, in a fresh run that has it."""
 RUN_WRITERS = (TRAIN, DISPATCH)
 """Who made a run directory a fresh run may go into: `libra train`, or `libra dispatch` (for `libra run`)."""
 
@@ -61,7 +60,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def _step(row: dict[str, str | None]) -> float:
-    """A metrics.csv row's step; infinity for a row torn by a kill while it was written."""
+    """A training log row's step; infinity for a row torn by a kill while it was written."""
     try:
         return int(row["step"])
     except (KeyError, TypeError, ValueError):
@@ -69,12 +68,13 @@ def _step(row: dict[str, str | None]) -> float:
 
 
 class _ResumingWriter(ExperimentWriter):
-    """Lightning's ``metrics.csv`` writer, except that the rows logged before ``start_step`` are kept
-    (Lightning deletes the file); later rows are dropped, as the resumed run logs those steps again."""
+    """Lightning's CSV writer into a run's training log, except that the rows logged before ``start_step``
+    are kept (Lightning deletes the file); later rows are dropped, as the resumed run logs those steps again."""
 
-    def __init__(self, log_dir: str, start_step: int):
+    def __init__(self, run: RunDir, start_step: int):
         self.start_step = start_step
-        super().__init__(log_dir)
+        self.NAME_METRICS_FILE, self.NAME_HPARAMS_FILE = run.training_log.name, run.hparams.name
+        super().__init__(str(run.path))
 
     def _check_log_dir_exists(self) -> None:
         path = Path(self.metrics_file_path)
@@ -98,17 +98,17 @@ class _ResumingWriter(ExperimentWriter):
 
 
 class ResumingCSVLogger(CSVLogger):
-    """``CSVLogger`` writing ``<run>/metrics.csv``, so that a resumed run holds every step exactly once."""
+    """``CSVLogger`` writing the run's training log, so that a resumed run holds every step exactly once."""
 
-    def __init__(self, run_dir: Path, start_step: int):
-        super().__init__(save_dir=run_dir, name="", version="")
-        self.start_step = start_step
+    def __init__(self, run: RunDir, start_step: int):
+        super().__init__(save_dir=run.path, name="", version="")
+        self.run, self.start_step = run, start_step
 
     @property
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
-            self._experiment = _ResumingWriter(self.log_dir, self.start_step)
+            self._experiment = _ResumingWriter(self.run, self.start_step)
         return self._experiment
 
 
@@ -213,17 +213,17 @@ def resume_checkpoint(cfg: ExperimentConfig, out: Path, resume: bool) -> dict[st
     """The checkpoint to continue from (None: start from scratch), after checking that ``out`` may be used.
 
     Refuses to start a fresh run over an existing one (nothing is overwritten), and to resume with a
-    config other than both ``config.yaml`` and the checkpoint's own record of it.
+    config other than both the run's config file and the checkpoint's own record of it.
     """
-    last = out / "checkpoints" / "last.ckpt"
+    run = RunDir(out)
+    last = run.checkpoint("last")
     if not resume:
         if last.exists():
             raise RunExistsError(f"{out} already holds a run ({last}); pass --resume to continue it "
                                  "or choose another --out")
         return None
-    config_file = out / "config.yaml"
-    if config_file.exists():
-        _check_same_config(cfg, load_config(config_file), config_file)
+    if run.config.exists():
+        _check_same_config(cfg, load_config(run.config), run.config)
     if not last.exists():
         print(f"{last} not found: starting from scratch", file=sys.stderr)
         return None
@@ -238,9 +238,9 @@ def resume_checkpoint(cfg: ExperimentConfig, out: Path, resume: bool) -> dict[st
 
 
 def _write_config(cfg: ExperimentConfig, out: Path, resume: bool) -> None:
-    """Writes ``out/config.yaml``; a resumed run keeps the one there (:func:`resume_checkpoint` found it equal),
-    a fresh run replaces one left by an earlier start."""
-    config_file = out / "config.yaml"
+    """Writes the run's config file; a resumed run keeps the one there (:func:`resume_checkpoint` found it
+    equal), a fresh run replaces one left by an earlier start."""
+    config_file = RunDir(out).config
     if resume and config_file.exists():
         return
     replace_atomic(config_file, lambda tmp: save_config(cfg, tmp))
@@ -249,18 +249,20 @@ def _write_config(cfg: ExperimentConfig, out: Path, resume: bool) -> None:
 def build_trainer(cfg: ExperimentConfig, out: Path, progress_bar: bool, callbacks: list[Callback] = (),
                   start_step: int = 0) -> L.Trainer:
     t = cfg.train
-    folder = out / "checkpoints"
-    best = ModelCheckpoint(dirpath=folder, filename="best", monitor="val/AP", mode="max", save_top_k=1,
-                           enable_version_counter=False)
+    run = RunDir(out)
+    best_file, last_file = run.checkpoint("best"), run.checkpoint("last")
+    best = ModelCheckpoint(dirpath=best_file.parent, filename=best_file.stem, monitor="val/AP", mode="max",
+                           save_top_k=1, enable_version_counter=False)
     # every epoch (a monitored callback's save_last follows only the epochs that improve val/AP)
-    last = ModelCheckpoint(dirpath=folder, filename="last", save_on_train_epoch_end=True, enable_version_counter=False)
+    last = ModelCheckpoint(dirpath=last_file.parent, filename=last_file.stem, save_on_train_epoch_end=True,
+                           enable_version_counter=False)
     extra = [] if progress_bar else [PlainProgress(t.log_every_n_steps)]
     return L.Trainer(
         accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
         strategy=cfg.trainer.strategy, precision=cfg.trainer.precision,
         max_epochs=t.epochs, max_steps=t.max_steps, gradient_clip_val=t.grad_clip,
         check_val_every_n_epoch=t.val_every_n_epochs, num_sanity_val_steps=0,
-        logger=ResumingCSVLogger(out, start_step), log_every_n_steps=t.log_every_n_steps,
+        logger=ResumingCSVLogger(run, start_step), log_every_n_steps=t.log_every_n_steps,
         callbacks=[best, last, *extra, *callbacks], plugins=[AtomicCheckpointIO()],
         enable_progress_bar=progress_bar, enable_model_summary=False,
         use_distributed_sampler=False, deterministic=False,
@@ -294,12 +296,13 @@ def _train(cfg: ExperimentConfig, out: Path, resume: bool, progress_bar: bool | 
             print(f"{out}: already complete ({total} steps trained); nothing to do")
             return None
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    last = out / "checkpoints" / "last.ckpt"
+    run = RunDir(out)
+    last = run.checkpoint("last")
     stop = StopOnSignal(last)
     start_step = checkpoint["global_step"] if checkpoint is not None else 0
     try:
         trainer = build_trainer(cfg, out, sys.stderr.isatty() if progress_bar is None else progress_bar,
-                                [*callbacks, TrainingCost(out), stop], start_step)
+                                [*callbacks, TrainingCost(run), stop], start_step)
     except (MisconfigurationException, ValueError) as exc:
         raise ConfigError(f"trainer: {exc} (trainer settings: {cfg.trainer.model_dump(mode='json')})") from None
     module = DetectionModule(cfg.to_dict(), data.num_classes, data.label_to_category_id,
@@ -310,7 +313,7 @@ def _train(cfg: ExperimentConfig, out: Path, resume: bool, progress_bar: bool | 
     _write_config(cfg, out, resume)
     if initialised is not None:
         print(initialised.summary(), flush=True)
-        write_json_atomic(out / INIT_REPORT_FILE, initialised.to_dict())
+        write_json_atomic(run.init_report, initialised.to_dict())
     with handling_stop_signals(stop.request):
         try:
             trainer.fit(module, datamodule=data, ckpt_path=last if checkpoint is not None else None)

@@ -19,10 +19,9 @@ import submitit
 
 from pipeline.dispatch.processes import start_process
 from pipeline.plan.runplan import EVALUATION_STARTED
+from detection.run_dir import RunDir
 from detection.signals import STOP_SIGNALS, handling_stop_signals
 
-LOG_FILE = "dispatch.log"
-"""In a run directory: the output of every attempt of its job, appended."""
 CODE_ROOT = Path(__file__).resolve().parents[2]
 """The directory holding this package: jobs import the code that dispatched them."""
 
@@ -100,7 +99,7 @@ class RunJob(submitit.helpers.Checkpointable):
     def __call__(self) -> JobResult:
         start = time.monotonic()
         rank = int(os.environ.get("SLURM_PROCID", "0")) if under_slurm() else 0
-        log = self.root / self.run_dir / (LOG_FILE if rank == 0 else f"dispatch.rank{rank}.log")
+        log = RunDir(self.root / self.run_dir).dispatch_log(rank)
         with self._forwarding_stop_signals():
             if self._stop is not None:
                 name = signal.Signals(self._stop).name

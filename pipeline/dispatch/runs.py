@@ -10,7 +10,8 @@ from pipeline.plan.ablation import file_digest, plan_path
 from detection.config import ConfigError
 from detection.io import write_text_atomic
 from detection.ownership import DISPATCH, check_replaceable, mark, remove_owned, writer_of
-from pipeline.plan.runplan import RUN_KEY_FILE, RunPlan, compute_run_key, read_plan_summary, read_run_plan
+from detection.run_dir import RunDir
+from pipeline.plan.runplan import RunPlan, compute_run_key, read_plan_summary, read_run_plan
 
 Action = Literal["reused", "resumed", "trained"]
 
@@ -56,25 +57,24 @@ def _input_digest(plan_file: Path, field: str, source: str | None, root: Path, d
 
 def check_run_dirs(runs: list[PlannedRun], root: Path, force: bool = False) -> None:
     """Before any job starts: every run directory that is there must be one libra dispatch made, as it may
-    discard it (:func:`prepare_run_dir`). One holding a ``run_key`` (dispatch made it before it marked its
+    discard it (:func:`prepare_run_dir`). One holding a run key (dispatch made it before it marked its
     directories) is marked as dispatch's; with ``force`` any is. Raises
     :class:`~detection.ownership.NotOwnedError` naming the first other one."""
     for run in runs:
         directory = root / run.plan.run_dir
         if (directory.is_dir() and writer_of(directory) != DISPATCH
-                and (force or (directory / RUN_KEY_FILE).is_file())):
+                and (force or RunDir(directory).run_key.is_file())):
             mark(directory, DISPATCH)
         check_replaceable(directory, (DISPATCH,))
 
 
 def decide(run: PlannedRun, root: Path) -> Action:
     """What ``run``'s directory needs (see :mod:`pipeline.dispatch`)."""
-    directory = root / run.plan.run_dir
-    key_file = directory / RUN_KEY_FILE
-    if key_file.exists() and key_file.read_text().strip() == run.key:
-        if (directory / "metrics.json").exists():
+    files = RunDir(root / run.plan.run_dir)
+    if files.run_key.exists() and files.run_key.read_text().strip() == run.key:
+        if files.metrics.exists():
             return "reused"
-        if (directory / "checkpoints" / "last.ckpt").exists():
+        if files.checkpoint("last").exists():
             return "resumed"
     return "trained"
 
@@ -82,13 +82,13 @@ def decide(run: PlannedRun, root: Path) -> Action:
 def prepare_run_dir(run: PlannedRun, root: Path) -> str | None:
     """Makes ``run``'s directory ready for its job; returns why an old directory was discarded, if one was."""
     directory = root / run.plan.run_dir
-    key_file = directory / RUN_KEY_FILE
+    key_file = RunDir(directory).run_key
     old_key = key_file.read_text().strip() if key_file.exists() else None
     discarded = None
     if directory.exists() and old_key != run.key:
         remove_owned(directory, (DISPATCH,))
         discarded = (f"its config, data or weights changed (key {old_key} -> {run.key})" if old_key
-                     else "no run_key: its start was interrupted")
+                     else f"no {key_file.name}: its start was interrupted")
     directory.mkdir(parents=True, exist_ok=True)
     mark(directory, DISPATCH)
     write_text_atomic(key_file, run.key + "\n")
@@ -99,4 +99,4 @@ def resumed_step(run: PlannedRun, root: Path) -> int:
     """The optimizer step ``run``'s last checkpoint was saved at."""
     from detection.engine.checkpoint import read_checkpoint
 
-    return int(read_checkpoint(root / run.plan.run_dir / "checkpoints" / "last.ckpt").get("global_step", 0))
+    return int(read_checkpoint(RunDir(root / run.plan.run_dir).checkpoint("last")).get("global_step", 0))

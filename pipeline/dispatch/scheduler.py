@@ -14,11 +14,12 @@ from typing import Any, Literal
 
 from detection.config import ConfigError
 from pipeline.dispatch.backends import Backend, Handle, make_backend
-from pipeline.dispatch.job import LOG_FILE, RunJob
+from pipeline.dispatch.job import RunJob
 from pipeline.dispatch.runs import (Action, PlannedRun, check_run_dirs, decide, planned_runs, prepare_run_dir,
                                     resumed_step)
 from pipeline.plan.execution import ExecutionSettings
 from detection.io import write_json_atomic
+from detection.run_dir import RunDir
 from detection.signals import StopRequest, handling_stop_signals
 
 
@@ -62,7 +63,7 @@ def _run_jobs(todo: list[tuple[PlannedRun, Action]], backend: Backend, threads: 
             job = RunJob(run.name, run.plan_file, run.plan.run_dir, root, threads)
             say(f"[{count - len(pending)}/{count}] {run.name}: "
                 f"{'resuming from step ' + str(from_step) if action == 'resumed' else 'training'}"
-                f" (log: {run.plan.run_dir / LOG_FILE})")
+                f" (log: {RunDir(run.plan.run_dir).dispatch_log()})")
             running[run.name] = (run, action, from_step, backend.start(run, job))
         for name, (run, action, from_step, handle) in list(running.items()):
             result = handle.result()
@@ -74,8 +75,8 @@ def _run_jobs(todo: list[tuple[PlannedRun, Action]], backend: Backend, threads: 
                 done[name] = RunStatus(action, None, round(result.seconds, 1), from_step)
                 say(f"{name}: {action}, finished in {result.seconds:.0f} s")
             else:
-                done[name] = RunStatus(result.status, f"{result.reason} (log: {run.plan.run_dir / LOG_FILE})",
-                                       round(result.seconds, 1), from_step)
+                log = RunDir(run.plan.run_dir).dispatch_log()
+                done[name] = RunStatus(result.status, f"{result.reason} (log: {log})", round(result.seconds, 1), from_step)
                 say(f"{name}: {result.status} after {result.seconds:.0f} s: {done[name].reason}")
                 if result.status == "stopped" and stop.signum is None:
                     stop.signum = result.signum or signal.SIGTERM
@@ -85,7 +86,7 @@ def _run_jobs(todo: list[tuple[PlannedRun, Action]], backend: Backend, threads: 
 
 
 def _bbox_metrics(run_dir: Path) -> dict[str, float]:
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads(RunDir(run_dir).metrics.read_text())
     return {name: float(value) for name, value in metrics["bbox"].items()}
 
 

@@ -29,6 +29,7 @@ from pydantic import Field
 from pipeline.plan.code_digest import code_digest
 from detection.config import ConfigError, ExperimentConfig, Int, StrictModel, load_yaml, validate_config, validate_model
 from detection.io import write_text_atomic
+from detection.run_dir import RunDir
 
 
 @dataclass(frozen=True)
@@ -119,9 +120,6 @@ def read_plan_summary(plan_dir: Path) -> PlanSummary:
 
 EVALUATION_STARTED = "libra run: training finished; evaluating"
 """The line ``libra run`` prints between its two steps: a failure after it is the evaluation's."""
-RUN_KEY_FILE = "run_key"
-"""``<run_dir>/run_key``: the key of the result in the directory, written before the run trains."""
-
 
 def compute_run_key(config: dict[str, Any], data_digest: str, weights_digest: str | None,
                     init_digest: str | None = None) -> str:
@@ -137,7 +135,7 @@ def compute_run_key(config: dict[str, Any], data_digest: str, weights_digest: st
 
 def read_run_key(run_dir: Path) -> str:
     """The key ``libra dispatch`` wrote to ``run_dir``; a ConfigError naming the file when there is none."""
-    path = Path(run_dir) / RUN_KEY_FILE
+    path = RunDir(run_dir).run_key
     try:
         return path.read_text().strip()
     except FileNotFoundError:

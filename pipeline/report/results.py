@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from detection.engine.curves import epoch_curves, read_metrics_csv
+from detection.run_dir import RunDir
 from pipeline.plan.runplan import PlanSummary, RunPlan, read_plan_summary, read_run_plan
 
 RUN_FIGURES_DIR = "runs"
@@ -56,16 +57,16 @@ def negative_iou_histogram(checkpoint: Path) -> tuple[np.ndarray, np.ndarray] | 
 
 
 def load_run(plan: RunPlan, root: Path = Path(".")) -> RunResult:
-    run = root / plan.run_dir
-    metrics_file = run / "metrics.json"
+    run = RunDir(root / plan.run_dir)
+    metrics_file = run.metrics
     if not metrics_file.exists():
         raise FileNotFoundError(f"{metrics_file}: {plan.name} is not evaluated; run `dvc repro` "
                                 "(or `libra dispatch`) to finish it")
     metrics = json.loads(metrics_file.read_text())
-    detections = json.loads((run / "detections.json").read_text())
-    checkpoint = run / "checkpoints" / "last.ckpt"
+    detections = json.loads(run.detections.read_text())
+    checkpoint = run.checkpoint("last")
     histogram = negative_iou_histogram(checkpoint) if plan.detector == "faster_rcnn" and checkpoint.exists() else None
-    return RunResult(plan, metrics, detections, epoch_curves(read_metrics_csv(run / "metrics.csv")), histogram)
+    return RunResult(plan, metrics, detections, epoch_curves(read_metrics_csv(run.training_log)), histogram)
 
 
 def runs_of(results: list[RunResult], detector: str, combination: str) -> list[RunResult]:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from detection.io import digest_files
+from detection.run_dir import RunDir
 from pipeline.tracking.store import (
     dvc_experiment_tags,
     flatten_params,
@@ -46,10 +47,11 @@ from pipeline.tracking.store import (
 from pipeline.report.localization import IOU_DISTRIBUTIONS_FILE
 from pipeline.report.results import ap_points
 
-RUN_FILES = ("config.yaml", "metrics.json", "detections.json", "metrics.csv")
-"""A run directory's files every child run holds (and whose digest decides whether it is re-logged)."""
-SYSTEM_METRICS_FILE = "system_metrics.csv"
-"""Resource usage sampled during training (columns timestamp_ms, step, name, value), when recorded."""
+
+def run_files(run: RunDir) -> list[Path]:
+    """A run directory's files every child run holds (and whose digest decides whether it is re-logged)."""
+    return [run.config, run.metrics, run.detections, run.training_log]
+
 RUNS_VIEW = "libra-runs"
 """The saved view of the experiment's runs table (:func:`runs_view_state`): MLflow's UI opens it at
 ``#/experiments/<id>/runs?viewStateShareKey=libra-runs``."""
@@ -319,24 +321,24 @@ def log_ablation(plan_dir: Path, report_dir: Path, manifest: dict[str, Any], par
     existing = tracker.children(parent_id)
     done: dict[str, dict[str, str]] = {}
     for plan in plans:
-        run = root / plan.run_dir
-        files = [run / name for name in RUN_FILES]
-        system_file = run / SYSTEM_METRICS_FILE
+        run = RunDir(root / plan.run_dir)
+        files = run_files(run)
+        system_file = run.system_metrics
         digested = files + [system_file] if system_file.exists() else files
         run_report = report_dir / RUN_FIGURES_DIR / plan.name
         figures = sorted(run_report.glob("*.png"))
-        evaluation = json.loads((run / "metrics.json").read_text())
+        evaluation = json.loads(run.metrics.read_text())
         spec = ChildSpec(
             name=plan.name, key=keys[plan.name], results_digest=path_digest(digested),
             params=flatten_params(plan.config),
             tags={**common, "libra.ablation_key": key, "libra.detector": plan.detector,
                   "libra.combination": plan.combination, "libra.components": ",".join(plan.components) or "none",
                   "libra.seed": str(plan.seed), "libra.run_dir": plan.run_dir.as_posix()},
-            epoch_metrics=epoch_metrics(epoch_curves(read_metrics_csv(run / "metrics.csv"))) + ap_by_iou(evaluation)
+            epoch_metrics=epoch_metrics(epoch_curves(read_metrics_csv(run.training_log))) + ap_by_iou(evaluation)
                           + iou_distribution_curves(run_report / IOU_DISTRIBUTIONS_FILE),
             final_metrics=final_metrics(evaluation),
             timed_metrics=system_metrics(system_file),
-            artifacts=[(f, None) for f in digested] + [(p, "curves") for p in sorted((run / "curves").glob("*.csv"))]
+            artifacts=[(f, None) for f in digested] + [(p, "curves") for p in sorted((run.path / "curves").glob("*.csv"))]
                       + [(p, "figures") for p in figures],
         )
         run_id, action = tracker.sync_child(parent_id, spec, existing)

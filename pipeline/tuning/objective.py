@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from optuna.trial import TrialState
 
 from detection.engine.train import train
+from detection.run_dir import RunDir
 from pipeline.report.results import ap_points
 from pipeline.tuning.liveness import OWNER_ATTR, worker_identity
 from pipeline.tuning.mlflow_runs import StudyTracker
@@ -93,7 +94,7 @@ class TrialObjective:
         print(f"trial {trial.number}: {', '.join(f'{k}={v}' for k, v in trial.params.items())} -> {out}", flush=True)
         reporter = TrialReporter(trial, f"val/{self.plan.spec.metric}",
                                  lambda epoch, m: self.tracker.log_epoch(run_id, epoch, m))
-        files = [out / "config.yaml", out / "metrics.csv"]
+        files = [RunDir(out).config, RunDir(out).training_log]
         try:
             train(cfg, out, progress_bar=False, callbacks=[reporter])
             if reporter.last is None:
@@ -110,7 +111,7 @@ class TrialObjective:
             raise
         finally:
             if not self.keep_checkpoints:
-                shutil.rmtree(out / "checkpoints", ignore_errors=True)
+                shutil.rmtree(RunDir(out).checkpoints, ignore_errors=True)
         self.tracker.end_trial(run_id, TrialState.COMPLETE, reporter.last, files=files)
         return reporter.last
 
