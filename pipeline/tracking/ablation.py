@@ -30,6 +30,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from detection.engine.coco_eval import BOX_METRICS
 from detection.io import digest_files
 from detection.run_dir import RunDir
 from pipeline.tracking.store import (
@@ -241,7 +242,7 @@ def runs_view_state() -> dict[str, Any]:
     ``mlflow.sharedViewState.<view>``): the child runs sorted by name (detector/combination/seed<k>), grouped
     by detector and combination (a group row: the mean over seeds), with AP and the run's tags as columns;
     the chart view shows every run and opens on the curves over IoU (``*_by_IoU``)."""
-    metrics = ["eval/AP", "eval/AP50", "eval/AP75", "eval/APs", "eval/APm", "eval/APl", "cost/train_wall_s"]
+    metrics = [*(f"eval/{name}" for name in BOX_METRICS), "cost/train_wall_s"]
     tags = ["libra.detector", "libra.combination", "libra.seed", "libra.dvc_experiment"]
     return {
         "searchFilter": "tags.`libra.role` = 'run'",
