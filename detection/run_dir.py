@@ -45,6 +45,12 @@ class RunDir:
         return self.path / "hparams.yaml"
 
     @property
+    def curves(self) -> Path:
+        """One row per epoch, parsed from :attr:`training_log` once, when training ends
+        (:func:`detection.engine.curves.write_curves`); what dispatch, report and tracking read."""
+        return self.path / "epoch_curves.csv"
+
+    @property
     def metrics(self) -> Path:
         """The evaluation: COCO metrics, counts, the weights scored, the run's cost."""
         return self.path / "metrics.json"

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "its resolved config is trained")
     parser.add_argument("--out", type=Path, required=True,
                         help="run directory: config.yaml, checkpoints/{last,best}.ckpt, metrics.csv, "
-                             "curves/{train_loss,val_AP}.csv, then metrics.json and detections.json")
+                             "epoch_curves.csv, then metrics.json and detections.json")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from checkpoints/last.ckpt (same config required); "
                              "a run that trained its full schedule is only evaluated")
@@ -33,7 +33,6 @@ def run(args: argparse.Namespace) -> None:
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     from detection.config import validate_config
-    from detection.engine.curves import write_curve_files
     from detection.engine.evaluate import evaluate_run, resolve_device
     from detection.engine.train import TrainingStopped, train
     from detection.run_dir import RunDir
@@ -47,7 +46,6 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(exc.exit_code) from None
     if rank_zero_only.rank != 0:  # Lightning's global rank of this process
         return
-    write_curve_files(args.out)
     device = resolve_device(args.device)
     print(f"{EVALUATION_STARTED} {args.out} on {device}", flush=True)
     metrics = evaluate_run(args.out, "last", None, device)

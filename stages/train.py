@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config field, e.g. components.bfp.enabled=true or trainer.devices=2 (repeatable)")
     parser.add_argument("--out", type=Path, required=True,
                         help="run directory: config.yaml, checkpoints/{last,best}.ckpt, metrics.csv, "
-                             "curves/{train_loss,val_AP}.csv")
+                             "epoch_curves.csv")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from checkpoints/last.ckpt (same config required); "
                              "a run that trained its full schedule is left as it is")
@@ -44,7 +44,6 @@ def run(args: argparse.Namespace) -> None:
 
         cfg = load_config(args.config, args.overrides)
 
-    from detection.engine.curves import write_curve_files
     from detection.engine.train import TrainingStopped, train
 
     try:
@@ -52,4 +51,3 @@ def run(args: argparse.Namespace) -> None:
     except TrainingStopped as exc:
         print(f"libra train: {exc}", file=sys.stderr)
         raise SystemExit(exc.exit_code) from None
-    write_curve_files(args.out)

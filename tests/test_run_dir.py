@@ -6,7 +6,10 @@ import ast
 import inspect
 from pathlib import Path
 
+import pandas as pd
+
 from conftest import ROOT
+from detection.engine.curves import epoch_curves, read_curves, read_metrics_csv, write_curves, write_runs_curves
 from detection.run_dir import RunDir
 
 CODE = ("detection", "pipeline", "stages", "benchmarks")
@@ -49,3 +52,22 @@ def test_no_module_but_run_dir_spells_a_run_file_name():
                 if last in names and not (last == "metrics.json" and module in REPORT_METRICS_READERS):
                     spelled.append(f"{module}: {text!r}")
     assert not spelled, "\n".join(spelled)
+
+
+def test_curves_are_parsed_once_and_read_back_exactly(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.training_log.write_text("epoch,step,lr,train/loss_step,train/loss_epoch,val/AP\n"
+                                "0,1,0.1,0.30000000000000004,,\n0,1,,,0.1234567890123,\n0,1,,,,0.2\n"
+                                "1,3,0.01,0.25,,\n1,3,,,0.2,\n")
+    write_curves(run)
+    parsed = epoch_curves(read_metrics_csv(run.training_log))
+    pd.testing.assert_frame_equal(read_curves(run), parsed, check_exact=True)
+    assert read_curves(run)["val/AP"].isna().tolist() == [False, True]
+
+    run.training_log.unlink()  # the readers take the curves file, never the log
+    write_runs_curves({"a/run": run, "missing": RunDir(tmp_path / "missing")}, tmp_path / "curves.csv")
+    table = pd.read_csv(tmp_path / "curves.csv")
+    assert table[["run", "epoch", "train_loss"]].to_dict("list") == {
+        "run": ["a/run", "a/run"], "epoch": [1, 2], "train_loss": [0.123457, 0.2]}
+    assert table["val_AP"].iloc[0] == 0.2 and table["val_AP"].isna().tolist() == [False, True]

@@ -15,6 +15,7 @@ import yaml
 from conftest import ROOT
 from test_console import assert_quiet
 from pipeline.plan.ablation import plan_ablation, read_params, write_plan
+from detection.engine.curves import write_curves
 from detection.run_dir import RunDir
 from pipeline.report.localization import IOU_DISTRIBUTIONS_FILE
 from pipeline.tracking.ablation import RUNS_VIEW, log_ablation, runs_view_state
@@ -32,6 +33,7 @@ def _write_run(run: Path, ap: float, system_rows: list[tuple[int, int, str, floa
                                                   "num_images": 8, "num_detections": 3, "cost": COST}))
     (run / "detections.json").write_text("[]")
     (run / "metrics.csv").write_text("epoch,step,train/loss_epoch,val/AP\n0,3,1.5,\n0,3,,0.2\n")
+    write_curves(RunDir(run))
     if system_rows is not None:
         (run / "system_metrics.csv").write_text("timestamp_ms,step,name,value\n" + "".join(
             f"{t},{s},{n},{v}\n" for t, s, n, v in system_rows))

@@ -8,11 +8,14 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 import torch
 
 from conftest import ROOT, checkpoint_complete, libra, tiny_overrides
 from detection.engine.coco_eval import IOU_KEYS
+from detection.engine.curves import epoch_curves, read_curves, read_metrics_csv
+from detection.run_dir import RunDir
 
 pytestmark = pytest.mark.trains
 
@@ -39,6 +42,8 @@ def test_train_then_evaluate_writes_schema(synthetic_root, tmp_path):
     assert (run / "config.yaml").exists() and (run / "checkpoints" / "last.ckpt").exists()
     log = (run / "metrics.csv").read_text().splitlines()
     assert "train/loss_step" in log[0] and "val/AP" in log[0] and len(log) > 4
+    pd.testing.assert_frame_equal(read_curves(RunDir(run)), epoch_curves(read_metrics_csv(run / "metrics.csv")),
+                                  check_exact=True)
 
     libra("evaluate", "--run", str(run))
     metrics = json.loads((run / "metrics.json").read_text())

@@ -35,6 +35,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from detection.config import ConfigError, ExperimentConfig, load_config, save_config, validate_config
 from detection.engine.checkpoint import CheckpointError, read_checkpoint
 from detection.engine.cost import TrainingCost
+from detection.engine.curves import write_curves
 from detection.engine.datamodule import DetectionDataModule
 from detection.engine.module import DetectionModule, schedule_steps
 from detection.io import replace_atomic, write_json_atomic
@@ -271,8 +272,9 @@ def build_trainer(cfg: ExperimentConfig, out: Path, progress_bar: bool, callback
 
 def train(cfg: ExperimentConfig, out: Path, resume: bool = False, progress_bar: bool | None = None,
           callbacks: list[Callback] = (), force: bool = False) -> DetectionModule | None:
-    """Fit ``cfg`` into run directory ``out``; returns the trained module, or None if ``resume`` finds
-    the run already complete (then nothing is changed). Raises :class:`TrainingStopped` on a signal.
+    """Fit ``cfg`` into run directory ``out`` and parse its curves; returns the trained module, or None if
+    ``resume`` finds the run already complete (then nothing is changed). Raises :class:`TrainingStopped`
+    on a signal.
 
     Every input (config, data, resumed checkpoint, model) is checked before anything is written. A fresh
     run goes only into a run directory libra made, or an empty or new one (any with ``force``), and the
@@ -319,4 +321,7 @@ def _train(cfg: ExperimentConfig, out: Path, resume: bool, progress_bar: bool | 
             trainer.fit(module, datamodule=data, ckpt_path=last if checkpoint is not None else None)
         except (_StopRequested, SIGTERMException):
             raise TrainingStopped(stop.signum or signal.SIGTERM, last) from None
+        finally:  # a stopped or failed session's curves too: they are what dispatch shows of the run
+            if trainer.is_global_zero:
+                write_curves(run)
     return module

@@ -146,5 +146,5 @@ def dispatch(plan_dir: Path, manifest: Path, settings: ExecutionSettings, index:
     else:
         say(f"{len(runs)} planned runs, every one finished already: nothing to run")
     write_json_atomic(index, {"runs": {run.name: _index_entry(run, statuses[run.name], root) for run in runs}})
-    write_runs_curves({run.name: root / run.plan.run_dir for run in runs}, curves)
+    write_runs_curves({run.name: RunDir(root / run.plan.run_dir) for run in runs}, curves)
     return DispatchOutcome({run.name: statuses[run.name] for run in runs}, stop.signum)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from detection.engine.curves import epoch_curves, read_metrics_csv
+from detection.engine.curves import read_curves
 from detection.run_dir import RunDir
 from pipeline.plan.runplan import PlanSummary, RunPlan, read_plan_summary, read_run_plan
 
@@ -66,7 +66,7 @@ def load_run(plan: RunPlan, root: Path = Path(".")) -> RunResult:
     detections = json.loads(run.detections.read_text())
     checkpoint = run.checkpoint("last")
     histogram = negative_iou_histogram(checkpoint) if plan.detector == "faster_rcnn" and checkpoint.exists() else None
-    return RunResult(plan, metrics, detections, epoch_curves(read_metrics_csv(run.training_log)), histogram)
+    return RunResult(plan, metrics, detections, read_curves(run), histogram)
 
 
 def runs_of(results: list[RunResult], detector: str, combination: str) -> list[RunResult]:

@@ -51,7 +51,7 @@ from pipeline.report.results import ap_points
 
 def run_files(run: RunDir) -> list[Path]:
     """A run directory's files every child run holds (and whose digest decides whether it is re-logged)."""
-    return [run.config, run.metrics, run.detections, run.training_log]
+    return [run.config, run.metrics, run.detections, run.training_log, run.curves]
 
 RUNS_VIEW = "libra-runs"
 """The saved view of the experiment's runs table (:func:`runs_view_state`): MLflow's UI opens it at
@@ -297,7 +297,7 @@ def log_ablation(plan_dir: Path, report_dir: Path, manifest: dict[str, Any], par
     Returns what was done: store, experiment, parent run id and per child its run id and action.
     """
     from pipeline.plan.ablation import ablation_key
-    from detection.engine.curves import epoch_curves, read_metrics_csv
+    from detection.engine.curves import read_curves
     from pipeline.report.results import RUN_FIGURES_DIR
     from pipeline.plan.runplan import read_plan_summary, read_run_key, read_run_plan
 
@@ -335,12 +335,11 @@ def log_ablation(plan_dir: Path, report_dir: Path, manifest: dict[str, Any], par
             tags={**common, "libra.ablation_key": key, "libra.detector": plan.detector,
                   "libra.combination": plan.combination, "libra.components": ",".join(plan.components) or "none",
                   "libra.seed": str(plan.seed), "libra.run_dir": plan.run_dir.as_posix()},
-            epoch_metrics=epoch_metrics(epoch_curves(read_metrics_csv(run.training_log))) + ap_by_iou(evaluation)
+            epoch_metrics=epoch_metrics(read_curves(run)) + ap_by_iou(evaluation)
                           + iou_distribution_curves(run_report / IOU_DISTRIBUTIONS_FILE),
             final_metrics=final_metrics(evaluation),
             timed_metrics=system_metrics(system_file),
-            artifacts=[(f, None) for f in digested] + [(p, "curves") for p in sorted((run.path / "curves").glob("*.csv"))]
-                      + [(p, "figures") for p in figures],
+            artifacts=[(f, None) for f in digested] + [(p, "figures") for p in figures],
         )
         run_id, action = tracker.sync_child(parent_id, spec, existing)
         done[plan.name] = {"run_id": run_id, "action": action}
