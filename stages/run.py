@@ -1,7 +1,8 @@
 """`libra run`: train one planned run, then evaluate it, in one process (what `libra dispatch` runs per run).
 
-The same as `libra train --plan P --out RUN` followed by `libra evaluate --run RUN --device D`, with
-torch and Lightning imported once. Under DDP every rank trains and rank 0 alone evaluates; the other
+The same metrics as `libra train --plan P --out RUN` followed by `libra evaluate --run RUN --device D`,
+with torch and Lightning imported once, the trained module evaluated in memory and each data split
+validated once. Under DDP every rank trains and rank 0 alone evaluates; the other
 ranks exit after training. SIGTERM or SIGINT during training stops it after the current step, saves
 checkpoints/last.ckpt and exits with 128 + the signal number (143, 130); --resume continues the run.
 Exits 0 only when the run trained its full schedule and was evaluated.
@@ -33,14 +34,14 @@ def run(args: argparse.Namespace) -> None:
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     from detection.config import validate_config
-    from detection.engine.evaluate import evaluate_run, resolve_device
+    from detection.engine.evaluate import evaluate_run, evaluate_trained, resolve_device
     from detection.engine.train import TrainingStopped, train
     from detection.run_dir import RunDir
     from pipeline.plan.runplan import EVALUATION_STARTED, read_run_plan
 
     cfg = validate_config(read_run_plan(args.plan).config, str(args.plan))
     try:
-        train(cfg, args.out, resume=args.resume)
+        trained = train(cfg, args.out, resume=args.resume)
     except TrainingStopped as exc:
         print(f"libra run: {exc}", file=sys.stderr)
         raise SystemExit(exc.exit_code) from None
@@ -48,6 +49,9 @@ def run(args: argparse.Namespace) -> None:
         return
     device = resolve_device(args.device)
     print(f"{EVALUATION_STARTED} {args.out} on {device}", flush=True)
-    metrics = evaluate_run(args.out, "last", None, device)
+    if trained is None:  # resumed a run that had trained its whole schedule: its checkpoint is evaluated
+        metrics = evaluate_run(args.out, "last", None, device)
+    else:
+        metrics = evaluate_trained(trained, args.out, device)
     print(f"bbox {metrics['bbox']}, {metrics['num_detections']} detections; "
           f"wrote {RunDir(args.out).metrics} and {RunDir(args.out).detections}")

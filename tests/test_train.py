@@ -14,8 +14,13 @@ import torch
 
 from conftest import ROOT, checkpoint_complete, libra, tiny_overrides
 from detection.engine.coco_eval import IOU_KEYS
+from detection.config import load_config
+from detection.data import validate_coco
+from detection.engine import splits
 from detection.engine.curves import epoch_curves, read_curves, read_metrics_csv
 from detection.run_dir import RunDir
+from pipeline.plan.runplan import RunPlan, write_run_plan
+from stages.cli import main as libra_main
 
 pytestmark = pytest.mark.trains
 
@@ -62,6 +67,29 @@ def test_train_then_evaluate_writes_schema(synthetic_root, tmp_path):
     again = libra("train", "--config", "configs/faster_rcnn_tiny.yaml", "--out", str(run), *sets, check=False)
     assert again.returncode != 0 and "--resume" in again.stderr
     assert json.loads((run / "metrics.json").read_text()) == metrics
+
+
+def test_libra_run_evaluates_in_memory_what_libra_evaluate_reads_from_disk(synthetic_root, tmp_path, monkeypatch):
+    """With an EMA (the evaluated weights are the average) and validation on fewer images than evaluation:
+    `libra run` scores the module it trained, validating each split once; `libra evaluate` of the same
+    run, from its checkpoint, writes the same metrics (but for cost) and detections."""
+    sets = tiny_overrides(synthetic_root, **{"train.ema_decay": 0.9, "train.val_max_images": 4,
+                                             "model.score_thresh": 0.0})
+    config = load_config(ROOT / "configs/retinanet_tiny.yaml", sets).to_dict()
+    plan, run = tmp_path / "seed0.yaml", RunDir(tmp_path / "run")
+    write_run_plan(RunPlan("retinanet", "baseline", (), 0, run.path, config), plan)
+    validated = []
+    monkeypatch.setattr(splits, "validate_coco", lambda path, *a, **k: validated.append(path) or validate_coco(path, *a, **k))
+
+    assert libra_main(["run", "--plan", str(plan), "--out", str(run.path), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in validated) == ["instances_train.json", "instances_val.json"]
+    in_memory, detections = json.loads(run.metrics.read_text()), json.loads(run.detections.read_text())
+    assert in_memory["weights"] == "ema" and in_memory["num_images"] == 16 and detections
+
+    assert libra_main(["evaluate", "--run", str(run.path)]) == 0
+    from_disk = json.loads(run.metrics.read_text())
+    assert {k: v for k, v in from_disk.items() if k != "cost"} == {k: v for k, v in in_memory.items() if k != "cost"}
+    assert json.loads(run.detections.read_text()) == detections
 
 
 @pytest.mark.slow  # fast: test_hostile_input's SIGKILL/SIGTERM mid-epoch, resumed to uninterrupted weights

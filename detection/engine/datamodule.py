@@ -88,8 +88,11 @@ class DetectionDataModule(L.LightningDataModule):
     def __init__(self, cfg: ExperimentConfig):
         super().__init__()
         self.cfg = cfg
-        self.train_split, self.val_split = load_splits(cfg.data)
-        if cfg.train.val_max_images is not None:  # validation during training only: evaluation takes them all
+        self.train_split, self.evaluation_split = load_splits(cfg.data)
+        """The validated val split, all of it: what the run's evaluation scores."""
+        self.val_split = self.evaluation_split
+        """What validation during training scores: the first ``train.val_max_images`` of it, if set."""
+        if cfg.train.val_max_images is not None:
             self.val_split = dataclasses.replace(self.val_split, image_ids=self.val_split.image_ids[:cfg.train.val_max_images])
         cache_mb = cfg.data.cache_mb
         self.train_dataset = CocoDetectionDataset(self.train_split, train=True, seed=cfg.train.seed,

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader
 
 from detection.config import ConfigError, ExperimentConfig, load_config
-from detection.data import CocoDetectionDataset, collate_detection
+from detection.data import CocoDetectionDataset, CocoSplit, collate_detection
 from detection.engine.checkpoint import read_checkpoint
 from detection.engine.coco_eval import Backend, evaluate_coco
 from detection.engine.cost import run_cost
@@ -21,13 +21,17 @@ from detection.io import write_json_atomic
 from detection.models.detectors import build_detector
 from detection.run_dir import Checkpoint, RunDir
 
+if TYPE_CHECKING:
+    from detection.engine.module import DetectionModule
+
 
 class ValidationData:
-    """The validation split of a config: dataset, loader, ground truth, label mapping (no Lightning)."""
+    """The validation split of a config: dataset, loader, ground truth, label mapping (no Lightning).
+    ``split``: the split as this process validated it already, else it is validated here."""
 
-    def __init__(self, cfg: ExperimentConfig):
+    def __init__(self, cfg: ExperimentConfig, split: CocoSplit | None = None):
         self.cfg = cfg
-        self.val_split = validation_split(cfg.data)
+        self.val_split = validation_split(cfg.data) if split is None else split
         self.val_dataset = CocoDetectionDataset(self.val_split, train=False)
         self.val_gt = coco_subset(self.val_split)
         self.num_classes = self.val_dataset.num_classes
@@ -80,15 +84,28 @@ def evaluate_run(run: Path, checkpoint: Checkpoint = "last", backend: Backend | 
     """
     start = time.perf_counter()
     cfg, model, data = load_trained_model(run, checkpoint)
+    return _evaluate(cfg, model, data, RunDir(run), device, backend or cfg.eval.backend, start)
+
+
+def evaluate_trained(module: DetectionModule, run: Path, device: str = "cpu") -> dict[str, Any]:
+    """:func:`evaluate_run` of the last checkpoint, from the module this process has just trained into
+    ``run``: its evaluated weights are the checkpoint's, and the val split its data module validated is
+    scored without being validated again (what `libra run` does)."""
+    start = time.perf_counter()
+    data = ValidationData(module.cfg, module.trainer.datamodule.evaluation_split)
+    return _evaluate(module.cfg, module.evaluated_model, data, RunDir(run), device, module.cfg.eval.backend, start)
+
+
+def _evaluate(cfg: ExperimentConfig, model: torch.nn.Module, data: ValidationData, run: RunDir, device: str,
+              backend: Backend, start: float) -> dict[str, Any]:
     model.to(device)
     with torch.inference_mode():
         results = predict(model, data.val_dataloader(), torch.device(device), data.label_to_category_id)
-    metrics = evaluate_coco(data.val_gt, results, backend or cfg.eval.backend)
+    metrics = evaluate_coco(data.val_gt, results, backend)
     metrics["num_images"] = len(data.val_split.image_ids)
     metrics["num_detections"] = len(results)
     metrics["weights"] = evaluated_weights(cfg)
-    files = RunDir(run)
-    metrics["cost"] = run_cost(files, time.perf_counter() - start, metrics["num_images"], device)
-    write_json_atomic(files.detections, results)
-    write_json_atomic(files.metrics, metrics)
+    metrics["cost"] = run_cost(run, time.perf_counter() - start, metrics["num_images"], device)
+    write_json_atomic(run.detections, results)
+    write_json_atomic(run.metrics, metrics)
     return metrics

@@ -289,7 +289,6 @@ def train(cfg: ExperimentConfig, out: Path, resume: bool = False, progress_bar: 
 def _train(cfg: ExperimentConfig, out: Path, resume: bool, progress_bar: bool | None,
            callbacks: list[Callback]) -> DetectionModule | None:
     check_backbone_weights(cfg.model)
-    data = DetectionDataModule(cfg)
     checkpoint = resume_checkpoint(cfg, out, resume)
     if checkpoint is not None:
         total = schedule_steps(cfg, checkpoint["hyper_parameters"]["steps_per_epoch"])
@@ -297,6 +296,7 @@ def _train(cfg: ExperimentConfig, out: Path, resume: bool, progress_bar: bool | 
             _write_config(cfg, out, resume)
             print(f"{out}: already complete ({total} steps trained); nothing to do")
             return None
+    data = DetectionDataModule(cfg)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     run = RunDir(out)
     last = run.checkpoint("last")
