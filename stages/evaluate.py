@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -18,6 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from detection.engine.completion import cut_short
     from detection.engine.evaluate import evaluate_run, resolve_device
     from detection.run_dir import RunDir
 
@@ -25,3 +27,7 @@ def run(args: argparse.Namespace) -> None:
     print(json.dumps({"bbox": metrics["bbox"], "detections": metrics["num_detections"]}))
     run = RunDir(args.run)
     print(f"wrote {run.metrics} and {run.detections}")
+    reason = cut_short(metrics)
+    if reason:
+        print(f"libra evaluate: warning: {args.run} is not finished, it {reason}; {run.metrics} says "
+              f"\"complete\": false. Continue it with `libra train --resume`, then evaluate again", file=sys.stderr)

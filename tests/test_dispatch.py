@@ -21,6 +21,8 @@ import submitit
 import torch
 import yaml
 
+from lightning.pytorch.callbacks import Callback
+
 from conftest import ROOT, tiny_overrides
 from pipeline.plan.ablation import Ablation, DetectorAblation, run_dir, write_plan
 from detection.config import ConfigError, load_config
@@ -32,6 +34,11 @@ from pipeline.dispatch.job import failed_step
 from pipeline.plan.params import COMPONENTS, DETECTOR_COMPONENTS, parse_params
 from pipeline.report.build import write_report
 from pipeline.plan.runplan import EVALUATION_STARTED, RunPlan, compute_run_key
+from pipeline.report.results import load_results
+from detection.engine.completion import completion
+from detection.engine.train import TrainingStopped, train
+from detection.run_dir import RunDir
+from stages.cli import main as libra_main
 
 DIGEST = "digest-a"
 
@@ -96,7 +103,9 @@ def test_run_key_and_what_each_run_directory_leads_to(synthetic_root, tiny_weigh
     (directory / "checkpoints").mkdir()
     (directory / "checkpoints" / "last.ckpt").write_bytes(b"state")
     assert decide(run, tmp_path) == "resumed"
-    (directory / "metrics.json").write_text("{}")
+    (directory / "metrics.json").write_text(json.dumps(completion(3, 4)))
+    assert decide(run, tmp_path) == "resumed", "evaluated after a stop: not finished"
+    (directory / "metrics.json").write_text(json.dumps(completion(4, 4)))
     assert decide(run, tmp_path) == "reused"
 
     assert decide(other_data, tmp_path) == "trained"
@@ -104,6 +113,44 @@ def test_run_key_and_what_each_run_directory_leads_to(synthetic_root, tiny_weigh
     assert reason and f"key {run.key} -> {other_data.key}" in reason
     assert sorted(p.name for p in directory.iterdir()) == [".libra", "run_key"], "the old run was deleted"
     assert not any(p.name.startswith(".") for p in directory.parent.iterdir())
+
+
+class InterruptAfter(Callback):
+    """SIGINT to this process after optimizer step ``step``: training stops there, as on Ctrl-C."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_stopped_run_evaluated_by_hand_says_so_and_is_never_taken_as_finished(synthetic_root, tmp_path, capsys):
+    """Issue 28, case 16: `libra evaluate` of a stopped run marks its metrics `"complete": false` (steps
+    trained and scheduled) and says so on the console; dispatch resumes the run, the report lists it as
+    not finished. Once resumed to the end and evaluated, it is finished."""
+    plan = _plan(synthetic_root, "faster_rcnn", "baseline", 0)
+    _write_ablation(tmp_path, [plan])
+    [run] = planned_runs(tmp_path / "runs/plan", DIGEST, tmp_path)
+    prepare_run_dir(run, tmp_path)
+    files, cfg = RunDir(tmp_path / plan.run_dir), plan.experiment_config()
+    with pytest.raises(TrainingStopped):
+        train(cfg, files.path, progress_bar=False, callbacks=[InterruptAfter(1)])
+    capsys.readouterr()
+
+    assert libra_main(["evaluate", "--run", str(files.path)]) == 0
+    assert "is not finished, it trained 1 of its 4 scheduled steps" in capsys.readouterr().err
+    metrics = json.loads(files.metrics.read_text())
+    assert (metrics["complete"], metrics["steps_trained"], metrics["steps_scheduled"]) == (False, 1, 4)
+    assert decide(run, tmp_path) == "resumed"
+    _, results, unfinished = load_results(tmp_path / "runs/plan", {}, tmp_path)
+    assert not results and unfinished == [(plan, "not finished: trained 1 of its 4 scheduled steps")]
+
+    train(cfg, files.path, resume=True, progress_bar=False)
+    assert libra_main(["evaluate", "--run", str(files.path)]) == 0
+    assert "not finished" not in capsys.readouterr().err
+    assert json.loads(files.metrics.read_text())["complete"] is True and decide(run, tmp_path) == "reused"
 
 
 def test_execution_settings_and_exit_descriptions(synthetic_root, tmp_path):

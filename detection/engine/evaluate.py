@@ -14,8 +14,10 @@ from detection.config import ConfigError, ExperimentConfig, load_config
 from detection.data import CocoDetectionDataset, CocoSplit, collate_detection
 from detection.engine.checkpoint import read_checkpoint
 from detection.engine.coco_eval import Backend, evaluate_coco
+from detection.engine.completion import completion
 from detection.engine.cost import run_cost
 from detection.engine.detections import predict
+from detection.engine.module import schedule_steps
 from detection.engine.splits import coco_subset, validation_split
 from detection.io import write_json_atomic
 from detection.models.detectors import build_detector
@@ -80,11 +82,14 @@ def evaluate_run(run: Path, checkpoint: Checkpoint = "last", backend: Backend | 
 
     ``metrics.json`` holds the run's ``cost`` (see :func:`detection.engine.cost.run_cost`), whose
     evaluation's wall time covers loading the model, predicting and COCO evaluation, and the ``weights``
-    scored (:func:`evaluated_weights`).
+    scored (:func:`evaluated_weights`), and whether the run trained its whole schedule
+    (:func:`~detection.engine.completion.completion`, from the last checkpoint whichever is scored).
     """
     start = time.perf_counter()
     cfg, model, data = load_trained_model(run, checkpoint)
-    return _evaluate(cfg, model, data, RunDir(run), device, backend or cfg.eval.backend, start)
+    last = read_checkpoint(RunDir(run).checkpoint("last"))
+    trained = completion(last["global_step"], schedule_steps(cfg, last["hyper_parameters"]["steps_per_epoch"]))
+    return _evaluate(cfg, model, data, RunDir(run), device, backend or cfg.eval.backend, trained, start)
 
 
 def evaluate_trained(module: DetectionModule, run: Path, device: str = "cpu") -> dict[str, Any]:
@@ -93,11 +98,13 @@ def evaluate_trained(module: DetectionModule, run: Path, device: str = "cpu") ->
     scored without being validated again (what `libra run` does)."""
     start = time.perf_counter()
     data = ValidationData(module.cfg, module.trainer.datamodule.evaluation_split)
-    return _evaluate(module.cfg, module.evaluated_model, data, RunDir(run), device, module.cfg.eval.backend, start)
+    trained = completion(module.global_step, module.total_steps)
+    return _evaluate(module.cfg, module.evaluated_model, data, RunDir(run), device, module.cfg.eval.backend,
+                     trained, start)
 
 
 def _evaluate(cfg: ExperimentConfig, model: torch.nn.Module, data: ValidationData, run: RunDir, device: str,
-              backend: Backend, start: float) -> dict[str, Any]:
+              backend: Backend, trained: dict[str, Any], start: float) -> dict[str, Any]:
     model.to(device)
     with torch.inference_mode():
         results = predict(model, data.val_dataloader(), torch.device(device), data.label_to_category_id)
@@ -105,6 +112,7 @@ def _evaluate(cfg: ExperimentConfig, model: torch.nn.Module, data: ValidationDat
     metrics["num_images"] = len(data.val_split.image_ids)
     metrics["num_detections"] = len(results)
     metrics["weights"] = evaluated_weights(cfg)
+    metrics |= trained
     metrics["cost"] = run_cost(run, time.perf_counter() - start, metrics["num_images"], device)
     write_json_atomic(run.detections, results)
     write_json_atomic(run.metrics, metrics)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pipeline.plan.ablation import file_digest, plan_path
 from detection.config import ConfigError
+from detection.engine.completion import cut_short
 from detection.io import write_text_atomic
 from detection.ownership import DISPATCH, check_replaceable, mark, remove_owned, writer_of
 from detection.run_dir import RunDir
@@ -69,10 +71,11 @@ def check_run_dirs(runs: list[PlannedRun], root: Path, force: bool = False) -> N
 
 
 def decide(run: PlannedRun, root: Path) -> Action:
-    """What ``run``'s directory needs (see :mod:`pipeline.dispatch`)."""
+    """What ``run``'s directory needs (see :mod:`pipeline.dispatch`); an evaluation of a run that was stopped
+    before the end of its schedule (``libra evaluate`` by hand) is not reused."""
     files = RunDir(root / run.plan.run_dir)
     if files.run_key.exists() and files.run_key.read_text().strip() == run.key:
-        if files.metrics.exists():
+        if files.metrics.exists() and cut_short(json.loads(files.metrics.read_text())) is None:
             return "reused"
         if files.checkpoint("last").exists():
             return "resumed"

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from detection.engine.completion import cut_short
 from detection.engine.curves import read_curves
 from detection.run_dir import RunDir
 from pipeline.plan.runplan import PlanSummary, RunPlan, read_plan_summary, read_run_plan
@@ -77,7 +78,7 @@ def runs_of(results: list[RunResult], detector: str, combination: str) -> list[R
 def load_results(plan_dir: Path, failures: dict[str, str], root: Path = Path(".")
                  ) -> tuple[PlanSummary, list[RunResult], list[tuple[RunPlan, str]]]:
     """The ablation summary, the results of every planned run in plan order, and the planned runs without
-    one, with why: named in ``failures`` (run name -> reason) or not evaluated."""
+    one, with why: named in ``failures`` (run name -> reason), not evaluated, or evaluated after a stop."""
     summary = read_plan_summary(plan_dir)
     results, unfinished = [], []
     for entry in summary.runs:
@@ -86,9 +87,15 @@ def load_results(plan_dir: Path, failures: dict[str, str], root: Path = Path("."
             unfinished.append((plan, failures[entry.name]))
             continue
         try:
-            results.append(load_run(plan, root))
+            result = load_run(plan, root)
         except FileNotFoundError:
             unfinished.append((plan, "not evaluated"))
+            continue
+        reason = cut_short(result.metrics)
+        if reason:
+            unfinished.append((plan, f"not finished: {reason}"))
+        else:
+            results.append(result)
     return summary, results, unfinished
 
 
