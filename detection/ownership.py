@@ -87,12 +87,14 @@ def _aside(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.old")
 
 
-def remove_owned(path: Path, writers: tuple[str, ...]) -> None:
-    """Delete the folder ``path`` if :func:`check_replaceable` allows it; it is first renamed aside, so an
-    interrupted delete never leaves a half-deleted folder under its name."""
-    check_replaceable(path, writers)
+def remove_owned(path: Path, writers: tuple[str, ...], owner: Path | None = None) -> None:
+    """Delete the folder ``path`` if :func:`check_replaceable` allows it for ``owner``, the folder whose marker
+    vouches for it (``path`` itself by default; a run directory for its checkpoints). It is first renamed
+    aside, so an interrupted delete never leaves a half-deleted folder under its name."""
+    path = Path(path)
     if not path.exists():
         return
+    check_replaceable(path if owner is None else owner, writers)
     aside = _aside(path)
     path.rename(aside)
     shutil.rmtree(aside)

@@ -20,8 +20,9 @@ from conftest import ROOT, tiny_overrides
 from pipeline.plan.ablation import plan_ablation, read_params, write_plan
 from pipeline.dispatch import ExecutionSettings, dispatch, planned_runs, prepare_run_dir
 from pipeline.dispatch.runs import check_run_dirs
-from detection.ownership import (MARKER, NotOwnedError, RunLockedError, check_replaceable, mark, replacing,
-                                run_lock, writer_of)
+from detection.ownership import (MARKER, TRAIN, NotOwnedError, RunLockedError, check_replaceable, mark,
+                                remove_owned, replacing, run_lock, writer_of)
+from detection.run_dir import RunDir
 from stages.cli import main as libra_main
 
 
@@ -61,6 +62,25 @@ def test_only_an_empty_folder_or_one_marked_by_the_writer_is_replaceable(tmp_pat
     check_replaceable(mine, ("libra plan",), force=True)
     mark(mine, "libra plan")
     check_replaceable(mine, ("libra plan",))
+
+
+def test_a_folder_or_a_part_of_one_is_deleted_only_under_the_writers_marker(tmp_path):
+    """What tuning deletes: a trial's run directory left by a deleted study, each trial's checkpoints."""
+    trial = RunDir(_foreign(tmp_path / "trial_00000"))
+    (trial.checkpoints / "last.ckpt").parent.mkdir()
+    (trial.checkpoints / "last.ckpt").write_bytes(b"weights")
+    with pytest.raises(NotOwnedError, match=rf"{trial.path}: not empty and not written by `libra train`"):
+        remove_owned(trial.checkpoints, (TRAIN,), owner=trial.path)
+    with pytest.raises(NotOwnedError, match=rf"{trial.path}: not empty"):
+        remove_owned(trial.path, (TRAIN,))
+    assert (trial.checkpoints / "last.ckpt").exists() and (trial.path / "notes.txt").exists()
+
+    mark(trial.path, TRAIN)
+    remove_owned(trial.checkpoints, (TRAIN,), owner=trial.path)
+    assert not trial.checkpoints.exists() and (trial.path / "notes.txt").exists()
+    remove_owned(trial.checkpoints, (TRAIN,), owner=trial.path)  # nothing left to delete
+    remove_owned(trial.path, (TRAIN,))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_failed_or_interrupted_replacement_leaves_the_old_folder_and_no_stray_one(tmp_path, monkeypatch):

@@ -9,7 +9,6 @@ epoch.
 
 from __future__ import annotations
 
-import shutil
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from optuna.trial import TrialState
 
 from detection.engine.train import train
+from detection.ownership import TRAIN, remove_owned
 from detection.run_dir import RunDir
 from pipeline.report.results import ap_points
 from pipeline.tuning.liveness import OWNER_ATTR, worker_identity
@@ -88,8 +88,7 @@ class TrialObjective:
         values = self.plan.spec.suggest(trial)
         cfg = self.plan.config(values)
         out = self.work_dir / f"trial_{trial.number:05d}"
-        if out.exists():
-            shutil.rmtree(out)  # left by a study of the same name that was deleted from the storage
+        remove_owned(out, (TRAIN,))  # left by a study of the same name that was deleted from the storage
         run_id = self.tracker.start_trial(self.parent_run_id, self.study_name, trial, cfg.to_dict(), self.run_tags)
         print(f"trial {trial.number}: {', '.join(f'{k}={v}' for k, v in trial.params.items())} -> {out}", flush=True)
         reporter = TrialReporter(trial, f"val/{self.plan.spec.metric}",
@@ -111,7 +110,7 @@ class TrialObjective:
             raise
         finally:
             if not self.keep_checkpoints:
-                shutil.rmtree(RunDir(out).checkpoints, ignore_errors=True)
+                remove_owned(RunDir(out).checkpoints, (TRAIN,), owner=out)
         self.tracker.end_trial(run_id, TrialState.COMPLETE, reporter.last, files=files)
         return reporter.last
 
