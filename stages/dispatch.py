@@ -1,7 +1,7 @@
 """`libra dispatch`: train and evaluate every planned ablation run through an executor (the DVC runs stage).
 
-Reuses each run that finished with the same key (resolved config, data digest, backbone weights
-digest), resumes each unfinished one from its last checkpoint, trains the others; a failed run does
+Reuses each run that finished with the same key (its resolved config, data, backbone weights, init_from
+checkpoint and executed code: pipeline/plan/runplan.py compute_run_key), resumes each unfinished one from its last checkpoint, trains the others; a failed run does
 not stop the others. Writes runs/index.json (per run: status reused/resumed/trained/failed/stopped,
 reason, key, metrics) and runs/curves.csv (run, epoch, train_loss, val_AP). Exits 1 if a run failed
 (rerun to retry it), 128 + the signal number if stopped by SIGTERM/SIGINT (jobs save a checkpoint).
@@ -54,13 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from pipeline.plan.ablation import read_params
     from pipeline.dispatch import dispatch, execution_settings
+    from pipeline.plan.params import load_params
 
     slurm = {"partition": args.partition, "nodes": args.nodes, "gpus_per_node": args.gpus_per_node,
              "cpus_per_task": args.cpus_per_task, "mem_gb": args.mem_gb, "time_min": args.time_min,
              "max_timeouts": args.max_timeouts, "extra": dict(args.sbatch_extra) if args.sbatch_extra else None}
-    settings = execution_settings(read_params(args.params), {
+    settings = execution_settings(load_params(args.params).execution, {
         "executor": args.executor, "jobs": args.jobs, "threads": args.threads, "job_dir": args.job_dir, "slurm": slurm})
     outcome = dispatch(args.plan, args.manifest, settings, args.index, args.curves, force=args.force)
     counts = [s.status for s in outcome.statuses.values()]

@@ -1,9 +1,9 @@
 """`libra plan`: resolve params.yaml into one experiment config per ablation run (the DVC plan stage).
 
 Writes runs/plan/<detector>/<combination>/seed<k>.yaml for every run the ablation design selects and
-runs/plan/ablation.yaml, the design and its runs. `libra dispatch` identifies a run by its plan
-file (with the data and weights digests), so a parameter change retrains exactly the runs whose
-resolved config changed.
+runs/plan/ablation.yaml, the design and its runs. `libra dispatch` identifies a run by its key (its plan
+file with the digests of its data, weights and executed code: pipeline/plan/runplan.py compute_run_key),
+so a parameter change retrains exactly the runs whose resolved config changed.
 
 With --power it plans nothing: it reads a finished ablation's report (reports/metrics.json) and prints,
 per claim, the minimum detectable effect of that design and how many seeds a target MDE needs with
@@ -77,9 +77,10 @@ def run(args: argparse.Namespace) -> None:
     if args.power:
         print_power(args)
         return
-    from pipeline.plan.ablation import plan_ablation, read_params, write_plan
+    from pipeline.plan.ablation import plan_ablation, write_plan
+    from pipeline.plan.params import load_params
 
-    ablation = plan_ablation(read_params(args.params), args.configs, str(args.params))
+    ablation = plan_ablation(load_params(args.params), args.configs)
     write_plan(ablation, args.out, args.force)
     chosen = ", ".join(f"{d}: {len(a.combinations)} combinations" for d, a in ablation.detectors.items())
     print(f"planned {len(ablation.runs)} runs (profile {ablation.profile}, design {ablation.design}, "

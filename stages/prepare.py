@@ -55,11 +55,11 @@ def run(args: argparse.Namespace) -> None:
     from detection.engine.splits import load_splits
 
     if args.params is not None:
-        from pipeline.plan.ablation import data_config, read_params
         from detection.io import write_text_atomic
-        from pipeline.plan.params import SYNTHETIC_ROOT
+        from pipeline.plan.ablation import data_config
+        from pipeline.plan.params import SYNTHETIC_ROOT, load_params
 
-        data = data_config(read_params(args.params), source=str(args.params))
+        data = data_config(load_params(args.params))
         if data.source != "synthetic":  # the DVC stage always has the built-in set's directory as an output
             write_text_atomic(SYNTHETIC_ROOT / "NOT_USED.txt", f"data.source={data.source}: the ablation trains on "
                               f"{data.root}; the built-in synthetic set is not written.\n")

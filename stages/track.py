@@ -27,13 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from pipeline.plan.ablation import read_params
     from detection.io import write_json_atomic
-    from pipeline.plan.params import parse_params
+    from pipeline.plan.params import load_params
     from pipeline.tracking.ablation import log_ablation
 
-    params = read_params(args.params)
-    experiment = parse_params(params, str(args.params)).mlflow.experiment
+    params = load_params(args.params)
+    experiment = params.mlflow.experiment
     manifest = json.loads(args.manifest.read_text())
     record = log_ablation(args.plan, args.report, manifest, params, experiment)
     write_json_atomic(args.out, record)

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from pipeline.plan.ablation import (factorial, parse_combination, plan_ablation, read_params, resolve_config,
+from detection.config import read_yaml
+from pipeline.plan.params import parse_params
+from pipeline.plan.ablation import (factorial, parse_combination, plan_ablation, resolve_config,
                                write_plan)
 from detection.config import ConfigError, load_config
 from pipeline.plan.runplan import compute_run_key, read_plan_summary
@@ -18,7 +20,7 @@ CONFIGS = ROOT / "configs"
 
 @pytest.fixture
 def params() -> dict:
-    return read_params(ROOT / "params.yaml")
+    return read_yaml(ROOT / "params.yaml")
 
 
 def _configs(ablation) -> dict[str, dict]:
@@ -26,7 +28,7 @@ def _configs(ablation) -> dict[str, dict]:
 
 
 def test_default_ablation_is_the_papers_rows_times_three_seeds(params):
-    ablation = plan_ablation(params, CONFIGS)
+    ablation = plan_ablation(parse_params(params), CONFIGS)
     assert (ablation.profile, ablation.design, ablation.seeds) == ("tiny", "table", (0, 1, 2))
     assert ablation.detectors["faster_rcnn"].combinations == ("baseline", "IS", "IS+BFP", "IS+BFP+BL")
     assert ablation.detectors["retinanet"].combinations == ("baseline", "BFP+BL", "IoU-cls", "IoU-loc",
@@ -47,24 +49,24 @@ def test_default_ablation_is_the_papers_rows_times_three_seeds(params):
 
 def test_knobs_reach_only_the_runs_that_enable_their_component(params):
     params["ablation"]["design"] = "factorial"
-    before = _configs(plan_ablation(params, CONFIGS))
+    before = _configs(plan_ablation(parse_params(params), CONFIGS))
     changed = copy.deepcopy(params)
     changed["faster_rcnn"] = {"balanced_l1": {"alpha": 0.3}}
-    after = _configs(plan_ablation(changed, CONFIGS))
+    after = _configs(plan_ablation(parse_params(changed), CONFIGS))
     differ = {name for name in before if before[name] != after[name]}
     assert differ == {f"faster_rcnn/{c}/seed{s}" for c in ("BL", "IS+BL", "BFP+BL", "IS+BFP+BL") for s in (0, 1, 2)}
     assert after["faster_rcnn/IS+BFP+BL/seed0"]["components"]["balanced_l1"]["alpha"] == 0.3
 
     retina = copy.deepcopy(params)
     retina["retinanet"] = {"iou_balanced_cls": {"eta": 1.0}}
-    after = _configs(plan_ablation(retina, CONFIGS))
+    after = _configs(plan_ablation(parse_params(retina), CONFIGS))
     differ = {name for name in before if before[name] != after[name]}
     assert differ and all(n.startswith("retinanet/") and "IoU-cls" in n for n in differ)
 
 
 def test_factorial_design_trains_every_combination(params):
     params["ablation"]["design"] = "factorial"
-    ablation = plan_ablation(params, CONFIGS)
+    ablation = plan_ablation(parse_params(params), CONFIGS)
     assert len(ablation.runs) == (8 + 16) * 3
     assert factorial(("IS", "BFP", "BL")) == ["baseline", "IS", "BFP", "BL", "IS+BFP", "IS+BL", "BFP+BL", "IS+BFP+BL"]
     assert ablation.detectors["faster_rcnn"].combinations == tuple(factorial(("IS", "BFP", "BL")))
@@ -84,30 +86,30 @@ def test_params_errors_name_the_key(params):
     bad = copy.deepcopy(params)
     bad["profile"] = "huge"
     with pytest.raises(ConfigError, match="profile 'huge' is not one of"):
-        plan_ablation(bad, CONFIGS)
+        plan_ablation(parse_params(bad), CONFIGS)
     bad = copy.deepcopy(params)
     bad["ablation"]["retinanet"]["components"] = ["IS", "BFP"]
     with pytest.raises(ConfigError, match="not wired into retinanet"):
-        plan_ablation(bad, CONFIGS)
+        plan_ablation(parse_params(bad), CONFIGS)
     bad = copy.deepcopy(params)
     bad["data"]["root"] = "elsewhere"
     with pytest.raises(ConfigError, match="data.root='elsewhere' with data.source=synthetic"):
-        plan_ablation(bad, CONFIGS)
+        plan_ablation(parse_params(bad), CONFIGS)
     bad = copy.deepcopy(params)
     bad["ablation"]["faster_rcnn"]["combinations"] = ["baseline", "IS"]
     with pytest.raises(ConfigError, match=r"ablation.faster_rcnn has unknown keys \['combinations'\]"):
-        plan_ablation(bad, CONFIGS)
+        plan_ablation(parse_params(bad), CONFIGS)
     bad = copy.deepcopy(params)
     bad["profiles"]["tiny"]["set"] = {"train": {"epochz": 3}}
     with pytest.raises(ConfigError, match="epochz"):
-        plan_ablation(bad, CONFIGS)
+        plan_ablation(parse_params(bad), CONFIGS)
 
 
 def test_paper_scale_path_resolves_the_coco_recipe(params):
     params.update(profile="coco_1x")
     params["data"].update(source="coco", root="/data/coco")
     params["trainer"].update(devices=8, num_nodes=2)
-    cfg = resolve_config(params, "faster_rcnn", ("IS", "BFP", "BL"), 0, CONFIGS)
+    cfg = resolve_config(parse_params(params), "faster_rcnn", ("IS", "BFP", "BL"), 0, CONFIGS)
     assert cfg.model.backbone.name == "resnet50" and cfg.train.epochs == 12
     assert cfg.data.root == Path("/data/coco") and cfg.data.val_annotations.name == "instances_val2017.json"
     assert (cfg.trainer.devices, cfg.trainer.num_nodes, cfg.trainer.strategy) == (8, 2, "ddp")
@@ -115,7 +117,7 @@ def test_paper_scale_path_resolves_the_coco_recipe(params):
 
 
 def test_run_key_changes_with_config_data_and_weights(params):
-    run = plan_ablation(params, CONFIGS).runs[0]
+    run = plan_ablation(parse_params(params), CONFIGS).runs[0]
     key = compute_run_key(run.config, "digest-a", "weights-a")
     assert key == compute_run_key(copy.deepcopy(run.config), "digest-a", "weights-a")
     assert key != compute_run_key(run.config, "digest-b", "weights-a")
@@ -133,11 +135,11 @@ def test_run_key_changes_with_config_data_and_weights(params):
 def test_params_are_validated_into_typed_models_naming_the_field(params, section, key, value, named):
     params[section][key] = value
     with pytest.raises(ConfigError, match=named):
-        plan_ablation(params, CONFIGS)
+        plan_ablation(parse_params(params), CONFIGS)
 
 
 def test_the_plan_summary_reads_back_typed_as_written(params, tmp_path):
-    ablation = plan_ablation(params, CONFIGS)
+    ablation = plan_ablation(parse_params(params), CONFIGS)
     write_plan(ablation, tmp_path / "plan")
     summary = read_plan_summary(tmp_path / "plan")
     assert summary == ablation.summary()

@@ -9,7 +9,9 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from pipeline.plan.ablation import plan_ablation, read_params
+from detection.config import read_yaml
+from pipeline.plan.params import parse_params
+from pipeline.plan.ablation import plan_ablation
 from detection.config import DETECTOR_COMPONENT_DEFAULTS, BalancedL1Config, ExperimentConfig, load_config, validate_config
 from pipeline.plan.params import COMPONENTS, DETECTOR_COMPONENTS
 from pipeline.plan.runplan import RunPlan
@@ -27,7 +29,7 @@ STUDY_COMPONENTS = {"balanced_l1": ("faster_rcnn", ("BL",)), "sampler": ("faster
 def _factorial_runs(params: dict) -> dict[str, RunPlan]:
     params = copy.deepcopy(params)
     params["ablation"]["design"] = "factorial"
-    return {run.name: run for run in plan_ablation(params, CONFIGS).runs}
+    return {run.name: run for run in plan_ablation(parse_params(params), CONFIGS).runs}
 
 
 def _trial(study: str, params_file: Path) -> ExperimentConfig:
@@ -43,7 +45,7 @@ def _section(cfg: ExperimentConfig, short: str) -> dict:
 
 @pytest.fixture(scope="module")
 def runs() -> dict[str, RunPlan]:
-    return _factorial_runs(read_params(ROOT / "params.yaml"))
+    return _factorial_runs(read_yaml(ROOT / "params.yaml"))
 
 
 @pytest.mark.parametrize("detector, short", [(d, c) for d, shorts in DETECTOR_COMPONENTS.items() for c in shorts])
@@ -86,7 +88,7 @@ def test_detector_defaults_fill_only_what_a_config_leaves_unset():
 
 
 def test_a_params_knob_reaches_the_ablation_and_the_study_alike(tmp_path):
-    params = read_params(ROOT / "params.yaml")
+    params = read_yaml(ROOT / "params.yaml")
     params["faster_rcnn"] = {"balanced_l1": {"beta": 0.5, "formula": "mmdet"}}
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params))
@@ -103,7 +105,7 @@ def test_a_default_baseline_is_the_trial_configs_values_knobs_included(tmp_path)
     defaults = BalancedL1Config()
     plan = TuningPlan.create("balanced_l1", spec, "tiny", get_profile("tiny", ROOT / "params.yaml"))
     assert plan.spec.baseline == {"alpha": defaults.alpha, "gamma": defaults.gamma}
-    params = read_params(ROOT / "params.yaml")
+    params = read_yaml(ROOT / "params.yaml")
     params["faster_rcnn"] = {"balanced_l1": {"alpha": 0.3}}
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params))

@@ -154,13 +154,13 @@ def test_a_stopped_run_evaluated_by_hand_says_so_and_is_never_taken_as_finished(
 
 
 def test_execution_settings_and_exit_descriptions(synthetic_root, tmp_path):
-    params = {"execution": {"jobs": 4, "slurm": {"partition": "a", "time_min": 60}}}
-    settings = execution_settings(params, {"jobs": None, "slurm": {"partition": "b", "time_min": None}})
+    written = ExecutionSettings.model_validate({"jobs": 4, "slurm": {"partition": "a", "time_min": 60}})
+    settings = execution_settings(written, {"jobs": None, "slurm": {"partition": "b", "time_min": None}})
     assert (settings.jobs, settings.slurm.partition, settings.slurm.time_min) == (4, "b", 60)
     with pytest.raises(ConfigError, match=r"execution .*jobs: Input should be greater than or equal to 1"):
-        execution_settings({"execution": {"jobs": 0}}, {})
+        execution_settings(ExecutionSettings(), {"jobs": 0})
     with pytest.raises(ConfigError, match=r"slurm.partiton: Extra inputs are not permitted"):
-        execution_settings({"execution": {"slurm": {"partiton": "gpu"}}}, {})
+        execution_settings(ExecutionSettings(), {"slurm": {"partiton": "gpu"}})
 
     _write_ablation(tmp_path, [_plan(synthetic_root, "faster_rcnn", "baseline", 0)])
     runs = planned_runs(tmp_path / "runs/plan", DIGEST, tmp_path)
@@ -269,7 +269,9 @@ def test_sigterm_to_the_dispatcher_stops_every_job_resumably(synthetic_root, tmp
     exits 143 with the runs recorded as stopped, and the next dispatch resumes both."""
     plans = [_plan(synthetic_root, "faster_rcnn", "baseline", seed, **{"train.epochs": 6}) for seed in (0, 1)]
     _write_ablation(tmp_path, plans)
-    (tmp_path / "params.yaml").write_text("execution: {executor: local, jobs: 2, threads: 1, job_dir: jobs}\n")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["execution"] = {"executor": "local", "jobs": 2, "threads": 1, "job_dir": "jobs"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     proc = subprocess.Popen([sys.executable, "-m", "stages.cli", "dispatch"], cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     lasts = [tmp_path / plan.run_dir / "checkpoints" / "last.ckpt" for plan in plans]

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, tiny_overrides
-from pipeline.plan.ablation import plan_ablation, read_params, write_plan
+from detection.config import read_yaml
+from pipeline.plan.params import parse_params
+from pipeline.plan.ablation import plan_ablation, write_plan
 from pipeline.dispatch import ExecutionSettings, dispatch, planned_runs, prepare_run_dir
 from pipeline.dispatch.runs import check_run_dirs
 from detection.ownership import (MARKER, TRAIN, NotOwnedError, RunLockedError, check_replaceable, mark,
@@ -123,7 +125,7 @@ def test_plan_refuses_a_folder_it_did_not_write_and_its_sibling_tmp(tmp_path, ca
 
 def test_a_plan_written_before_markers_needs_force_by_hand_and_dvc_deletes_it_itself(tmp_path):
     """DVC removes a stage's outputs before it reruns the stage, so `dvc repro` never meets an old plan."""
-    ablation = plan_ablation(read_params(ROOT / "params.yaml"), ROOT / "configs")
+    ablation = plan_ablation(parse_params(read_yaml(ROOT / "params.yaml")), ROOT / "configs")
     write_plan(ablation, tmp_path / "plan")
     (tmp_path / "plan" / MARKER).unlink()
     with pytest.raises(NotOwnedError, match="--force"):
@@ -137,7 +139,7 @@ def test_a_plan_written_before_markers_needs_force_by_hand_and_dvc_deletes_it_it
 def planned(tmp_path):
     """The default plan under ``tmp_path`` (runs/plan, data/manifest.json, weights); returns (root, first run's
     directory)."""
-    ablation = plan_ablation(read_params(ROOT / "params.yaml"), ROOT / "configs")
+    ablation = plan_ablation(parse_params(read_yaml(ROOT / "params.yaml")), ROOT / "configs")
     write_plan(ablation, tmp_path / "runs/plan")
     (tmp_path / "data").mkdir()
     (tmp_path / "data/manifest.json").write_text('{"digest": "d"}')

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.plan.ablation import read_params, resolve_config
+from detection.config import read_yaml
+from pipeline.plan.ablation import resolve_config
+from pipeline.plan.params import parse_params
 from detection.io import flatten
 from pipeline.mmdet_import import import_mmdet
 
@@ -42,10 +44,10 @@ RECIPE_EXCEPTIONS = (
 
 
 def _ours(detector: str, components: tuple[str, ...]) -> dict:
-    params = read_params(ROOT / "params.yaml")
+    params = read_yaml(ROOT / "params.yaml")
     params["profile"] = "coco_1x"
     params["data"].update(source="coco", root="data/coco")
-    return flatten(resolve_config(params, detector, components, 0, ROOT / "configs").to_dict())
+    return flatten(resolve_config(parse_params(params), detector, components, 0, ROOT / "configs").to_dict())
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,9 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT
-from pipeline.plan.ablation import plan_ablation, read_params
+from detection.config import read_yaml
+from pipeline.plan.params import parse_params
+from pipeline.plan.ablation import plan_ablation
 from pipeline.plan.params import ReportConfig
 from detection.engine.coco_eval import IOU_KEYS
 from pipeline.report.bootstrap import PairedDelta
@@ -25,9 +27,9 @@ def _metrics(ap: float) -> dict:
 
 @pytest.fixture
 def table() -> tuple[pd.DataFrame, dict]:
-    params = read_params(ROOT / "params.yaml")
+    params = read_yaml(ROOT / "params.yaml")
     params["ablation"]["seeds"] = [0, 1]
-    ablation = plan_ablation(params, ROOT / "configs")
+    ablation = plan_ablation(parse_params(params), ROOT / "configs")
     summary = ablation.summary()
     ap = {"baseline": 0.30, "IS": 0.32, "IS+BFP": 0.33, "IS+BFP+BL": 0.35}
     results = [RunResult(r, _metrics(ap.get(r.combination, 0.25) + 0.01 * r.seed), [], pd.DataFrame(), None)

@@ -14,7 +14,9 @@ import yaml
 
 from conftest import ROOT
 from test_console import assert_quiet
-from pipeline.plan.ablation import plan_ablation, read_params, write_plan
+from detection.config import read_yaml
+from pipeline.plan.params import parse_params
+from pipeline.plan.ablation import plan_ablation, write_plan
 from detection.engine.curves import write_curves
 from detection.run_dir import RunDir
 from pipeline.report.localization import IOU_DISTRIBUTIONS_FILE
@@ -42,13 +44,14 @@ def _write_run(run: Path, ap: float, system_rows: list[tuple[int, int, str, floa
 @pytest.fixture
 def ablation(tmp_path):
     """A smoke ablation's plan, run directories and report, written by hand (nothing trained)."""
-    params = read_params(ROOT / "params.yaml")
+    params = read_yaml(ROOT / "params.yaml")
     params["profile"] = "smoke"
     params["ablation"]["seeds"] = [0]
     params["ablation"]["faster_rcnn"]["table"] = ["baseline"]
     params["ablation"]["retinanet"]["table"] = ["baseline"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    plan = plan_ablation(params, ROOT / "configs")
+    typed = parse_params(params)
+    plan = plan_ablation(typed, ROOT / "configs")
     write_plan(plan, tmp_path / "runs/plan")
     names = [run.name for run in plan.runs]
     for i, run in enumerate(plan.runs):
@@ -67,7 +70,7 @@ def ablation(tmp_path):
         (report / "runs" / name / "training_curves.png").write_bytes(name.encode())
     (report / "runs" / names[0] / IOU_DISTRIBUTIONS_FILE).write_text(
         "curve,iou,value\neval/score_by_IoU,60,0.4\neval/score_by_IoU,70,0.8\n")
-    log = lambda: log_ablation(tmp_path / "runs/plan", report, {"digest": "d" * 64}, params, "ablation",  # noqa: E731
+    log = lambda: log_ablation(tmp_path / "runs/plan", report, {"digest": "d" * 64}, typed, "ablation",  # noqa: E731
                                f"sqlite:///{tmp_path / 'mlflow.db'}", root=tmp_path)
     return tmp_path, plan, log
 

@@ -20,13 +20,12 @@ import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from pipeline.plan.compose import compose_config
-from detection.config import DataConfig, ExperimentConfig, read_yaml
+from detection.config import DataConfig, ExperimentConfig
 from detection.io import digest_files
 from detection.ownership import PLAN, replacing
-from pipeline.plan.params import DETECTOR_COMPONENTS, Params, combination_name, parse_combination, parse_params
+from pipeline.plan.compose import compose_config
+from pipeline.plan.params import DETECTOR_COMPONENTS, Params, combination_name, parse_combination
 from pipeline.plan.runplan import (DetectorCombinations, PlannedRunEntry, PlanSummary, RunPlan, write_plan_summary,
                               write_run_plan)
 
@@ -82,23 +81,19 @@ def run_dir(detector: str, combination: str, seed: int, runs_dir: Path = Path("r
     return runs_dir / detector / combination / f"seed{seed}"
 
 
-def resolve_config(params: dict[str, Any] | Params, detector: str, components: tuple[str, ...], seed: int,
+def resolve_config(params: Params, detector: str, components: tuple[str, ...], seed: int,
                    configs_dir: Path = Path("configs")) -> ExperimentConfig:
     """The experiment config of one run of the ablation's profile."""
-    typed = params if isinstance(params, Params) else parse_params(params)
-    return compose_config(typed, detector, typed.profile, components, seed, configs_dir=configs_dir)
+    return compose_config(params, detector, params.profile, components, seed, configs_dir=configs_dir)
 
 
-def data_config(params: dict[str, Any], configs_dir: Path = Path("configs"), source: str = "params.yaml") -> DataConfig:
-    """The data settings every run of the ablation uses (an error in ``params`` names ``source``)."""
-    detector = next(iter(DETECTOR_COMPONENTS))
-    return resolve_config(parse_params(params, source), detector, (), 0, configs_dir).data
+def data_config(params: Params, configs_dir: Path = Path("configs")) -> DataConfig:
+    """The data settings every run of the ablation uses."""
+    return resolve_config(params, next(iter(DETECTOR_COMPONENTS)), (), 0, configs_dir).data
 
 
-def plan_ablation(params: dict[str, Any], configs_dir: Path = Path("configs"), source: str = "params.yaml") -> Ablation:
-    """Validate ``params`` (an error names ``source``) and resolve every run the design selects into a
-    :class:`RunPlan`."""
-    typed = parse_params(params, source)
+def plan_ablation(typed: Params, configs_dir: Path = Path("configs")) -> Ablation:
+    """Resolve every run the design of ``typed`` (params.yaml, typed) selects into a :class:`RunPlan`."""
     design = typed.ablation.design
     detectors = {}
     for detector, section in typed.ablation.detectors().items():
@@ -120,11 +115,6 @@ def plan_ablation(params: dict[str, Any], configs_dir: Path = Path("configs"), s
 def file_digest(paths: list[Path]) -> str:
     """SHA-256 over the bytes of ``paths`` (in order), each prefixed by its name."""
     return digest_files(((Path(path).name, Path(path)) for path in paths), hash_each=False)
-
-
-def read_params(path: Path = Path("params.yaml")) -> dict[str, Any]:
-    """``params.yaml`` as written; :func:`pipeline.plan.params.parse_params` types it."""
-    return read_yaml(path)
 
 
 def ablation_key(parent_params: dict[str, str], run_keys: list[str]) -> str:

@@ -46,9 +46,10 @@ class ExecutionSettings(StrictModel):
     slurm: SlurmSettings = SlurmSettings()
 
 
-def execution_settings(params: dict[str, Any], overrides: dict[str, Any]) -> ExecutionSettings:
-    """``params['execution']`` with the non-None ``overrides`` (same keys; ``slurm`` merged key by key)."""
-    raw = dict(params.get("execution") or {})
+def execution_settings(settings: ExecutionSettings, overrides: dict[str, Any]) -> ExecutionSettings:
+    """``settings`` (params.yaml's ``execution``) with the non-None ``overrides`` (same keys; ``slurm`` merged
+    key by key)."""
+    raw = settings.model_dump(exclude_unset=True)
     slurm = {**(raw.get("slurm") or {}), **{k: v for k, v in (overrides.get("slurm") or {}).items() if v is not None}}
     raw.update({k: v for k, v in overrides.items() if k != "slurm" and v is not None})
     raw["slurm"] = slurm

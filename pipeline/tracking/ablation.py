@@ -6,11 +6,11 @@ Re-logging never duplicates runs silently (see :func:`log_ablation`):
 * the parent is identified by ``libra.ablation_key``, a hash of the ablation's parameters and of
   its runs' keys: the same ablation reuses its parent; any parameter change (a ``dvc exp run -S``
   experiment, a knob) makes a new parent, and earlier ablations stay in the store for comparison;
-* a child is identified inside its parent by ``libra.run_key``, a hash of the run's resolved
-  config (seed included), its data, its backbone weights (and its `model.init_from` checkpoint) as
-  `libra dispatch` wrote it to `<run>/run_key`; it is reused when its result files are unchanged
-  (tag ``libra.results_digest``) and otherwise replaced: the old run is deleted (MLflow's soft
-  delete: lifecycle "deleted", restorable, purged by ``mlflow gc``) and a new one logged.
+* a child is identified inside its parent by ``libra.run_key``, the run's key
+  (:func:`pipeline.plan.runplan.compute_run_key`) as `libra dispatch` wrote it; it is reused when its
+  result files are unchanged (tag ``libra.results_digest``) and otherwise replaced: the old run is
+  deleted (MLflow's soft delete: lifecycle "deleted", restorable, purged by ``mlflow gc``) and a new
+  one logged.
 
 Nothing is recomputed here: the parent gets the report directory (``metrics.json`` as metrics, the
 claims' verdicts as tags, every file as an artifact), a child its run directory's files, the
@@ -45,6 +45,7 @@ from pipeline.tracking.store import (
     store_lock,
     tracking_uri,
 )
+from pipeline.plan.params import Params
 from pipeline.report.localization import IOU_DISTRIBUTIONS_FILE
 from pipeline.report.results import ap_points
 
@@ -290,7 +291,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def log_ablation(plan_dir: Path, report_dir: Path, manifest: dict[str, Any], params: dict[str, Any],
+def log_ablation(plan_dir: Path, report_dir: Path, manifest: dict[str, Any], params: Params,
                  experiment: str, uri: str | None = None, root: Path = Path(".")) -> dict[str, Any]:
     """Log the ablation of ``plan_dir`` (its runs' files) and the report ``libra report`` wrote in ``report_dir``.
 
@@ -357,8 +358,8 @@ def log_ablation(plan_dir: Path, report_dir: Path, manifest: dict[str, Any], par
             "parent_run_id": parent_id, "parent_created": created, "ablation_key": key, "runs": done}
 
 
-def ablation_params(params: dict[str, Any]) -> dict[str, Any]:
-    """The parts of ``params.yaml`` that define an ablation (the parent run's parameters)."""
-    profile = params.get("profile")
-    return {"profile": profile, "profile_settings": (params.get("profiles") or {}).get(profile, {}),
-            **{k: params[k] for k in ("data", "trainer", "ablation", "faster_rcnn", "retinanet") if k in params}}
+def ablation_params(params: Params) -> dict[str, Any]:
+    """The parts of ``params.yaml`` that define an ablation (the parent run's parameters), as written there."""
+    written = params.model_dump(mode="json", exclude_unset=True)
+    return {"profile": params.profile, "profile_settings": written.get("profiles", {}).get(params.profile, {}),
+            **{k: written[k] for k in ("data", "trainer", "ablation", "faster_rcnn", "retinanet") if k in written}}
