@@ -103,7 +103,7 @@ def test_report_cost_columns_against_hand_computed_ratios():
     results = [_result(r, s_per_step.get((r.combination, r.seed), 0.4), rss=1000.0 + r.seed, gpu=None)
                if r.detector == "faster_rcnn" else _result(r, None, rss=500.0, gpu=200.0 + 100 * r.seed)
                for r in ablation.runs]
-    table = ablation_table(ablation.summary(), results, {}, {}, ZOO)
+    table = ablation_table(ablation.summary(), results, {}, {}, {}, ZOO)
     rows = table.set_index(["detector", "combination", "source"])
     assert rows.loc[("faster_rcnn", "baseline", "ours"), "train_time_ratio"] == pytest.approx(1.0)
     assert rows.loc[("faster_rcnn", "IS", "ours"), "train_time_ratio"] == pytest.approx(0.26 / 0.20)
