@@ -1,14 +1,13 @@
 """Dispatch an ablation's planned runs: reuse finished runs, resume interrupted ones, train the rest.
 
-A run is identified by its **key**: a hash of its resolved config (its plan file), the digest of the
-data set (``data/manifest.json``) and the digest of the backbone weights file its config loads.
-Before a run trains, its key is written to ``<run>/run_key``. Per planned run, :func:`dispatch`
+A run is identified by its **key** (:func:`pipeline.plan.runplan.compute_run_key`: its resolved config,
+data, backbone weights, ``model.init_from`` checkpoint and the code it executes). Before a run trains, its key is written to ``<run>/run_key``. Per planned run, :func:`dispatch`
 then decides (:mod:`.runs`):
 
 * ``metrics.json`` present and the same key: **reused**, nothing runs;
 * the same key, not evaluated yet, ``checkpoints/last.ckpt`` present: **resumed** from it (a run
   stopped by a signal, killed, preempted or failed before: a retry continues where it stopped);
-* otherwise **trained**: a directory with another key (its config, data or weights changed) or
+* otherwise **trained**: a directory with another key (its config, data, weights or code changed) or
   without one is moved aside and deleted first (it is this pipeline's own output).
 
 Each run to do is one job (:class:`RunJob`, :mod:`.job`): ``libra run --plan P --out RUN --resume``,

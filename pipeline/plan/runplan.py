@@ -125,7 +125,8 @@ def compute_run_key(config: dict[str, Any], data_digest: str, weights_digest: st
                     init_digest: str | None = None) -> str:
     """The identity of a run's result: its resolved config (seed included), its data, its backbone
     weights, the detector it starts from (``model.init_from``, when set) and the code it executes
-    (:func:`pipeline.plan.code_digest.code_digest`: the shared training code and its enabled components' files)."""
+    (:func:`pipeline.plan.code_digest.code_digest`: the ``detection`` package less the components it does
+    not enable). Every description of a run key points here."""
     identity = {"config": config, "data": data_digest, "weights": weights_digest, "code": code_digest(config)}
     if init_digest is not None:
         identity["init_from"] = init_digest
