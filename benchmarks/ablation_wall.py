@@ -1,16 +1,18 @@
 """Benchmark: wall time of an ablation's runs one after another vs through the local executor.
 
 Sequential: `libra dispatch --executor inline`, one run at a time with every core's torch threads.
-Parallel: `libra dispatch --executor local --jobs J`, J runs at once with cores / J threads each.
-Both train and evaluate the same first N runs of the default design (profile --profile, data and
-pre-trained backbone prepared once) into their own run directories. Run it on an otherwise idle
-machine. Prints human-readable lines, then one JSON object on the last line.
+Parallel: `libra dispatch --executor local --jobs J`, J runs at once with cores / J threads each, each
+kept to cores of its own. The threads are the executors' own choice (no run config sets them). Both
+train and evaluate the same runs, the design's first N of each detector, alternating detectors (profile
+--profile, data and pre-trained backbone prepared once), into their own run directories. Run it on an
+otherwise idle machine. Prints human-readable lines, then one JSON object on the last line.
 
-    python benchmarks/ablation_wall.py --runs 4                  # tiny profile: ~2 min per run on 2 cores
-    python benchmarks/ablation_wall.py --runs 2 --profile smoke  # a quick check of the benchmark itself
+    python benchmarks/ablation_wall.py --runs 2                  # tiny profile: 4 runs per mode
+    python benchmarks/ablation_wall.py --runs 1 --profile smoke  # a quick check of the benchmark itself
 """
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -21,7 +23,9 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.plan.ablation import Ablation, plan_ablation, read_params, write_plan
+from detection.config import read_yaml
+from pipeline.plan.params import parse_params
+from pipeline.plan.ablation import Ablation, plan_ablation, write_plan
 from pipeline.dispatch import ExecutionSettings, dispatch
 from pipeline.dispatch.processes import cores
 from detection.run_dir import RunDir
@@ -31,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def prepare(workdir: Path, profile: str) -> dict:
     """params.yaml for ``profile`` in ``workdir``, its data set and pre-trained backbone."""
-    params = read_params(ROOT / "params.yaml")
+    params = read_yaml(ROOT / "params.yaml")
     params["profile"] = profile
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (workdir / "configs").symlink_to(ROOT / "configs")
@@ -61,9 +65,11 @@ def timed_dispatch(workdir: Path, ablation: Ablation, name: str, settings: Execu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=4, help="how many of the design's runs to train per mode")
-    parser.add_argument("--profile", default="tiny", help="profile of params.yaml (tiny: the default ablation)")
-    parser.add_argument("--jobs", type=int, default=2, help="runs at once with the local executor")
+    parser.add_argument("--runs", type=int, default=2,
+                        help="runs of each detector to train per mode, the design's first ones (default: %(default)s)")
+    parser.add_argument("--profile", default="tiny",
+                        help="profile of params.yaml (tiny: the default ablation) (default: %(default)s)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once with the local executor (default: %(default)s)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where to work, a new directory that is kept (default: a temporary one)")
     args = parser.parse_args()
@@ -72,16 +78,17 @@ def main() -> None:
         workdir = args.workdir or Path(scratch)
         workdir.mkdir(parents=True, exist_ok=args.workdir is None)
         params = prepare(workdir, args.profile)
-        full = plan_ablation(params, workdir / "configs")
-        ablation = Ablation(full.profile, full.design, full.seeds, full.detectors, full.runs[:args.runs])
+        full = plan_ablation(parse_params(params), workdir / "configs")
+        per_detector = [[r for r in full.runs if r.detector == d][:args.runs] for d in full.detectors]
+        chosen = tuple(r for group in itertools.zip_longest(*per_detector) for r in group if r is not None)
+        ablation = Ablation(full.profile, full.design, full.seeds, full.detectors, chosen)
         n = len(ablation.runs)
         print(f"{n} runs of profile {args.profile} ({', '.join(r.name for r in ablation.runs)}); {cores()} cores")
         job_dir = workdir / "jobs"
-        sequential = timed_dispatch(workdir, ablation, "sequential",
-                                    ExecutionSettings(executor="inline", threads=cores(), job_dir=job_dir))
-        threads = max(1, cores() // args.jobs)
+        sequential = timed_dispatch(workdir, ablation, "sequential", ExecutionSettings(executor="inline", job_dir=job_dir))
+        threads = max(1, cores() // args.jobs)  # what the local executor gives each job
         parallel = timed_dispatch(workdir, ablation, "parallel",
-                                  ExecutionSettings(executor="local", jobs=args.jobs, threads=threads, job_dir=job_dir))
+                                  ExecutionSettings(executor="local", jobs=args.jobs, job_dir=job_dir))
     print(f"sequential (1 x {cores()} threads): {sequential:.0f} s, {sequential / n:.0f} s per run")
     print(f"local ({args.jobs} x {threads} threads): {parallel:.0f} s, {parallel / n:.0f} s per run")
     print(f"sequential / local: {sequential / parallel:.2f}")
