@@ -128,7 +128,7 @@ def synthetic_set(cfg: ExperimentConfig, work_dir: Path) -> Path:
 def run_config(params: Params, profile: str, detector: str, combination: str, seed: int, overrides: list[str],
                work_dir: Path) -> ExperimentConfig:
     components = parse_combination(combination, DETECTOR_COMPONENTS[detector])
-    cfg = compose_config(params, detector, profile, components, seed, overrides)
+    cfg = compose_config(params, detector, profile, components, seed, overrides=overrides)
     if cfg.data.source != "synthetic":
         return cfg
     return compose_config(params, detector, profile, components, seed,

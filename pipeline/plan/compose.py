@@ -56,8 +56,8 @@ def component_values(params: Params, detector: str, components: Sequence[str]) -
 
 
 def compose_config(params: Params, detector: str, profile: str, components: Sequence[str] = (),
-                   seed: int | None = None, values: Mapping[str, Any] | None = None, overrides: Sequence[str] = (),
-                   configs_dir: Path = Path("configs")) -> ExperimentConfig:
+                   seed: int | None = None, *, values: Mapping[str, Any] | None = None,
+                   overrides: Sequence[str] = (), configs_dir: Path = Path("configs")) -> ExperimentConfig:
     """The experiment config of one run (see the module docstring for the precedence)."""
     base = base_config_file(params, profile, detector, configs_dir)
     layers = {**profile_values(params, profile), **({"train.seed": seed} if seed is not None else {}),
