@@ -132,7 +132,7 @@ def run_config(params: Params, profile: str, detector: str, combination: str, se
     if cfg.data.source != "synthetic":
         return cfg
     return compose_config(params, detector, profile, components, seed,
-                          [*overrides, f"data.root={synthetic_set(cfg, work_dir)}"])
+                          overrides=[*overrides, f"data.root={synthetic_set(cfg, work_dir)}"])
 
 
 def train_and_evaluate(cfg: ExperimentConfig, run: Path) -> dict[str, Any]:
