@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from detection.config import BalancedL1Config, BoxLossConfig, load_config
+from detection.config import BalancedL1Config, BoxLossConfig, RetinaNetConfig, load_config
 from detection.models.detectors import build_detector
 from detection.models.box_loss import build_box_loss
 from detection.models.retinanet import BalancedRetinaNetHead, paired_iou
@@ -34,7 +34,7 @@ def image(ious: list[float], num_negatives: int, label: int):
 def head(eta: float | None) -> BalancedRetinaNetHead:
     return BalancedRetinaNetHead(8, 1, NUM_CLASSES, box_loss=build_box_loss(BoxLossConfig(type="l1"), BalancedL1Config()),
                                  eta=eta, loc_weight=None, head_convs=4, group_norm=False, kaiming_init=False,
-                                 focal_alpha=FOCAL_ALPHA, focal_gamma=FOCAL_GAMMA)
+                                 focal_alpha=FOCAL_ALPHA, focal_gamma=FOCAL_GAMMA, prior_prob=RetinaNetConfig().prior_prob)
 
 
 def losses(eta: float | None, images, logits: list[torch.Tensor]):
