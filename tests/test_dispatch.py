@@ -182,7 +182,7 @@ def test_execution_settings_and_exit_descriptions(synthetic_root, tmp_path):
 
 
 def test_execution_defaults_live_in_the_settings_model_and_params_are_typed_by_it():
-    assert ExecutionSettings().executor == "inline"
+    assert ExecutionSettings().executor == "local"
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert parse_params(params).execution == ExecutionSettings.model_validate(params["execution"])
     with pytest.raises(ConfigError, match=r"execution.executor"):
