@@ -198,10 +198,11 @@ def test_metrics_and_plots_show_every_run(smoke_repo):
     repo, env, _ = smoke_repo
     dvc = str(VENV_BIN / "dvc")
     metrics = json.loads(_run([dvc, "metrics", "show", "--json"], repo, env).stdout)
-    runs = metrics[""]["data"]["runs/index.json"]["data"]["runs"]
-    assert {name: entry["metrics"]["AP"] for name, entry in runs.items()} == {
-        name: entry["metrics"]["AP"] for name, entry in _index(repo).items()}
-    assert "reports/metrics.json" in metrics[""]["data"]
+    headline = metrics[""]["data"]["reports/headline.json"]["data"]
+    for name, entry in _index(repo).items():  # one seed: a combination's AP is its run's, in AP points
+        detector, combination, _ = name.split("/")
+        assert headline[detector][combination]["AP"] == pytest.approx(100 * entry["metrics"]["AP"], abs=1e-3)
+    assert set(metrics[""]["data"]) == {"reports/headline.json"}, "the DVC metrics are the headline alone"
     plots = json.loads(_run([dvc, "plots", "show", "--json", "training loss", "validation AP"], repo, env).stdout)
     for name, field in (("training loss", "train_loss"), ("validation AP", "val_AP")):
         [plot] = plots["data"][name]
@@ -274,9 +275,10 @@ def test_code_edits_retrain_exactly_the_runs_that_execute_them(smoke_repo):
     assert set(statuses().values()) == {"trained"}
 
 
-def _train_process(repo: Path, run: str) -> int | None:
-    """The pid of the `libra train` process of ``run`` started in ``repo``, if one runs."""
-    wanted = [b"train", b"--plan", f"runs/plan/{run}.yaml".encode()]
+def _run_process(repo: Path, run: str) -> int | None:
+    """The pid of the `libra run` process (train, then evaluate) that `libra dispatch` started for ``run`` in
+    ``repo``, if one runs."""
+    wanted = [b"stages.cli", b"run", b"--plan", f"runs/plan/{run}.yaml".encode()]
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             args = (proc / "cmdline").read_bytes().split(b"\0")
@@ -314,7 +316,7 @@ def test_killed_run_resumes_from_its_checkpoint_and_a_changed_one_starts_afresh(
         for name in {resumed, changed} - set(killed):
             key_file, last = repo / "runs" / name / "run_key", repo / "runs" / name / "checkpoints" / "last.ckpt"
             started = key_file.exists() and key_file.read_text().strip() != old_keys[name]
-            pid = _train_process(repo, name) if started and checkpoint_complete(last) else None
+            pid = _run_process(repo, name) if started and checkpoint_complete(last) else None
             if pid is not None:
                 os.kill(pid, signal.SIGKILL)
                 killed[name] = pid
