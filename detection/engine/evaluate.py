@@ -21,6 +21,7 @@ from detection.engine.module import schedule_steps
 from detection.engine.splits import coco_subset, validation_split
 from detection.io import write_json_atomic
 from detection.models.detectors import build_detector
+from detection.models.init_from import EMA_PREFIX, LIGHTNING_PREFIX
 from detection.run_dir import Checkpoint, RunDir
 
 if TYPE_CHECKING:
@@ -45,9 +46,9 @@ class ValidationData:
 
 
 def evaluated_weights(cfg: ExperimentConfig) -> str:
-    """Which of a checkpoint's detectors a run evaluates: ``ema`` (the moving average, with ``train.ema_decay``)
-    or ``model`` (the trained weights); the prefix of its tensors in the checkpoint's state_dict."""
-    return "model" if cfg.train.ema_decay is None else "ema"
+    """Which of a checkpoint's detectors a run evaluates: ``ema.`` (the moving average, with ``train.ema_decay``)
+    or ``model.`` (the trained weights), the prefix of its tensors in the checkpoint's state_dict."""
+    return LIGHTNING_PREFIX if cfg.train.ema_decay is None else EMA_PREFIX
 
 
 def load_trained_model(run: Path, checkpoint: Checkpoint = "last"
@@ -63,7 +64,7 @@ def load_trained_model(run: Path, checkpoint: Checkpoint = "last"
     cfg = load_config(config_file)
     data = ValidationData(cfg)
     model = build_detector(cfg, data.num_classes)
-    prefix = evaluated_weights(cfg) + "."
+    prefix = evaluated_weights(cfg)
     state = read_checkpoint(ckpt)["state_dict"]
     model.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
     return cfg, model, data
@@ -111,7 +112,7 @@ def _evaluate(cfg: ExperimentConfig, model: torch.nn.Module, data: ValidationDat
     metrics = evaluate_coco(data.val_gt, results, backend)
     metrics["num_images"] = len(data.val_split.image_ids)
     metrics["num_detections"] = len(results)
-    metrics["weights"] = evaluated_weights(cfg)
+    metrics["weights"] = evaluated_weights(cfg).removesuffix(".")
     metrics |= trained
     metrics["cost"] = run_cost(run, time.perf_counter() - start, metrics["num_images"], device)
     write_json_atomic(run.detections, results)
