@@ -2,12 +2,16 @@
 
 With --params (the DVC prepare stage) the data settings come from params.yaml (profile + data)
 and a manifest with the set's size and digest is written for the stages that train on it.
+Either way it prints the set's statistics (pipeline/own_data/statistics.py) and warns, naming the fix,
+about what would spoil an ablation on it: too few validation images for the report's intervals, a
+class missing from a split, objects smaller than a detector's smallest anchor.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,24 +51,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "instead of --config/--set, as the DVC prepare stage does")
     parser.add_argument("--manifest", type=Path, default=None,
                         help="also write a JSON manifest of the set (source, sizes, digest) here")
+    parser.add_argument("--statistics", type=Path, default=None,
+                        help="also write the set's statistics and warnings as JSON here")
 
 
 def run(args: argparse.Namespace) -> None:
     from detection.config import load_config
     from detection.data import write_synthetic_coco
     from detection.engine.splits import load_splits
+    from detection.io import write_json_atomic
+    from pipeline.own_data.statistics import data_statistics
 
     if args.params is not None:
         from detection.io import write_text_atomic
-        from pipeline.plan.ablation import data_config
-        from pipeline.plan.params import SYNTHETIC_ROOT, load_params
+        from pipeline.plan.ablation import resolve_config
+        from pipeline.plan.params import DETECTOR_COMPONENTS, SYNTHETIC_ROOT, load_params
 
-        data = data_config(load_params(args.params))
+        params = load_params(args.params)
+        configs = {detector: resolve_config(params, detector, (), 0) for detector in DETECTOR_COMPONENTS}
+        report = params.report
+        data = next(iter(configs.values())).data
         if data.source != "synthetic":  # the DVC stage always has the built-in set's directory as an output
             write_text_atomic(SYNTHETIC_ROOT / "NOT_USED.txt", f"data.source={data.source}: the ablation trains on "
                               f"{data.root}; the built-in synthetic set is not written.\n")
     else:
-        data = load_config(args.config, args.overrides).data
+        from pipeline.plan.params import ReportConfig
+
+        config = load_config(args.config, args.overrides)
+        configs, report, data = {config.model.detector: config}, ReportConfig(), config.data
     summary = None
     if data.source == "synthetic":
         out = args.out or data.root
@@ -82,6 +96,13 @@ def run(args: argparse.Namespace) -> None:
     train, val = load_splits(data)
     print(f"valid: train {len(train.image_ids)} images / {train.num_annotations} boxes, "
           f"val {len(val.image_ids)} images / {val.num_annotations} boxes, {len(train.categories)} categories")
+    statistics = data_statistics(train, val, configs, report.min_val_images)
+    print("\n".join(["statistics:", *statistics.lines()]))
+    for warning in statistics.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.statistics is not None:
+        write_json_atomic(args.statistics, statistics.to_json())
+        print(f"wrote {args.statistics}")
     if args.manifest is not None:
         from pipeline.plan.ablation import file_digest
         from detection.io import write_text_atomic

@@ -15,7 +15,7 @@ FLOORS: dict[str, int] = {
     "detection.models": 3,
     "detection.engine": 4,
     "pipeline.plan": 5, "pipeline.mmdet_import": 5,
-    "pipeline.dispatch": 6, "pipeline.report": 6,
+    "pipeline.dispatch": 6, "pipeline.report": 6, "pipeline.own_data": 6,
     "pipeline.tracking": 7, "pipeline.tuning": 7,
 }
 """Module or package -> floor, as in the table of docs/architecture.md."""
