@@ -20,6 +20,7 @@ from types import ModuleType
 
 STAGES: dict[str, str] = {
     "prepare": "stages.prepare",
+    "fit-profile": "stages.fit_profile",
     "pretrain": "stages.pretrain",
     "plan": "stages.plan",
     "train": "stages.train",

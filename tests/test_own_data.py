@@ -1,0 +1,187 @@
+"""A researcher's own data set: the statistics of `libra prepare`, the anchors' best possible recall against
+torchvision's own anchors, and `libra fit-profile` end to end on real aerial images (tests/data/neon_trees,
+17 tiles of NEON imagery with DeepForest's tree-crown boxes: README.md there)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from torchvision.ops import box_iou
+
+from conftest import ROOT
+from detection.config import ConfigError, load_config
+from detection.data import write_synthetic_coco
+from detection.engine.splits import load_splits
+from detection.models.detectors import build_detector
+from pipeline.own_data.anchors import AnchorLayout, best_anchor_iou, paired_iou, resized_boxes
+from pipeline.own_data.boxes import read_split_boxes
+from pipeline.own_data.profile import MIN_BPR, fit_profile
+from pipeline.own_data.statistics import data_statistics
+from pipeline.plan.params import ReportConfig
+from stages.cli import main
+
+NEON_TREES = ROOT / "tests/data/neon_trees"
+NEON_DATA = ["data.source=coco", f"data.root={NEON_TREES}"]
+NEON_COUNTS = {"train": (14, 258), "val": (3, 70)}
+"""Images and boxes per split, as tests/data/neon_trees/convert.py printed them."""
+
+
+def tiny_config(detector: str, *overrides: str):
+    return load_config(ROOT / f"configs/{detector}_tiny.yaml", ["model.backbone.weights=null", *overrides])
+
+
+def write_coco(root: Path, splits: dict[str, list[tuple[int, int, list[tuple[int, list[float]]]]]],
+               categories: tuple[str, ...] = ("a", "b")) -> None:
+    """A COCO set of blank images: per split, images as ``(width, height, [(category id, [x, y, w, h])])``."""
+    for split, images in splits.items():
+        coco = {"images": [], "annotations": [],
+                "categories": [{"id": i + 1, "name": name} for i, name in enumerate(categories)]}
+        (root / "images" / split).mkdir(parents=True)
+        for image_id, (width, height, boxes) in enumerate(images, start=1):
+            Image.new("RGB", (width, height), (90, 120, 60)).save(root / "images" / split / f"{image_id}.png")
+            coco["images"].append({"id": image_id, "file_name": f"{image_id}.png", "width": width, "height": height})
+            for category, box in boxes:
+                coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": image_id,
+                                            "category_id": category, "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
+
+
+MIXED_SIZES = [(200, 120, [(1, [3, 4, 20, 11]), (1, [150, 80, 49, 39]), (2, [0, 0, 200, 120])]),
+               (96, 160, [(1, [40.5, 70.2, 9.1, 30.7]), (2, [1, 150, 6, 9])]),
+               (320, 320, [(1, [100, 100, 64, 32]), (1, [300, 2, 19, 17])])]
+
+
+@pytest.mark.parametrize("detector", ["faster_rcnn", "retinanet"])
+@pytest.mark.parametrize("min_size, max_size", [(100, 150), (320, 480)])
+def test_best_anchor_iou_equals_torchvisions_anchors_by_brute_force(tmp_path, detector, min_size, max_size):
+    write_coco(tmp_path, {"train": MIXED_SIZES, "val": MIXED_SIZES[:1]})
+    cfg = tiny_config(detector, "data.source=coco", f"data.root={tmp_path}", f"model.min_size={min_size}",
+                      f"model.max_size={max_size}")
+    boxes = read_split_boxes(load_splits(cfg.data)[0])
+    model = build_detector(cfg, 2).eval()
+    generator = model.rpn.anchor_generator if detector == "faster_rcnn" else model.anchor_generator
+    xyxy, _ = resized_boxes(boxes, min_size, max_size)
+    expected = []
+    for index, (width, height) in enumerate(boxes.image_sizes.int().tolist()):
+        rows = boxes.image_index == index
+        images, targets = model.transform([torch.zeros(3, height, width)], [{"boxes": boxes.xyxy()[rows].float()}])
+        anchors = generator(images, list(model.backbone(images.tensors).values()))[0]
+        torch.testing.assert_close(xyxy[rows], targets[0]["boxes"])
+        expected.append(box_iou(targets[0]["boxes"], anchors).max(dim=1).values)
+    torch.testing.assert_close(best_anchor_iou(AnchorLayout.of(cfg), boxes), torch.cat(expected))
+
+
+def test_paired_iou_is_the_diagonal_of_box_iou():
+    a = torch.tensor([[0.0, 0, 10, 10], [5, 5, 15, 25], [0, 0, 1, 1]])
+    b = torch.tensor([[5.0, 5, 15, 15], [5, 5, 15, 25], [2, 2, 3, 3]])
+    torch.testing.assert_close(paired_iou(a, b), box_iou(a, b).diagonal())
+
+
+def test_statistics_count_and_warn_with_the_fix(tmp_path):
+    """A class only in training, boxes under half the smallest anchor's area, too few validation images."""
+    train = [(100, 100, [(1, [10, 10, 30, 30]), (2, [50, 50, 4, 4])]), (100, 100, [])]
+    write_coco(tmp_path, {"train": train, "val": [(100, 100, [(1, [0, 0, 50, 50])])]})
+    cfg = tiny_config("faster_rcnn", "data.source=coco", f"data.root={tmp_path}", "model.min_size=100",
+                      "model.max_size=100")
+    stats = data_statistics(*load_splits(cfg.data), {"faster_rcnn": cfg}, min_val_images=30)
+    assert stats.splits["train"].images == 2 and stats.splits["train"].empty_images == 1
+    assert stats.splits["train"].classes == {"a": 1, "b": 1} and stats.splits["val"].classes == {"a": 1, "b": 0}
+    assert stats.splits["train"].box_size_px == {"min": 4.0, "p5": 5.3, "p25": 10.5, "median": 17.0, "p75": 23.5,
+                                                 "p95": 28.7, "max": 30.0}, "sizes 4 and 30, interpolated"
+    assert stats.small_boxes["faster_rcnn"].objects == {"train": 1, "val": 0}, "4 px against the 8 px anchor"
+    text = "\n".join(stats.warnings)
+    assert "1 validation images, fewer than the 30" in text and "report.min_val_images" in text
+    assert "class 'b' has no object in val" in text and "move images holding it" in text
+    assert "faster_rcnn: 1 of 2 train" in text and "libra fit-profile" in text
+    assert json.loads(json.dumps(stats.to_json()))["splits"]["val"]["objects"] == 1
+
+
+def test_prepare_prints_and_writes_the_statistics_of_a_real_set(tmp_path, capsys):
+    out = tmp_path / "statistics.json"
+    assert main(["prepare", *(w for s in NEON_DATA for w in ("--set", s)), "--statistics", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "class 'Tree'" in printed.out and "3 validation images, fewer than the 30" in printed.err
+    stats = json.loads(out.read_text())
+    for split, (images, objects) in NEON_COUNTS.items():
+        coco = json.loads((NEON_TREES / f"annotations/instances_{split}.json").read_text())
+        sizes = np.sqrt([a["bbox"][2] * a["bbox"][3] for a in coco["annotations"]])
+        got = stats["splits"][split]
+        assert (got["images"], got["objects"], got["classes"]) == (images, objects, {"Tree": objects})
+        assert got["image_sizes"] == {"320x320": images} and got["empty_images"] == got["crowd_regions"] == 0
+        assert got["box_size_px"]["median"] == pytest.approx(np.median(sizes), abs=0.01)
+        assert got["box_size_px"]["max"] == pytest.approx(sizes.max(), abs=0.01)
+        assert got["box_size_relative"]["median"] == pytest.approx(np.median(sizes) / 320, abs=0.01)
+    assert stats["min_val_images"] == ReportConfig().min_val_images
+
+
+def test_fit_profile_on_a_real_set_plans_an_ablation(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    fit = fit_profile(ROOT / "params.yaml", "fitted", overrides=tuple(NEON_DATA))
+    boxes = read_split_boxes(fit.train_split)
+    sizes = (boxes.boxes[:, 2] * boxes.boxes[:, 3]).sqrt()
+    anchors = fit.profile.set["model"]["anchor_sizes"]
+    assert fit.training_images == NEON_COUNTS["train"][0]
+    assert fit.profile.set["model"]["min_size"] == fit.profile.set["model"]["max_size"] == 320
+    assert anchors == [10, 20, 40, 80, 160], "the 1% quantile of the sizes (10.3 px), doubling"
+    assert anchors[0] <= torch.quantile(sizes, 0.01) and anchors[-1] >= sizes.max()
+    for detector, f in fit.detectors.items():
+        assert MIN_BPR <= f.recall <= 1 and 0 <= f.recall_before <= 1
+        assert f.steps >= f.target_steps >= 360 and f.steps_before < 20, detector
+    assert fit.detectors["retinanet"].steps == fit.profile.set["train"]["epochs"] * 3  # 14 images // batch 4
+    assert fit.profile.set["train"]["val_max_images"] == 96, "the base profile's other settings stay"
+
+    out = tmp_path / "fitted.yaml"
+    assert main(["fit-profile", *(w for s in NEON_DATA for w in ("--set", s)), "--out", str(out)]) == 0
+    assert "dvc exp run -S profile=fitted -S data.source=coco" in capsys.readouterr().out
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["profiles"].update(yaml.safe_load(out.read_text())["profiles"])
+    params["profile"], params["data"] = "fitted", {**params["data"], "source": "coco", "root": str(NEON_TREES)}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert main(["plan", "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "plan")]) == 0
+    planned = yaml.safe_load((tmp_path / "plan/retinanet/baseline/seed0.yaml").read_text())["config"]
+    assert planned["model"]["anchor_sizes"] == anchors and planned["train"]["epochs"] == fit.profile.set["train"]["epochs"]
+    assert planned["data"]["root"] == str(NEON_TREES)
+    assert main(["fit-profile", *(w for s in NEON_DATA for w in ("--set", s)), "--out", str(out)]) == 0, \
+        "its own file is replaced"
+
+
+def test_a_setting_given_wins_over_the_fit(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    fit = fit_profile(ROOT / "params.yaml", "mine", overrides=(*NEON_DATA, "model.min_size=256", "train.epochs=60"))
+    sources = {s.key: s.source for s in fit.settings}
+    assert fit.profile.set["model"]["min_size"] == 256 and sources["model.min_size"] == "--set"
+    assert fit.profile.set["model"]["max_size"] == 320, "still derived, and at least min_size"
+    assert fit.profile.set["train"]["epochs"] == 60 and fit.profile.set["train"]["milestones"] == [50]
+    assert "data.root" not in sources and fit.data == {"data.source": "coco", "data.root": str(NEON_TREES)}
+
+
+def test_refusals_name_the_value_and_the_fix_and_write_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "fitted.yaml"
+    args = ["fit-profile", *(w for s in NEON_DATA for w in ("--set", s)), "--out", str(out)]
+    assert main([*args, "--set", "model.anchor_sizes=[64, 128, 256, 512, 1024]"]) == 2
+    error = capsys.readouterr().err
+    assert "best possible recall of 0.260 at IoU 0.5" in error and "fix: set model.anchor_sizes" in error
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="3 training images fill no whole batch of train.batch_size 8"):
+        fit_profile(ROOT / "params.yaml", "fitted", overrides=(*NEON_DATA, "data.max_images=3"))
+    out.write_text("mine\n")
+    assert main(args) == 2 and out.read_text() == "mine\n"
+    assert "not written by `libra fit-profile`" in capsys.readouterr().err
+
+
+def test_fit_on_the_built_in_set_recovers_the_tiny_configs(tmp_path, monkeypatch):
+    """The rules give back the hand-made tiny configs' input size and anchors on the set they were made for."""
+    monkeypatch.chdir(ROOT)
+    write_synthetic_coco(tmp_path, seed=0, num_train=64, num_val=16, image_size=128)
+    fit = fit_profile(ROOT / "params.yaml", "fitted", overrides=("data.source=coco", f"data.root={tmp_path}"))
+    assert fit.profile.set["model"] == {"min_size": 128, "max_size": 128, "anchor_sizes": [8, 16, 32, 64, 128]}
+    assert {d: f.recall for d, f in fit.detectors.items()} == pytest.approx({"faster_rcnn": 0.87, "retinanet": 1.0},
+                                                                            abs=0.02)
