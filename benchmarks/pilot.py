@@ -18,6 +18,7 @@ profile); a finished run in --work-dir is reused, an interrupted one resumed.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -146,6 +147,20 @@ def train_and_evaluate(cfg: ExperimentConfig, run: Path) -> dict[str, Any]:
     return json.loads(RunDir(run).metrics.read_text())
 
 
+def cached_untrained_ap(plan: RunPlan, work_dir: Path) -> float:
+    """:func:`untrained_ap`, computed once per work dir for the settings it depends on (the model, the
+    validation data, the evaluation and the seed), whichever candidate's training recipe asks."""
+    cfg = plan.experiment_config()
+    key = hashlib.sha256(json.dumps([cfg.model.model_dump(mode="json"), cfg.data.model_dump(mode="json"),
+                                     cfg.eval.model_dump(mode="json"), cfg.train.seed], sort_keys=True).encode()).hexdigest()
+    cache = work_dir / "untrained_ap.json"
+    known = json.loads(cache.read_text()) if cache.exists() else {}
+    if key not in known:
+        known[key] = untrained_ap(plan)
+        write_json_atomic(cache, known)
+    return known[key]
+
+
 def fmt(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
@@ -215,7 +230,8 @@ def pilot(args: argparse.Namespace) -> list[Row]:
                 steps, batch, wall = cost["train_steps"], cfg.train.batch_size, wall + cost["train_wall_s"]
                 num_val = metrics["num_images"]
                 if combination == "baseline":
-                    untrained.append(untrained_ap(RunPlan(detector, combination, (), seed, run, cfg.to_dict())))
+                    untrained.append(cached_untrained_ap(RunPlan(detector, combination, (), seed, run, cfg.to_dict()),
+                                                         args.work_dir))
                 done += 1
                 print(f"[{done}/{total}] {name} {detector} {combination} seed {seed}: AP {ap[combination][-1]:.1f} "
                       f"({time.perf_counter() - start:.0f} s)", flush=True)
