@@ -122,11 +122,12 @@ def summary_metrics(table: pd.DataFrame, claims: list[ClaimResult | UntestableCl
                                                        "dAP_ci_low", "dAP_ci_high")
                   if row[k] is not None and not pd.isna(row[k])}
         out.setdefault(row["detector"], {})[row["combination"]] = values
-    out["claims"] = {c.claim.key: _claim_metrics(c) for c in claims}
+    out["claims"] = {c.claim.key: claim_metrics(c) for c in claims}
     return out
 
 
-def _claim_metrics(c: ClaimResult | UntestableClaim) -> dict[str, Any]:
+def claim_metrics(c: ClaimResult | UntestableClaim) -> dict[str, Any]:
+    """A claim's entry of ``metrics.json`` (see :func:`summary_metrics`)."""
     values: dict[str, Any] = {"verdict": c.verdict, "verdict_code": VERDICT_CODES[c.verdict],
                               "adjusted_verdict": c.adjusted_verdict,
                               "adjusted_verdict_code": VERDICT_CODES[c.adjusted_verdict]}
