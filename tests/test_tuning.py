@@ -1,7 +1,9 @@
-"""`libra tune`: study files, bad input, seeding, pruning, two workers on one study, kill and resume."""
+"""`libra tune`: study files, bad input, seeding, pruning, two workers on one study, kill and resume, and one
+smoke study end to end with its validation (the selection and validation logic: test_tuning_validation.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +18,7 @@ import yaml
 from conftest import ROOT, tiny_weights_path
 from optuna.trial import TrialState
 
-from detection.config import ConfigError, load_config
+from detection.config import ConfigError
 from pipeline.tuning import StudyError, TuneOptions, load_study_spec, run_tuning
 from pipeline.tuning.liveness import owner_alive, worker_identity
 from pipeline.tuning.plan import TuningPlan
@@ -27,8 +29,9 @@ from pipeline.tuning.storage import StorageError, resolve_storage
 from stages.cli import main as libra_main
 
 STUDIES = ROOT / "configs" / "studies"
-REPORT_FILES = {"best_overrides.yaml", "summary.json", "trials.csv", "history.png", "importances.png", "contour.png",
-                "intermediate.png"}
+REPORT_FILES = {"summary.json", "trials.csv", "history.png", "importances.png", "contour.png", "intermediate.png",
+                "validation.png"}
+"""Every study's reports; best_overrides.yaml only when validation adopts a trial."""
 
 
 @pytest.fixture(scope="session")
@@ -184,7 +187,7 @@ def test_worker_liveness():
 # ---- bad input: a clear error before any training, nothing left behind ------------------------------
 
 @pytest.mark.parametrize("case", ["unknown_study", "inverted_range", "unreachable_storage", "bad_storage",
-                                  "searched_override", "unknown_profile"])
+                                  "searched_override", "seed_override", "unknown_profile", "one_validation_seed"])
 def test_bad_input_fails_early_and_leaves_nothing(case, tmp_path, monkeypatch, capsys, synthetic_root):
     mlflow_db = tmp_path / "mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{mlflow_db}")
@@ -193,7 +196,9 @@ def test_bad_input_fails_early_and_leaves_nothing(case, tmp_path, monkeypatch, c
     args = {"study": "balanced_l1", "storage": f"sqlite:///{storage}", "profile": "smoke", "extra": []}
     expected = {"unknown_study": "unknown study 'nope'", "inverted_range": "inverted range",
                 "unreachable_storage": "postgresql://nohost:1/x", "bad_storage": "expected a SQLAlchemy URL",
-                "searched_override": "is searched by study", "unknown_profile": "unknown profile 'huge'"}[case]
+                "searched_override": "is searched by study", "unknown_profile": "unknown profile 'huge'",
+                "seed_override": "train.seed is set per training by the study",
+                "one_validation_seed": "--validate-seeds must be at least 2"}[case]
     studies = STUDIES
     if case == "unknown_study":
         args["study"] = "nope"
@@ -207,8 +212,12 @@ def test_bad_input_fails_early_and_leaves_nothing(case, tmp_path, monkeypatch, c
         args["storage"] = "nohost"
     elif case == "searched_override":
         args["extra"] = ["--set", "components.balanced_l1.alpha=0.3"]
+    elif case == "seed_override":
+        args["extra"] = ["--set", "train.seed=3"]
     elif case == "unknown_profile":
         args["profile"] = "huge"
+    elif case == "one_validation_seed":
+        args["extra"] = ["--validate-seeds", "1"]
     rc = libra_main(["tune", "--study", args["study"], "--profile", args["profile"], "--storage", args["storage"],
                      "--studies-dir", str(studies), "--out", str(tmp_path / "reports"), "--work-dir",
                      str(tmp_path / "runs"), "--set", f"data.root={synthetic_root}",
@@ -220,11 +229,38 @@ def test_bad_input_fails_early_and_leaves_nothing(case, tmp_path, monkeypatch, c
     assert not (tmp_path / "reports").exists() and not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("workers", ["0", "-2", "two"])
-def test_bad_workers_is_a_usage_error(workers, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        libra_main(["tune", "--study", "balanced_l1", "--workers", workers])
-    assert exit_info.value.code == 2 and "--workers" in capsys.readouterr().err
+@pytest.mark.parametrize("option, value", [("--workers", "0"), ("--workers", "-2"), ("--workers", "two"),
+                                           ("--trial-seeds", "0"), ("--validate-top", "-1"), ("--validate-seeds", "x")])
+def test_bad_counts_are_usage_errors(option, value, capsys):
+    try:
+        rc = libra_main(["tune", "--study", "balanced_l1", option, value])
+    except SystemExit as exit_info:  # refused by the parser
+        rc = exit_info.code
+    assert rc == 2 and option in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["begun_before_paired_seeds", "other_trial_seeds"])
+def test_a_study_scored_otherwise_is_not_resumed(case, tmp_path, monkeypatch, capsys):
+    """A study begun before trials were scored against the default (one training per trial, its val AP), or
+    at other seeds, is refused with what to do; nothing is trained, MLflow is not touched."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    plan = TuningPlan.create("balanced_l1", load_study_spec("balanced_l1", STUDIES), "smoke", get_profile("smoke"))
+    study = optuna.create_study(study_name="old", storage=storage, direction="maximize")
+    study.set_user_attr("fingerprint", plan.fingerprint())
+    study.set_user_attr("uid", "0123abcd")
+    if case == "other_trial_seeds":
+        study.set_user_attr("objective", {"value": "mean paired difference to the default", "metric": "val/AP",
+                                          "seeds": [0, 1, 2]})
+    else:
+        study.set_user_attr("metric", "val/AP (AP points, 0-100)")
+    rc = libra_main(["tune", "--study", "balanced_l1", "--profile", "smoke", "--storage", storage,
+                     "--study-name", "old", "--report-only", "--out", str(tmp_path / "reports")])
+    err = capsys.readouterr().err
+    expected = {"begun_before_paired_seeds": "was begun before trials were scored against the default",
+                "other_trial_seeds": "resume it with --trial-seeds 3"}[case]
+    assert rc == 2 and expected in err and "--study-name" in err, err
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "reports").exists()
 
 
 # ---- trials ---------------------------------------------------------------------------------------
@@ -240,7 +276,7 @@ def test_pruned_trial_ends_pruned_and_small_study_reports(tmp_path, monkeypatch,
                  "data.max_images=4"]
     summary = run_tuning(TuneOptions(study="balanced_l1", profile="smoke", n_trials=1, storage=storage,
                                      study_name="pruned", overrides=overrides, out=out, work_dir=tmp_path / "runs",
-                                     studies_dir=studies))
+                                     studies_dir=studies, trial_seeds=1, validate_top=0))
     study = optuna.load_study(study_name="pruned", storage=storage)
     [trial] = study.trials
     assert trial.state == TrialState.PRUNED and list(trial.intermediate_values) == [0]
@@ -248,24 +284,30 @@ def test_pruned_trial_ends_pruned_and_small_study_reports(tmp_path, monkeypatch,
 
     [run] = _trial_runs(mlflow_uri, "pruned")
     assert run.info.status == "KILLED" and run.data.tags["optuna.state"] == "PRUNED"
-    history = _client(mlflow_uri).get_metric_history(run.info.run_id, "val/AP")
+    history = _client(mlflow_uri).get_metric_history(run.info.run_id, "seed0/val/AP")
     assert [m.step for m in history] == [0]
-    # one AP unit: the trial's value, its MLflow run and the study's metric name in AP points (the run file: 0-1)
-    assert study.metric_names == ["val/AP (AP points, 0-100)"]
-    logged = pd.read_csv(next((tmp_path / "runs").glob("*/trial_00000/metrics.csv")))["val/AP"].dropna().iloc[-1]
-    assert history[0].value == pytest.approx(100 * logged) == pytest.approx(trial.intermediate_values[0])
+    # one AP unit: the trial's values, its MLflow run and the study's metric name in AP points (the run file: 0-1);
+    # the value reported is the trial's AP minus the default's at the same seed and epoch
+    assert study.metric_names == ["val/AP minus the default's, mean over paired seeds (AP points, 0-100)"]
+    logged = pd.read_csv(next((tmp_path / "runs").glob("*/trial_00000/seed0/metrics.csv")))["val/AP"].dropna().iloc[-1]
+    default = pd.read_csv(next((tmp_path / "runs").glob("*/default/seed0/metrics.csv")))["val/AP"].dropna().iloc[-1]
+    assert history[0].value == pytest.approx(100 * logged)
+    assert trial.intermediate_values[0] == pytest.approx(100 * (logged - default))
+    assert summary["objective"]["default"] == {0: pytest.approx(100 * default)}
+    assert trial.user_attrs["seeds"]["0"]["compute"]["trainings"] == 1, "a pruned training's cost is kept"
 
     assert {p.name for p in out.iterdir()} == REPORT_FILES  # every file, placeholders where not computable
-    assert yaml.safe_load((out / "best_overrides.yaml").read_text()) == []
-    assert set(summary["placeholder_figures"]) == {"history", "importances", "contour"}
-    assert not list((tmp_path / "runs").glob("*/trial_*/checkpoints")), "checkpoints removed"
+    assert set(summary["placeholder_figures"]) == {"history", "importances", "contour", "validation"}
+    assert summary["decision"]["adopted_trial"] is None and "--validate-top 0" in summary["decision"]["why"]
+    assert not list((tmp_path / "runs").glob("*/*/seed*/checkpoints")), "checkpoints removed"
 
 
 def test_two_workers_record_each_trial_once(tmp_path, mlflow_uri, synthetic_root):
     storage = f"journal:{tmp_path / 'optuna.journal'}"
     out = tmp_path / "reports"
     _run(_tune_argv("balanced_l1", storage, out, tmp_path / "runs", synthetic_root, "--workers", "2",
-                    "--n-trials", "4", "--study-name", "two-workers"), _env(mlflow_uri))
+                    "--n-trials", "4", "--study-name", "two-workers", "--trial-seeds", "1", "--validate-top", "0"),
+         _env(mlflow_uri))
 
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -275,7 +317,8 @@ def test_two_workers_record_each_trial_once(tmp_path, mlflow_uri, synthetic_root
     numbers = [t.number for t in study.trials]
     assert sorted(numbers) == list(range(4)), "trial numbers unique, the target total reached"
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
-    assert study.trials[0].params == {"alpha": 0.5, "gamma": 1.5}, "the baseline is enqueued first"
+    assert [p.parent.name for p in (tmp_path / "runs").glob("*/default/seed*")] == ["default"], \
+        "the default trained once, by one worker, and not as a trial"
     workers = {(t.user_attrs["worker"]["host"], t.user_attrs["worker"]["pid"]) for t in study.trials}
     assert 1 <= len(workers) <= 2
 
@@ -287,13 +330,7 @@ def test_two_workers_record_each_trial_once(tmp_path, mlflow_uri, synthetic_root
     assert all(r.info.status == "FINISHED" for r in runs)
     assert _client(mlflow_uri).get_run(parent).info.status == "FINISHED"
 
-    assert {p.name for p in out.iterdir()} == REPORT_FILES
-    overrides = yaml.safe_load((out / "best_overrides.yaml").read_text())
-    best = study.best_trial.params
-    assert overrides == ["components.balanced_l1.enabled=true", format_override("components.balanced_l1.alpha",
-                         best["alpha"]), format_override("components.balanced_l1.gamma", best["gamma"])]
-    cfg = load_config(ROOT / "configs" / "faster_rcnn_tiny.yaml", overrides)  # usable as --set overrides
-    assert cfg.components.balanced_l1.enabled and cfg.components.balanced_l1.alpha == best["alpha"]
+    assert {p.name for p in out.iterdir()} == REPORT_FILES, "nothing validated: no best_overrides.yaml"
     logged = {a.path for a in _client(mlflow_uri).list_artifacts(parent, "tuning")}
     assert {f"tuning/{name}" for name in REPORT_FILES} == logged
 
@@ -303,7 +340,8 @@ def test_killed_worker_trial_fails_and_study_resumes(tmp_path, monkeypatch, caps
     db = tmp_path / "optuna.db"
     storage = f"sqlite:///{db}"
     argv = _tune_argv("balanced_l1", storage, tmp_path / "reports", tmp_path / "runs", synthetic_root,
-                      "--n-trials", "3", "--study-name", "killed", "--set", "train.epochs=3")
+                      "--n-trials", "3", "--study-name", "killed", "--set", "train.epochs=3", "--trial-seeds", "1",
+                      "--validate-top", "0")
     proc = subprocess.Popen([sys.executable, "-m", "stages.cli", *argv], cwd=ROOT, env=_env(mlflow_uri),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rdb, client, killed = optuna.storages.RDBStorage(storage), _client(mlflow_uri), None
@@ -342,3 +380,41 @@ def test_killed_worker_trial_fails_and_study_resumes(tmp_path, monkeypatch, caps
     assert libra_main(argv) == 0
     assert len(optuna.load_study(study_name="killed", storage=storage).trials) == 4
     assert '"finished": 3' in capsys.readouterr().out
+
+
+def test_smoke_study_end_to_end_with_validation(tmp_path, mlflow_uri, synthetic_root):
+    """2 trials at 2 paired seeds, the default at both, then the best trial and the default at 2 fresh seeds:
+    summary.json's schema and ranges. The smoke set's 4 validation images are fewer than the report's 30, so
+    the verdict must be 'not testable' and the default stands."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    out = tmp_path / "reports"
+    proc = _run(_tune_argv("balanced_l1", storage, out, tmp_path / "runs", synthetic_root, "--n-trials", "2",
+                           "--study-name", "smoke-validated", "--trial-seeds", "2", "--validate-top", "1",
+                           "--validate-seeds", "2"), _env(mlflow_uri))
+    summary = json.loads((out / "summary.json").read_text())
+    assert {p.name for p in out.iterdir()} == REPORT_FILES
+    assert summary["objective"]["seeds"] == [0, 1] and set(summary["objective"]["default"]) == {"0", "1"}
+    assert all(0 <= ap <= 100 for ap in summary["objective"]["default"].values())
+    assert summary["counts"]["finished"] == 2 and -100 <= summary["best_value"] <= 100
+    assert set(summary["best_seeds"]) == {"0", "1"}
+    validation = summary["validation"]
+    assert validation["seeds"] == [2, 3] and validation["images"] == 4
+    assert set(validation["default_ap"]) == set(validation["untrained_ap"]) == {"2", "3"}
+    assert all(0 <= ap <= 100 for ap in [*validation["default_ap"].values(), *validation["untrained_ap"].values()])
+    [validated] = validation["candidates"]
+    assert validated["trial"] == summary["best_trial"] and validated["search_value"] == summary["best_value"]
+    assert validated["verdict"] == "not testable" and "fewer than the 30" in validated["statistics"]["reason"]
+    assert summary["decision"] == {"adopted_trial": None, "best_overrides": None, "why": validation["decision"]}
+    assert validation["decision"].startswith("the default stands: trial")
+    compute = summary["compute"]
+    assert compute["defaults"]["trainings"] == 2 and compute["validation"]["trainings"] == 4
+    assert 2 <= compute["search"]["trainings"] <= 4  # a pruned trial stops after its first seed
+    assert compute["total"]["trainings"] == sum(compute[p]["trainings"] for p in ("search", "defaults", "validation"))
+    assert all(0 < compute[p]["wall_s"] < 600 and compute[p]["cpu_s"] > 0 for p in ("search", "defaults", "validation"))
+    assert "the default stands" in proc.stdout and "compute: search" in proc.stdout
+    parent = _client(mlflow_uri).search_runs(
+        [_client(mlflow_uri).get_experiment_by_name("tune-smoke-validated").experiment_id],
+        "tags.`optuna.role` = 'study'")[0]
+    assert parent.data.tags["validation.adopted_trial"] == "None"
+    assert parent.data.metrics["compute/validation/trainings"] == 4
+    assert "tuning/validation.png" in {a.path for a in _client(mlflow_uri).list_artifacts(parent.info.run_id, "tuning")}

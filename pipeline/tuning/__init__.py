@@ -5,9 +5,12 @@
 - ``plan``: study + profile + overrides -> each trial's config;
 - ``storage``: sqlite / journal / RDB storages, the workers' lock;
 - ``liveness``: trial ownership, failing the trials of dead workers;
-- ``objective``: one trial (Lightning training, per-epoch reports, pruning);
+- ``training``: what tuning needs of a training (``Trainer``; the Lightning one), and its cost;
+- ``objective``: one trial, scored by its mean paired difference to the default over seeds (per-epoch
+  reports, pruning), and the default's runs;
+- ``validation``: the top trials and the default retrained on fresh seeds, read with the report's statistics;
 - ``mlflow_runs``: the study's parent run and nested trial runs;
-- ``outputs``: best overrides, figures, summary;
+- ``outputs``: the validated overrides, figures, summary;
 - ``runner``: ``run_tuning``, what ``libra tune`` calls.
 """
 

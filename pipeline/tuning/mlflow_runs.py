@@ -123,25 +123,48 @@ class StudyTracker:
         self.client.set_terminated(run_id, status="FINISHED" if done else "KILLED")
 
     def log_study_outputs(self, run_id: str, summary: dict[str, Any], files: list[Path]) -> None:
-        metrics = [Metric(f"study/{k}", float(v), now_ms(), 0) for k, v in summary["counts"].items()]
+        """The study's counts, the search's best (``best/search_difference``), the validation (per validated
+        trial ``validation/trial_<n>/{delta, ci_low, ...}`` and its AP per seed, step = seed; the default's
+        ``validation/default/AP``; tags ``validation.trial_<n>.verdict`` and ``validation.decision``), the compute
+        (``compute/<part>/{trainings, wall_s, cpu_s}``) and the report files."""
+        now = now_ms()
+        metrics = [Metric(f"study/{k}", float(v), now, 0) for k, v in summary["counts"].items()]
         if summary.get("best_value") is not None:
-            metrics.append(Metric(f"best/{summary['metric']}", float(summary["best_value"]), now_ms(), 0))
-        tags = [RunTag("best.trial_number", str(summary.get("best_trial")))]
+            metrics.append(Metric("best/search_difference", float(summary["best_value"]), now, 0))
+        metrics += [Metric(f"compute/{part}/{k}", float(v), now, 0)
+                    for part, spent in summary["compute"].items() for k, v in spent.items()]
+        tags = [RunTag("best.trial_number", str(summary.get("best_trial"))),
+                RunTag("validation.decision", summary["decision"]["why"][:5000]),
+                RunTag("validation.adopted_trial", str(summary["decision"]["adopted_trial"]))]
         tags += [RunTag(f"best.{k}", str(v)) for k, v in (summary.get("best_params") or {}).items()]
+        validation = summary.get("validation")
+        if validation is not None:
+            metrics += [Metric("validation/default/AP", float(ap), now, int(seed))
+                        for seed, ap in validation["default_ap"].items() if ap is not None]
+            for c in validation["candidates"]:
+                name = f"trial_{c['trial']}"
+                tags.append(RunTag(f"validation.{name}.verdict", c["verdict"]))
+                metrics += [Metric(f"validation/{name}/{k}", float(v), now, 0) for k, v in c["statistics"].items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)]
+                metrics += [Metric(f"validation/{name}/AP", float(ap), now, int(seed))
+                            for seed, ap in c["ap"].items() if ap is not None]
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         for path in files:
             self.client.log_artifact(run_id, str(path), artifact_path="tuning")
 
     # ---- one run per trial ------------------------------------------------------------------------
     def start_trial(self, parent_run_id: str, study_name: str, trial: optuna.Trial, config: dict[str, Any],
-                    tags: dict[str, str]) -> str:
+                    tags: dict[str, str], seeds: tuple[int, ...]) -> str:
+        """The trial's run: the sampled values, the seeds it trains at and the config of its first seed
+        (the others differ only in ``train.seed``) as params."""
         run = self.client.create_run(
             self.experiment_id, run_name=f"trial-{trial.number:04d}",
             tags={**tags, "mlflow.parentRunId": parent_run_id, "optuna.study": study_name,
                   "optuna.trial_number": str(trial.number), "optuna.role": "trial", "optuna.state": "RUNNING"})
         run_id = run.info.run_id
         trial.set_user_attr(TRIAL_RUN_ATTR, run_id)
-        params = {**{f"trial.{k}": v for k, v in trial.params.items()}, **flatten_params(config)}
+        params = {**{f"trial.{k}": v for k, v in trial.params.items()}, "trial.seeds": " ".join(map(str, seeds)),
+                  **flatten_params(config)}
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[start:start + 100])
@@ -152,15 +175,16 @@ class StudyTracker:
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
 
     def end_trial(self, run_id: str, state: TrialState, value: float | None = None, message: str = "",
-                  files: list[Path] = ()) -> None:
+                  artifacts: list[tuple[Path, str]] = ()) -> None:
+        """Close a trial's run with its state, its value (``objective``) and ``artifacts`` (file, folder)."""
         tags = [RunTag("optuna.state", state.name)]
         if message:
             tags.append(RunTag("optuna.message", message[:5000]))
         metrics = [Metric("objective", float(value), now_ms(), 0)] if value is not None else []
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
-        for path in files:
+        for path, folder in artifacts:
             if path.exists():
-                self.client.log_artifact(run_id, str(path))
+                self.client.log_artifact(run_id, str(path), artifact_path=folder)
         self.client.set_terminated(run_id, status=RUN_STATUS.get(state, "FAILED"))
 
     def fail_orphan(self, study_name: str, trial: FrozenTrial, reason: str) -> None:

@@ -30,6 +30,9 @@ from pipeline.report.results import AP_UNIT
 from pipeline.tuning.profiles import TRIAL_DEVICE, Profile
 from pipeline.tuning.space import StudyError, StudySpec
 
+SEED_KEY = "train.seed"
+"""The config key of a training's seed: its data order and every module's initial weights (paired seeds)."""
+
 
 def enabled_components(overrides: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """Short names of the components that ``components.<section>.enabled=true`` overrides switch on."""
@@ -66,6 +69,10 @@ class TuningPlan:
             key = ".".join(parse_override(text)[0])
             if key in searched:
                 raise StudyError(f"--set {text}: {key} is searched by study {study!r}; drop the override")
+        for key in [*(".".join(parse_override(text)[0]) for text in [*spec.fixed, *overrides]), *searched]:
+            if key == SEED_KEY:
+                raise StudyError(f"study {study!r}: {SEED_KEY} is set per training by the study (--trial-seeds, "
+                                 "--validate-seeds); neither the study file nor --set may set it")
         plan = cls(study, spec, profile_name, profile, tuple(overrides), detector, base)
         if spec.baseline == "defaults":
             plan = dataclasses.replace(plan, spec=plan.spec_with_default_baseline())
@@ -85,11 +92,18 @@ class TuningPlan:
             problems = "; ".join(err["msg"].removeprefix("Value error, ") for err in exc.errors())
             raise StudyError(f"study {self.study!r}: baseline: defaults ({baseline}): {problems}") from None
 
-    def config(self, values: dict[str, Any]) -> ExperimentConfig:
-        """The config of the trial that samples ``{config key: value}``."""
+    @property
+    def default_values(self) -> dict[str, Any]:
+        """``{config key: value}`` of the default configuration, the one every trial is compared with: the
+        study's ``baseline`` (with ``baseline: defaults``, the values the config has without sampling)."""
+        return {self.spec.params[name].key: value for name, value in (self.spec.baseline or {}).items()}
+
+    def config(self, values: dict[str, Any], seed: int | None = None) -> ExperimentConfig:
+        """The config of the trial that samples ``{config key: value}``, trained at ``seed`` (``train.seed``:
+        its data order and initial weights; None: the base config's)."""
         try:
             cfg = compose_config(self.profile.params, self.detector, self.profile_name,
-                                 enabled_components(self.spec.fixed), values={**TRIAL_DEVICE, **values},
+                                 enabled_components(self.spec.fixed), seed, values={**TRIAL_DEVICE, **values},
                                  overrides=[*self.spec.fixed, *self.overrides], configs_dir=self.base_config.parent)
         except ConfigError as exc:
             raise ConfigError(f"study {self.study}, profile {self.profile_name}: {exc}") from None
@@ -102,10 +116,14 @@ class TuningPlan:
         return configs[0]
 
     @property
+    def metric(self) -> str:
+        """The validation metric a training is scored by, e.g. ``val/AP`` (AP points)."""
+        return f"val/{self.spec.metric}"
+
+    @property
     def objective_name(self) -> str:
-        """The study's metric name with its unit, e.g. ``val/AP (AP points, 0-100)`` (optuna-dashboard and
-        the figures show it)."""
-        return f"val/{self.spec.metric} ({AP_UNIT})"
+        """What a trial's value is, with its unit (optuna-dashboard and the figures show it)."""
+        return f"{self.metric} minus the default's, mean over paired seeds ({AP_UNIT})"
 
     def fingerprint(self) -> str:
         """Identifies what the study optimises: resuming it with another space or profile is refused."""
