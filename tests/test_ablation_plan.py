@@ -39,7 +39,7 @@ def test_default_ablation_is_the_papers_rows_times_three_seeds(params):
     c = full.components
     assert c.iou_balanced_sampling.enabled and c.bfp.enabled and c.balanced_l1.enabled
     assert c.iou_balanced_sampling.instance_balanced_pos and not c.iou_balanced_cls.enabled
-    assert full.train.seed == 1 and full.data.num_train == 320 and full.data.num_val == 1000
+    assert full.train.seed == 1 and full.data.num_train == 960 and full.data.num_val == 1000
     assert full.train.val_max_images == 96
     assert full.train.epochs == load_config(Path("configs/faster_rcnn_tiny.yaml")).train.epochs
     retina = by_name["retinanet/IoU-cls+IoU-loc/seed0"].experiment_config()
