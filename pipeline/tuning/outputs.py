@@ -113,8 +113,8 @@ def draw_validation(validation: Validation, path: Path, title: str) -> None:
         f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.params.items()) for r in rows], fontsize=8)
     ax.set_ylim(-0.7, len(rows) - 0.3)
     ax.invert_yaxis()
-    ax.set_xlabel(f"Δ{validation.metric} vs the default (AP points): {round(100 * validation.confidence)}% interval "
-                  "(thick), Bonferroni-adjusted (thin)")
+    ax.set_xlabel(f"Δ{validation.metric} vs the default (AP points)\n{round(100 * validation.confidence)}% interval "
+                  "(thick), Bonferroni-adjusted (thin)", fontsize=9)
     ax.set_title(f"{title}: validation on seeds {validation.seeds}, {validation.images} images", fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     _save(ax, path)
