@@ -4,7 +4,9 @@ torchvision's own anchors, and `libra fit-profile` end to end on real aerial ima
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -185,3 +187,55 @@ def test_fit_on_the_built_in_set_recovers_the_tiny_configs(tmp_path, monkeypatch
     assert fit.profile.set["model"] == {"min_size": 128, "max_size": 128, "anchor_sizes": [8, 16, 32, 64, 128]}
     assert {d: f.recall for d, f in fit.detectors.items()} == pytest.approx({"faster_rcnn": 0.87, "retinanet": 1.0},
                                                                             abs=0.02)
+
+
+def load_convert():
+    """tests/data/neon_trees/convert.py, the script that writes the real set from the deepforest wheel."""
+    spec = importlib.util.spec_from_file_location("neon_convert", NEON_TREES / "convert.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_tile_keeps_a_box_clipped_when_at_least_half_of_it_is_inside():
+    tile_boxes = load_convert().tile_boxes
+    boxes = [("Tree", 10, 10, 30, 50),     # inside: kept as is
+             ("Tree", 150, 0, 170, 10),    # half inside the tile [0, 160): kept, clipped to 10 x 10
+             ("Tree", 151, 0, 171, 10),    # 9 of 20 columns inside: left out
+             ("Tree", -20, -20, 180, 180)]  # holds the tile: 160 x 160 of 200 x 200 inside, kept
+    assert tile_boxes(boxes, 0, 0, 160) == [("Tree", 10, 10, 20, 40, 800), ("Tree", 150, 0, 10, 10, 100),
+                                            ("Tree", 0, 0, 160, 160, 160 * 160)]
+    assert tile_boxes([("Tree", 170, 165, 190, 185)], 160, 160, 160) == [("Tree", 10, 5, 20, 20, 400)]
+
+
+@pytest.mark.parametrize("layout, counts", [
+    ("fixture", {"train": (14, 6 * 4 + (0 + 2 + 4 + 4) + 4 * 4), "val": (3, 3 * 4)}),  # 320 px: 4 cells a tile
+    ("full", {"train": (12 * 4 - 7 * 2, 12 * 4 - 7 * 2), "val": (6 * 6, 6 * 6)})])  # 160 px: bare tiles left out
+def test_convert_cuts_the_layouts_tiles_and_splits_by_place(tmp_path, monkeypatch, layout, counts):
+    """On two blank crops with one box in the middle of every 160 px cell, each layout writes its tiles, their boxes
+    in tile pixels, and validation images from the first crop only (the second crop's top-left 7 x 2 cells are
+    bare: the fixture keeps their tiles, the full layout leaves them out)."""
+    convert = load_convert()
+    source = tmp_path / "source"
+    source.mkdir()
+    for crop, (width, height) in {convert.FIRST: (960, 960), convert.SECOND: (1920, 640)}.items():
+        Image.new("RGB", (width, height), (90, 120, 60)).save(source / f"{crop}.png")
+        cells = [(x, y) for y in range(0, height, 160) for x in range(0, width, 160)]
+        if crop == convert.SECOND:
+            cells = [(x, y) for x, y in cells if x >= 1120 or y >= 320]  # cells without a box: bare ground
+        objects = "".join(f"<object><name>Tree</name><bndbox><xmin>{x + 60}</xmin><ymin>{y + 60}</ymin>"
+                          f"<xmax>{x + 100}</xmax><ymax>{y + 100}</ymax></bndbox></object>" for x, y in cells)
+        (source / f"{crop}.xml").write_text(f"<annotation>{objects}</annotation>")
+    monkeypatch.setattr("sys.argv", ["convert.py", str(source), "--layout", layout, "--out", str(tmp_path / "out")])
+    convert.main()
+    tile = convert.LAYOUTS[layout].tile
+    for split, (images, boxes) in counts.items():
+        coco = json.loads((tmp_path / f"out/annotations/instances_{split}.json").read_text())
+        names = {image["file_name"] for image in coco["images"]}
+        assert (len(coco["images"]), len(coco["annotations"])) == (images, boxes)
+        assert names == {path.name for path in (tmp_path / "out/images" / split).iterdir()}
+        assert all(Image.open(tmp_path / "out/images" / split / name).size == (tile, tile) for name in names)
+        assert (split == "val") == all(name.startswith(convert.FIRST) for name in names)
+        assert all(0 <= a["bbox"][0] and a["bbox"][0] + a["bbox"][2] <= tile and a["bbox"][2] == 40
+                   for a in coco["annotations"])
