@@ -7,8 +7,11 @@ sampling and the initial weights of every shared module), evaluates each run on 
 reports the baseline's mean AP and per-seed sd, the sd of the paired difference (variant - baseline), the
 minimum detectable effect (MDE) of that difference with the ablation's number of seeds, the training compute,
 and whether the baseline learned (gained more than report.learned_margin AP over the same detector before
-training, at every seed). Run configs are composed as the ablation's (pipeline/plan/compose.py, the params file's
-profile); a finished run in --work-dir is reused, an interrupted one resumed.
+training, at every seed). The sd of the difference comes with its 95% interval, and each candidate's spread is
+tested against the --reference candidate's (an F test of the two variances): with a few seeds an sd is itself
+uncertain, so a candidate replaces the reference only when the test tells their spreads apart. Run configs are
+composed as the ablation's (pipeline/plan/compose.py, the params file's profile); a finished run in --work-dir is
+reused, an interrupted one resumed.
 
     python benchmarks/pilot.py                                   # the default candidates, 3 seeds, both detectors
     python benchmarks/pilot.py --detectors retinanet --only ema --seeds 2
@@ -43,6 +46,7 @@ from pipeline.report.guards import untrained_ap
 from pipeline.report.power import VarianceSplit
 from pipeline.report.results import ap_points
 from pipeline.plan.runplan import RunPlan
+from scipy import stats
 
 PILOT = "benchmarks/pilot.py"
 """The writer this tool marks its outputs with (see detection/ownership.py): it replaces only those."""
@@ -102,6 +106,10 @@ class Row:
     sd_diff: float = math.nan
     mde: float | None = None
     mde_note: str = ""
+    sd_diff_interval: tuple[float, float] | None = None
+    spread_p: float | None = None
+    """Two-sided p of the F test that the difference's variance equals the reference candidate's (None: no
+    reference, or this is it)."""
     learned: bool = False
 
     def summarise(self, ablation_seeds: int, confidence: float, power: float, margin: float) -> None:
@@ -112,9 +120,34 @@ class Row:
             self.mde_note = "not estimable: one seed has no spread"
             return
         self.sd_ap, self.sd_diff = statistics.stdev(self.baseline_ap), statistics.stdev(diffs)
+        self.sd_diff_interval = sd_interval(self.sd_diff, len(self.seeds), confidence)
         # the seed part alone: the pilot runs no image bootstrap (the ablation's image part: docs/results.md)
         split = VarianceSplit(self.sd_diff, 0.0, len(self.seeds), 1)
         self.mde = split.mde(confidence, power, seeds=ablation_seeds)
+
+
+def sd_interval(sd: float, n: int, confidence: float) -> tuple[float, float]:
+    """The interval of a normal sample's standard deviation from ``n`` values: (n - 1) s² / σ² ~ χ²(n - 1), so
+    σ lies in [s √((n - 1) / χ²_{1-a/2}), s √((n - 1) / χ²_{a/2})] with a = 1 - confidence."""
+    tail = (1 - confidence) / 2
+    return (sd * math.sqrt((n - 1) / stats.chi2.ppf(1 - tail, n - 1)), sd * math.sqrt((n - 1) / stats.chi2.ppf(tail, n - 1)))
+
+
+def spread_p(row: Row, reference: Row) -> float:
+    """Two-sided p of the F test of equal variances of two rows' paired differences: F = s₁² / s₂² ~ F(n₁ - 1,
+    n₂ - 1) under equal variances (the rows' seeds are the same numbers, but different recipes draw differently)."""
+    f = stats.f(len(row.seeds) - 1, len(reference.seeds) - 1)
+    ratio = row.sd_diff ** 2 / reference.sd_diff ** 2
+    return min(1.0, 2 * min(f.cdf(ratio), f.sf(ratio)))
+
+
+def compare_spreads(rows: list[Row], reference: str) -> None:
+    """Set each row's ``spread_p`` against the reference candidate's row of the same detector."""
+    references = {r.detector: r for r in rows if r.candidate == reference and r.sd_diff > 0}
+    for row in rows:
+        ref = references.get(row.detector)
+        if ref is not None and row is not ref and not math.isnan(row.sd_diff):
+            row.spread_p = spread_p(row, ref)
 
 
 def synthetic_set(cfg: ExperimentConfig, work_dir: Path) -> Path:
@@ -166,19 +199,23 @@ def fmt(value: float | None, digits: int = 1) -> str:
 
 
 def markdown(rows: list[Row], header: dict[str, Any], candidates: dict[str, Candidate]) -> str:
-    s = header["ablation_seeds"]
+    s, ref = header["ablation_seeds"], header["reference"]
     lines = [f"# Recipe pilot ({header['profile']} profile, seeds {header['seeds']})", "",
              f"AP in AP points on {header['num_val']} validation images. MDE: the smallest paired difference "
              f"{s} seeds detect ({header['confidence']:.0%} two-sided, power {header['power']:.0%}), seed part "
              f"only. Learned: the baseline gained more than {header['learned_margin']:g} AP over the same detector "
-             "before training at every seed.", "",
+             f"before training at every seed. The sd of the difference with its {header['confidence']:.0%} interval; "
+             f"p: the F test that its variance equals the {ref!r} candidate's (a small p tells the spreads apart).", "",
              "| candidate | detector | variant | baseline AP | sd AP | variant - baseline | sd of difference | "
-             f"MDE ({s} seeds) | steps x images per run | wall s (all runs) | learned |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"p, same spread as {ref} | MDE ({s} seeds) | steps x images per run | wall s (all runs) | learned |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mde = fmt(r.mde, 2) if r.mde is not None else r.mde_note
+        sd_diff = fmt(r.sd_diff, 2) + (" [{}, {}]".format(*(fmt(x, 2) for x in r.sd_diff_interval))
+                                       if r.sd_diff_interval else "")
         lines.append(f"| {r.candidate} | {r.detector} | {r.variant} | {fmt(r.mean_ap)} | {fmt(r.sd_ap, 2)} | "
-                     f"{fmt(r.mean_diff, 2)} | {fmt(r.sd_diff, 2)} | {mde} | {r.steps} x {r.images_per_step} | "
+                     f"{fmt(r.mean_diff, 2)} | {sd_diff} | {fmt(r.spread_p, 2)} | {mde} | "
+                     f"{r.steps} x {r.images_per_step} | "
                      f"{r.train_wall_s:.0f} | {'yes' if r.learned else 'no'} |")
     lines += ["", "Candidates:", ""]
     lines += [f"* **{name}**: {c.about or json.dumps(c.model_dump(exclude_defaults=True))}"
@@ -239,8 +276,9 @@ def pilot(args: argparse.Namespace) -> list[Row]:
                   steps, batch, wall)
         row.summarise(ablation_seeds, params.report.confidence, params.report.power, params.report.learned_margin)
         rows.append(row)
+    compare_spreads(rows, args.reference)
     header = {"profile": profile, "seeds": seeds, "ablation_seeds": ablation_seeds, "num_val": num_val,
-              "confidence": params.report.confidence, "power": params.report.power,
+              "reference": args.reference, "confidence": params.report.confidence, "power": params.report.power,
               "learned_margin": params.report.learned_margin}
     table = markdown(rows, header, candidates)
     print(table)
@@ -269,6 +307,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", action="append", default=[], metavar="DETECTOR=COMBINATION",
                    help="the variant compared with a detector's baseline (repeatable; default: "
                         + ", ".join(f"{d}={c}" for d, c in DEFAULT_VARIANTS.items()) + ")")
+    p.add_argument("--reference", default="profile",
+                   help="the candidate whose spread of the paired difference every other one is tested against "
+                        "(default: %(default)s, the profile as it is)")
     p.add_argument("--seeds", type=int, default=3, help="paired seeds per candidate, 0..N-1 (default: %(default)s)")
     p.add_argument("--ablation-seeds", type=int, default=None,
                    help="seeds the MDE is computed for (default: the params file's ablation.seeds, counted)")
