@@ -18,7 +18,11 @@ import yaml
 from conftest import ROOT, tiny_weights_path
 from optuna.trial import TrialState
 
-from detection.config import ConfigError
+from detection.config import ConfigError, load_config
+from detection.run_dir import RunDir
+from pipeline.report.bootstrap import coco_ap
+from pipeline.report.per_image import average_precision
+from pipeline.report.results import ap_points
 from pipeline.tuning import StudyError, TuneOptions, load_study_spec, run_tuning
 from pipeline.tuning.liveness import owner_alive, worker_identity
 from pipeline.tuning.plan import TuningPlan
@@ -26,6 +30,8 @@ from pipeline.tuning.profiles import get_profile
 from pipeline.tuning.runner import make_sampler
 from pipeline.tuning.space import format_override
 from pipeline.tuning.storage import StorageError, resolve_storage
+from pipeline.tuning.training import LightningTrainer
+from pipeline.tuning.validation import DEFAULT
 from stages.cli import main as libra_main
 
 STUDIES = ROOT / "configs" / "studies"
@@ -418,3 +424,12 @@ def test_smoke_study_end_to_end_with_validation(tmp_path, mlflow_uri, synthetic_
     assert parent.data.tags["validation.adopted_trial"] == "None"
     assert parent.data.metrics["compute/validation/trainings"] == 4
     assert "tuning/validation.png" in {a.path for a in _client(mlflow_uri).list_artifacts(parent.info.run_id, "tuning")}
+
+    [default_run] = (tmp_path / "runs").glob(f"smoke-validated-*/validation/{DEFAULT}/seed2")
+    cfg = load_config(RunDir(default_run).config)
+    finished = LightningTrainer().evaluated(cfg, default_run)
+    assert finished is not None and finished.matches.num_images == 4, "a finished validation run is not retrained"
+    ap = ap_points(float(coco_ap(average_precision(finished.matches)[0])))
+    assert ap == pytest.approx(validation["default_ap"]["2"]), "and gives back the matches it was scored by"
+    other_seed = load_config(RunDir(default_run).config, ["train.seed=3"])
+    assert LightningTrainer().evaluated(other_seed, default_run) is None, "another config is trained"

@@ -59,7 +59,16 @@ class SyntheticTrainer:
             validations[epoch] = {"val/AP": ap}
             if on_epoch is not None:
                 on_epoch(epoch, validations[epoch])
+        if evaluate:  # what LightningTrainer leaves behind: the run's config, evaluated
+            (out / "evaluated.json").parent.mkdir(parents=True, exist_ok=True)
+            (out / "evaluated.json").write_text(json.dumps(cfg.to_dict()))
         return TrainedRun(validations, self.matches(ap, cfg.train.seed) if evaluate else None)
+
+    def evaluated(self, cfg: ExperimentConfig, out: Path) -> TrainedRun | None:
+        done = out / "evaluated.json"
+        if not done.exists() or json.loads(done.read_text()) != json.loads(json.dumps(cfg.to_dict())):
+            return None
+        return TrainedRun({}, self.matches(self.ap(cfg), cfg.train.seed))
 
     def matches(self, ap: float, seed: int):
         hardness = np.random.default_rng([seed, 7]).random(self.images)
@@ -141,6 +150,24 @@ def test_guards_make_a_trial_not_testable(guard, trainer, reason, plan, tmp_path
     [c] = result.candidates
     assert c.verdict == "not testable" and reason in c.statistics["reason"], guard
     assert result.adopted is None and "trial 1 not testable" in result.decision
+
+
+def test_an_interrupted_validation_trains_only_what_it_had_not_finished(plan, tmp_path):
+    def interrupt(cfg: ExperimentConfig) -> bool:
+        if cfg.train.seed == 4 and cfg.components.balanced_l1.alpha == 0.1:
+            raise KeyboardInterrupt
+        return False
+
+    with pytest.raises(KeyboardInterrupt):
+        validate(plan, [candidate(0.1)], (2, 3, 4), SETTINGS, SyntheticTrainer(linear(8.0), 0.5, fail=interrupt),
+                 tmp_path / "interrupted")
+    resumed = SyntheticTrainer(linear(8.0), 0.5)
+    result = validate(plan, [candidate(0.1)], (2, 3, 4), SETTINGS, resumed, tmp_path / "interrupted")
+    assert resumed.trainings == [(0.1, 4)], "the default at 3 seeds and the trial at 2 were finished"
+    assert (result.compute.trainings, result.compute.reused) == (6, 5)
+    whole = validate(plan, [candidate(0.1)], (2, 3, 4), SETTINGS, SyntheticTrainer(linear(8.0), 0.5),
+                     tmp_path / "whole")
+    assert result.candidates == whole.candidates and result.default_ap == whole.default_ap
 
 
 def test_top_trials_are_the_completed_ones_of_highest_value():

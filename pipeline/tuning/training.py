@@ -3,8 +3,9 @@
 A :class:`Trainer` trains a config into a run directory, calling a hook after each epoch with what it
 measured (``train/loss``; ``val/*`` in AP points after each validation, on the validation images the
 config validates during training), and, when asked, evaluates the trained detector on the whole validation
-set as per-image COCO matches (what the report's bootstrap resamples). It also scores the detector of a
-config before training (the report's "did it learn" guard). :class:`LightningTrainer` is the real one
+set as per-image COCO matches (what the report's bootstrap resamples), and gives back those of a run directory
+that already holds that config trained and evaluated (an interrupted validation is resumed, not retrained). It
+also scores the detector of a config before training (the report's "did it learn" guard). :class:`LightningTrainer` is the real one
 (``detection.engine``); the tests pass a synthetic one whose AP is a known function of the knobs.
 
 :func:`timed` measures a training's wall and CPU seconds (the process's CPU time, every thread of it),
@@ -64,20 +65,28 @@ class Trainer(Protocol):
         """COCO AP (AP points) on the whole validation set of ``cfg``'s detector before its first step."""
         ...
 
+    def evaluated(self, cfg: ExperimentConfig, out: Path) -> TrainedRun | None:
+        """What ``train(cfg, out, evaluate=True)`` returned, if ``out`` holds ``cfg`` trained and evaluated
+        (its ``validations`` are not kept); None otherwise."""
+        ...
+
 
 class Compute(BaseModel):
     """Trainings and the seconds they took (wall clock, and CPU time of the process that ran them)."""
 
     trainings: int = 0
+    reused: int = 0
+    """Trainings found finished (an interrupted validation's), counted in ``trainings`` at no seconds."""
     wall_s: float = 0.0
     cpu_s: float = 0.0
 
     def __add__(self, other: Compute) -> Compute:
-        return Compute(trainings=self.trainings + other.trainings, wall_s=self.wall_s + other.wall_s,
-                       cpu_s=self.cpu_s + other.cpu_s)
+        return Compute(trainings=self.trainings + other.trainings, reused=self.reused + other.reused,
+                       wall_s=self.wall_s + other.wall_s, cpu_s=self.cpu_s + other.cpu_s)
 
     def text(self) -> str:
-        return f"{self.trainings} trainings, {self.wall_s:.0f} s wall, {self.cpu_s:.0f} s CPU"
+        reused = f" ({self.reused} found finished)" if self.reused else ""
+        return f"{self.trainings} trainings{reused}, {self.wall_s:.0f} s wall, {self.cpu_s:.0f} s CPU"
 
 
 @contextmanager
@@ -112,6 +121,17 @@ class LightningTrainer:
         ground_truth = coco_subset(module.trainer.datamodule.evaluation_split)
         detections = json.loads(RunDir(out).detections.read_text())
         return TrainedRun(reporter.validations, match_images(ground_truth, detections))
+
+    def evaluated(self, cfg: ExperimentConfig, out: Path) -> TrainedRun | None:
+        from detection.config import load_config
+        from detection.engine.splits import coco_subset, validation_split
+        from pipeline.report.per_image import match_images
+
+        run = RunDir(out)
+        if not (run.metrics.exists() and run.config.exists()) or load_config(run.config).to_dict() != cfg.to_dict():
+            return None
+        ground_truth = coco_subset(validation_split(cfg.data))
+        return TrainedRun({}, match_images(ground_truth, json.loads(run.detections.read_text())))
 
     def untrained_ap(self, cfg: ExperimentConfig, out: Path) -> float:
         from pipeline.plan.runplan import RunPlan

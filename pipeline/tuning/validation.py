@@ -147,11 +147,17 @@ def validate(plan: TuningPlan, candidates: list[Candidate], seeds: tuple[int, ..
     for seed in seeds:
         for name, values in configs.items():
             out = work_dir / "validation" / name / f"seed{seed}"
+            cfg = plan.config(values, seed)
+            finished = trainer.evaluated(cfg, out)
+            if finished is not None:
+                print(f"validation: {name}, seed {seed}: trained and evaluated in {out}, reused", flush=True)
+                matches[(name, seed)] = finished.matches
+                compute += Compute(trainings=1, reused=1)
+                continue
             print(f"validation: {name}, seed {seed} -> {out}", flush=True)
             try:
                 with timed() as spent:
-                    matches[(name, seed)] = train_in(trainer, plan.config(values, seed), out, keep_checkpoints,
-                                                     evaluate=True).matches
+                    matches[(name, seed)] = train_in(trainer, cfg, out, keep_checkpoints, evaluate=True).matches
             except Exception as exc:  # noqa: BLE001 - the guards make its comparisons not testable, with why
                 failures[(name, seed)] = _one_line(exc)
                 print(f"validation: {name}, seed {seed} failed: {failures[(name, seed)]}", flush=True)
