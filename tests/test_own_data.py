@@ -240,3 +240,21 @@ def test_convert_cuts_the_layouts_tiles_and_splits_by_place(tmp_path, monkeypatc
         assert (split == "val") == all(name.startswith(convert.FIRST) for name in names)
         assert all(0 <= a["bbox"][0] and a["bbox"][0] + a["bbox"][2] <= tile and a["bbox"][2] == 40
                    for a in coco["annotations"])
+
+
+def test_convert_refuses_a_wrong_source_and_a_folder_with_files_and_writes_nothing(tmp_path, monkeypatch):
+    convert = load_convert()
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in (convert.FIRST, convert.SECOND):
+        (source / f"{name}.png").touch()
+        (source / f"{name}.xml").touch()
+    for argv, message in ([str(tmp_path), "--out", str(tmp_path / "new")], "missing 2019_YELL"), \
+                         ([str(source), "--out", str(out)], "not empty"):
+        monkeypatch.setattr("sys.argv", ["convert.py", *argv])
+        with pytest.raises(SystemExit, match=message):
+            convert.main()
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and not (tmp_path / "new").exists()

@@ -1,7 +1,7 @@
 """Write a COCO set from the sample data of the `deepforest` wheel (see README.md): this folder, or the full set.
 
     pip download deepforest==2.1.0 --no-deps -d /tmp/df && unzip -q /tmp/df/deepforest-2.1.0-*.whl -d /tmp/df/whl
-    python tests/data/neon_trees/convert.py /tmp/df/whl/deepforest/data                  # this folder (the tests')
+    python tests/data/neon_trees/convert.py /tmp/df/whl/deepforest/data --force          # this folder (the tests')
     python tests/data/neon_trees/convert.py /tmp/df/whl/deepforest/data --layout full --out data/neon_trees
 
 The sources are two NEON aerial RGB crops of Yellowstone (0.1 m per pixel) with their Pascal VOC tree-crown boxes.
@@ -12,12 +12,15 @@ to its tile, when at least half of its area lies inside the tile. The layouts (:
   ground); the first crop's last row validates, everything else trains, so no tree is in both splits;
 * ``full``: every whole 160 px tile of both crops; the first crop validates (another place than the second, 13 km
   away), the second trains, and its tiles without a box are left out.
+
+It writes into an empty or new folder only (--force to write over files of the same names, as for this folder).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,8 +68,18 @@ def main() -> None:
                         help="which set to write (default: fixture, this folder's)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
                         help="the folder written: annotations/ and images/ (default: this folder)")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a folder that is not empty, over files of the same names")
     args = parser.parse_args()
     layout = LAYOUTS[args.layout]
+    missing = [f"{name}{suffix}" for name in layout.grid for suffix in (".png", ".xml")
+               if not (args.source / f"{name}{suffix}").is_file()]
+    if missing:
+        sys.exit(f"{args.source}: not the deepforest/data folder of the unpacked deepforest 2.1.0 wheel "
+                 f"(missing {', '.join(missing)}); see this script's docstring for the commands")
+    if args.out.exists() and any(args.out.iterdir()) and not args.force:
+        sys.exit(f"{args.out}: not empty; this script writes annotations/ and images/ there, over files of the same "
+                 "names: name an empty or new folder, or pass --force")
     boxes = {name: voc_boxes(args.source / f"{name}.xml") for name in layout.grid}
     names = sorted({name for crop in boxes.values() for name, *_ in crop})
     splits: dict[str, dict] = {split: {"images": [], "annotations": [], "categories": [
