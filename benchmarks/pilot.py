@@ -130,7 +130,8 @@ def sd_interval(sd: float, n: int, confidence: float) -> tuple[float, float]:
     """The interval of a normal sample's standard deviation from ``n`` values: (n - 1) s² / σ² ~ χ²(n - 1), so
     σ lies in [s √((n - 1) / χ²_{1-a/2}), s √((n - 1) / χ²_{a/2})] with a = 1 - confidence."""
     tail = (1 - confidence) / 2
-    return (sd * math.sqrt((n - 1) / stats.chi2.ppf(1 - tail, n - 1)), sd * math.sqrt((n - 1) / stats.chi2.ppf(tail, n - 1)))
+    return (sd * math.sqrt((n - 1) / stats.chi2.ppf(1 - tail, n - 1)),
+            sd * math.sqrt((n - 1) / stats.chi2.ppf(tail, n - 1)))
 
 
 def spread_p(row: Row, reference: Row) -> float:

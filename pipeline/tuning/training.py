@@ -5,8 +5,9 @@ measured (``train/loss``; ``val/*`` in AP points after each validation, on the v
 config validates during training), and, when asked, evaluates the trained detector on the whole validation
 set as per-image COCO matches (what the report's bootstrap resamples), and gives back those of a run directory
 that already holds that config trained and evaluated (an interrupted validation is resumed, not retrained). It
-also scores the detector of a config before training (the report's "did it learn" guard). :class:`LightningTrainer` is the real one
-(``detection.engine``); the tests pass a synthetic one whose AP is a known function of the knobs.
+also scores the detector of a config before training (the report's "did it learn" guard).
+:class:`LightningTrainer` is the real one (``detection.engine``); the tests pass a synthetic one whose AP is a
+known function of the knobs.
 
 :func:`timed` measures a training's wall and CPU seconds (the process's CPU time, every thread of it),
 also when the training fails or is pruned.
