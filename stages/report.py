@@ -28,12 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     from pipeline.plan.params import load_params
     from pipeline.report.build import write_report
+    from pipeline.report.report_dir import ReportDir
 
     settings = load_params(args.params).report
     manifest = json.loads(args.manifest.read_text()) if args.manifest.exists() else None
     metrics = write_report(args.plan, args.out, settings, manifest, index=args.index)
     print("\n".join(summary_lines(metrics)))
-    print(f"wrote {args.out / 'ablation.md'}, {args.out / 'ablation.csv'}, {args.out / 'figures'} and {args.out / 'runs'}")
+    report = ReportDir(args.out)
+    print(f"wrote {report.markdown}, {report.table}, {report.figures} and {report.runs}")
 
 
 def summary_lines(metrics: dict) -> list[str]:

@@ -23,19 +23,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="data manifest written by `libra prepare --manifest` (its digest tags the runs) (default: %(default)s)")
     parser.add_argument("--report", type=Path, default=Path("reports"),
                         help="report directory written by `libra report` (logged as it is, nothing is recomputed) (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path("reports/mlflow.json"), help="record of the logged runs (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="record of the logged runs (default: mlflow.json in the --report directory)")
 
 
 def run(args: argparse.Namespace) -> None:
     from detection.io import write_json_atomic
     from pipeline.plan.params import load_params
+    from pipeline.report.report_dir import ReportDir
     from pipeline.tracking.ablation import log_ablation
 
     params = load_params(args.params)
     experiment = params.mlflow.experiment
     manifest = json.loads(args.manifest.read_text())
     record = log_ablation(args.plan, args.report, manifest, params, experiment)
-    write_json_atomic(args.out, record)
+    write_json_atomic(args.out or ReportDir(args.report).tracking_record, record)
     actions = [r["action"] for r in record["runs"].values()]
     counts = ", ".join(f"{actions.count(a)} {a}" for a in ("created", "replaced", "reused") if a in actions)
     print(f"MLflow {record['tracking_uri']}, experiment {experiment!r}: parent run {record['parent_run_id']} "

@@ -1,4 +1,5 @@
-"""One owner of a run directory: no module but detection/run_dir.py spells the name of a run's file."""
+"""One owner of a run directory and of a report directory: no module but detection/run_dir.py spells the name
+of a run's file, and none but pipeline/report/report_dir.py the name of a report's own file."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import pandas as pd
 from conftest import ROOT
 from detection.engine.curves import epoch_curves, read_curves, read_metrics_csv, write_curves, write_runs_curves
 from detection.run_dir import RunDir
+from pipeline.report.report_dir import ReportDir
 
 CODE = ("detection", "pipeline", "stages", "benchmarks")
-REPORT_METRICS_READERS = {"pipeline/report/build.py", "pipeline/tracking/ablation.py", "stages/plan.py"}
+REPORT_METRICS_READERS = {"pipeline/report/report_dir.py", "stages/plan.py"}
 """Modules that name a report directory's own ``metrics.json`` (``libra report --out``), not a run's."""
 
 
@@ -51,6 +53,28 @@ def test_no_module_but_run_dir_spells_a_run_file_name():
                 last = text.rstrip("/").rsplit("/", 1)[-1]
                 if last in names and not (last == "metrics.json" and module in REPORT_METRICS_READERS):
                     spelled.append(f"{module}: {text!r}")
+    assert not spelled, "\n".join(spelled)
+
+
+REPORT_NAMES_SHARED = {"metrics.json", "curves.csv", "figures", "runs"}
+"""Report file names that other files also have (a run's metrics.json, runs/curves.csv, the runs folder, MLflow's
+figures folder), so spelling them elsewhere is not a second owner."""
+
+
+def report_file_names() -> set[str]:
+    report = ReportDir(Path("reports"))
+    names = {getattr(report, name).name for name, member in inspect.getmembers(ReportDir) if isinstance(member, property)}
+    return names | {report.iou_distributions("run").name}
+
+
+def test_no_module_but_report_dir_spells_a_report_file_name():
+    names = report_file_names()
+    assert {"ablation.md", "ablation.html", "ablation.csv", "headline.json", "iou_distributions.csv",
+            "mlflow.json"} <= names
+    spelled = [f"{path.relative_to(ROOT).as_posix()}: {text!r}"
+               for package in CODE for path in sorted((ROOT / package).rglob("*.py"))
+               if path != ROOT / "pipeline/report/report_dir.py"
+               for text in code_strings(path) if text.rstrip("/").rsplit("/", 1)[-1] in names - REPORT_NAMES_SHARED]
     assert not spelled, "\n".join(spelled)
 
 

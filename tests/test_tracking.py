@@ -19,7 +19,7 @@ from pipeline.plan.params import parse_params
 from pipeline.plan.ablation import plan_ablation, write_plan
 from detection.engine.curves import write_curves
 from detection.run_dir import RunDir
-from pipeline.report.localization import IOU_DISTRIBUTIONS_FILE
+from pipeline.report.report_dir import ReportDir
 from pipeline.tracking.ablation import RUNS_VIEW, log_ablation, runs_view_state
 
 COST = {"train_wall_s": 12.5, "train_steps": 4, "train_s_per_step": 3.1, "train_images_per_s": 5.0,
@@ -57,20 +57,20 @@ def ablation(tmp_path):
     for i, run in enumerate(plan.runs):
         rows = [(1_700_000_000_000 + 1000 * k, k, "system/cpu_utilization_percentage", 50.0 + k) for k in range(3)]
         _write_run(tmp_path / run.run_dir, 0.1 * (i + 1), rows if i == 0 else None)
-    report = tmp_path / "reports"
-    (report / "figures").mkdir(parents=True)
-    (report / "ablation.md").write_text("# report\n")
-    (report / "figures/ap_by_iou.png").write_bytes(b"png")
-    (report / "metrics.json").write_text(json.dumps({"faster_rcnn": {"baseline": {"AP": 10.0}},
+    report = ReportDir(tmp_path / "reports")
+    report.figures.mkdir(parents=True)
+    report.markdown.write_text("# report\n")
+    report.figure("ap_by_iou").write_bytes(b"png")
+    report.metrics.write_text(json.dumps({"faster_rcnn": {"baseline": {"AP": 10.0}},
                                                      "claims": {"c1": {"delta": 1.0, "verdict": "reproduced",
                                                                         "verdict_code": 1, "adjusted_verdict": "not resolved",
                                                                         "adjusted_verdict_code": 0, "seeds": 3}}}))
     for name in names:
-        (report / "runs" / name).mkdir(parents=True)
-        (report / "runs" / name / "training_curves.png").write_bytes(name.encode())
-    (report / "runs" / names[0] / IOU_DISTRIBUTIONS_FILE).write_text(
+        report.run(name).mkdir(parents=True)
+        (report.run(name) / "training_curves.png").write_bytes(name.encode())
+    report.iou_distributions(names[0]).write_text(
         "curve,iou,value\neval/score_by_IoU,60,0.4\neval/score_by_IoU,70,0.8\n")
-    log = lambda: log_ablation(tmp_path / "runs/plan", report, {"digest": "d" * 64}, typed, "ablation",  # noqa: E731
+    log = lambda: log_ablation(tmp_path / "runs/plan", report.path, {"digest": "d" * 64}, typed, "ablation",  # noqa: E731
                                f"sqlite:///{tmp_path / 'mlflow.db'}", root=tmp_path)
     return tmp_path, plan, log
 

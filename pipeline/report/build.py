@@ -18,14 +18,13 @@ from detection.engine.coco_eval import IOU_THRESHOLDS
 from pipeline.report import figures
 from pipeline.report.claims import CLAIMS, ClaimResult, UntestableClaim, assess_claims
 from pipeline.report.bootstrap import APSamples, PairedDelta, ap_samples, paired_delta, resample_counts
-from pipeline.report.localization import (IOU_DISTRIBUTIONS_FILE, detection_ious, iou_distributions,
-                                          score_iou_correlation)
+from pipeline.report.localization import detection_ious, iou_distributions, score_iou_correlation
 from pipeline.report.per_image import match_images
 from pipeline.report.reference import ModelZooRow, model_zoo_rows
 from pipeline.report.failures import failures_markdown, read_failures
 from pipeline.report.guards import BaselineLearning, baseline_learning, design_reason, image_count_reason
-from pipeline.report.results import (RUN_FIGURES_DIR, RunResult, ap_points, load_results, runs_of,
-                                     validation_ground_truth)
+from pipeline.report.report_dir import ReportDir
+from pipeline.report.results import RunResult, ap_points, load_results, runs_of, validation_ground_truth
 from pipeline.report.tables import (IOU_COLUMNS, ablation_table, claims_markdown, detector_markdown, headline_metrics,
                                     learning_markdown, power_markdown, summary_metrics)
 from pipeline.plan.runplan import PlanSummary, RunPlan
@@ -140,16 +139,16 @@ def _mean_curves(runs: list[RunResult]) -> pd.DataFrame:
     return pd.concat(frames).groupby(level=0).mean(numeric_only=True).reset_index()
 
 
-def write_run_files(result: RunResult, gt: dict[str, Any], out_dir: Path) -> list[Path]:
+def write_run_files(result: RunResult, gt: dict[str, Any], report: ReportDir) -> list[Path]:
     """The files of one run that ``libra track`` logs on its MLflow run: its IoU distributions
-    (:data:`IOU_DISTRIBUTIONS_FILE`) and its figures (training curves, score vs IoU, sampled-negative IoUs),
+    (:meth:`ReportDir.iou_distributions`) and its figures (training curves, score vs IoU, sampled-negative IoUs),
     whose paths it returns."""
-    out_dir = Path(out_dir)
+    out_dir = report.run(result.name)
     paths = [figures.training_curves({result.plan.combination: result.curves}, out_dir / "training_curves.png",
                                      result.name)]
     scores, ious = detection_ious(gt, result.detections)
     distributions = pd.DataFrame(iou_distributions(scores, ious, result.negative_iou), columns=["curve", "iou", "value"])
-    write_text_atomic(out_dir / IOU_DISTRIBUTIONS_FILE, distributions.to_csv(index=False, float_format="%.6g"))
+    write_text_atomic(report.iou_distributions(result.name), distributions.to_csv(index=False, float_format="%.6g"))
     paths.append(figures.score_vs_iou({result.plan.combination: (scores, ious, score_iou_correlation(scores, ious))},
                                       out_dir / "score_vs_iou.png", result.name))
     if result.negative_iou is not None:
@@ -160,11 +159,10 @@ def write_run_files(result: RunResult, gt: dict[str, Any], out_dir: Path) -> lis
 
 def write_report(plan_dir: Path, out_dir: Path, settings: ReportConfig, manifest: dict[str, Any] | None = None,
                  root: Path = Path("."), index: Path | None = None) -> dict[str, Any]:
-    """Write ``ablation.md``, ``ablation.csv``, ``metrics.json``, ``figures/*.png`` and each run's figures
-    (``runs/<detector>/<combination>/seed<k>/*.png``) under ``out_dir``;
-    returns the summary metrics (also in ``metrics.json``). The runs that ``index`` (runs/index.json)
+    """Write the report (every file :class:`ReportDir` names, each run's figures included) under ``out_dir``;
+    returns the summary metrics (also in :attr:`ReportDir.metrics`). The runs that ``index`` (runs/index.json)
     records as failed are listed with their reason instead of reported."""
-    out_dir = Path(out_dir)
+    report = ReportDir(out_dir)
     summary, results, unfinished = load_results(plan_dir, read_failures(index) if index is not None else {}, root)
     failures = {plan.name: why for plan, why in unfinished}
     if not results:
@@ -198,46 +196,45 @@ def write_report(plan_dir: Path, out_dir: Path, settings: ReportConfig, manifest
     model_zoo = model_zoo_rows()
     table = ablation_table(summary, results, deltas, correlations, learning, model_zoo or ())
     metrics = summary_metrics(table, claims)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "ablation.csv", table.to_csv(index=False, float_format="%.3f"))
-    write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=1, sort_keys=True) + "\n")
-    write_text_atomic(out_dir / "headline.json", json.dumps(headline_metrics(metrics), indent=1, sort_keys=True) + "\n")
-    write_text_atomic(out_dir / "curves.csv", curves_table(results).to_csv(index=False, float_format="%.6g"))
+    report.path.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(report.table, table.to_csv(index=False, float_format="%.3f"))
+    write_text_atomic(report.metrics, json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(report.headline, json.dumps(headline_metrics(metrics), indent=1, sort_keys=True) + "\n")
+    write_text_atomic(report.curves, curves_table(results).to_csv(index=False, float_format="%.6g"))
 
-    fig_dir = out_dir / "figures"
     drawn: list[tuple[str, Path]] = []
     histograms = {f"{r.plan.combination} seed{r.plan.seed} "
                   f"({'IoU-balanced' if 'IS' in r.plan.components else 'random'})": r.negative_iou
                   for r in results if r.negative_iou is not None}
     if histograms:
         drawn.append(("IoU of sampled negatives, random vs IoU-balanced sampling (Faster R-CNN, whole training)",
-                      figures.negative_iou_histogram(histograms, fig_dir / "negative_iou_faster_rcnn.png")))
+                      figures.negative_iou_histogram(histograms, report.figure("negative_iou_faster_rcnn"))))
     for detector, panels in score_panels.items():
         if panels:
             title = f"{DETECTOR_TITLES.get(detector, detector)}: detection score vs IoU (seeds pooled)"
-            drawn.append((title, figures.score_vs_iou(panels, fig_dir / f"score_vs_iou_{detector}.png", title)))
+            drawn.append((title, figures.score_vs_iou(panels, report.figure(f"score_vs_iou_{detector}"), title)))
     ap_curves = {detector: {combination: list(table[(table.detector == detector) & (table.combination == combination)
                                               & (table.source == "ours")][list(IOU_COLUMNS)].iloc[0])
                             for combination in spec.combinations
                             if runs_of(results, detector, combination)}
                  for detector, spec in summary.detectors.items()}
     drawn.append(("AP by IoU threshold (mean over seeds)",
-                  figures.ap_by_iou(ap_curves, list(IOU_THRESHOLDS), fig_dir / "ap_by_iou.png")))
+                  figures.ap_by_iou(ap_curves, list(IOU_THRESHOLDS), report.figure("ap_by_iou"))))
     drawn.append(("Balanced L1 vs smooth L1: loss and gradient",
                   figures.loss_and_gradient(_box_losses([r.plan.experiment_config() for r in results]),
-                                            fig_dir / "balanced_l1.png")))
+                                            report.figure("balanced_l1"))))
     for detector, spec in summary.detectors.items():
         curves = {combination: _mean_curves(runs_of(results, detector, combination))
                   for combination in spec.combinations}
         title = f"{DETECTOR_TITLES.get(detector, detector)}: training curves (mean over seeds)"
-        drawn.append((title, figures.training_curves(curves, fig_dir / f"training_curves_{detector}.png", title)))
+        drawn.append((title, figures.training_curves(curves, report.figure(f"training_curves_{detector}"), title)))
     for r in results:
-        write_run_files(r, gts[r.name], out_dir / RUN_FIGURES_DIR / r.name)
+        write_run_files(r, gts[r.name], report)
 
-    markdown = _markdown(summary, table, claims, learning, settings, manifest, results, drawn, out_dir, failures,
+    markdown = _markdown(summary, table, claims, learning, settings, manifest, results, drawn, report.path, failures,
                          model_zoo)
-    write_text_atomic(out_dir / "ablation.md", markdown)
-    write_text_atomic(out_dir / "ablation.html", standalone_html(markdown, out_dir))
+    write_text_atomic(report.markdown, markdown)
+    write_text_atomic(report.html, standalone_html(markdown, report.path))
     return metrics
 
 

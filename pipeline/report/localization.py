@@ -49,8 +49,6 @@ def score_iou_correlation(scores: np.ndarray, ious: np.ndarray) -> dict[str, flo
     return {"pearson": float(pearsonr(scores, ious)[0]), "spearman": float(spearmanr(scores, ious)[0])}
 
 
-IOU_DISTRIBUTIONS_FILE = "iou_distributions.csv"
-"""A run's :func:`iou_distributions` (columns curve, iou, value), written by the report next to the run's figures."""
 DETECTION_IOU_EDGES = np.linspace(0.0, 1.0, 11)
 """IoU bins (tenths) of a run's detections in :func:`iou_distributions`."""
 

@@ -16,8 +16,6 @@ from detection.engine.curves import read_curves
 from detection.run_dir import RunDir
 from pipeline.plan.runplan import PlanSummary, RunPlan, read_plan_summary, read_run_plan
 
-RUN_FIGURES_DIR = "runs"
-"""Folder of the report directory with one folder of figures per run, ``<detector>/<combination>/seed<k>``."""
 AP_UNIT = "AP points, 0-100"
 """The one unit of AP (and AR) wherever results are compared: the report, DVC metrics and plots, MLflow
 runs and Optuna values. The run files (``metrics.json``, ``metrics.csv``) keep COCO's fractions (0-1)."""

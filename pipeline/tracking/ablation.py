@@ -46,7 +46,7 @@ from pipeline.tracking.store import (
     tracking_uri,
 )
 from pipeline.plan.params import Params
-from pipeline.report.localization import IOU_DISTRIBUTIONS_FILE
+from pipeline.report.report_dir import ReportDir
 from pipeline.report.results import ap_points
 
 
@@ -217,7 +217,7 @@ class AblationTracker:
             raise
         return run_id, "replaced" if same_key else "created"
 
-    def log_report(self, run_id: str, report_dir: Path, files: list[Path], metrics: dict[str, float],
+    def log_report(self, run_id: str, report: ReportDir, files: list[Path], metrics: dict[str, float],
                    digest: str, tags: dict[str, str]) -> bool:
         """Attach the report (files, metrics, tags) to the parent unless this exact report is already
         there; True if logged."""
@@ -229,11 +229,11 @@ class AblationTracker:
         now = now_ms()
         self.client.log_batch(run_id, metrics=[Metric(metric_key(k), float(v), now, 0) for k, v in metrics.items()])
         for path in files:
-            relative = Path(path).relative_to(report_dir).parent.as_posix()
+            relative = Path(path).relative_to(report.path).parent.as_posix()
             self.client.log_artifact(run_id, str(path), "report" if relative == "." else f"report/{relative}")
         for key, value in tags.items():
             self.client.set_tag(run_id, key, value)
-        self.client.set_tag(run_id, "mlflow.note.content", report_description(report_dir / "ablation.md"))
+        self.client.set_tag(run_id, "mlflow.note.content", report_description(report))
         self.client.set_tag(run_id, "libra.report_digest", digest)
         return True
 
@@ -258,12 +258,12 @@ def runs_view_state() -> dict[str, Any]:
     }
 
 
-def report_description(markdown: Path) -> str:
+def report_description(report: ReportDir) -> str:
     """The parent run's description (the MLflow UI shows it above the run): the report's opening and its
     verdict table, cut to what a tag holds (8000 characters)."""
-    sections = markdown.read_text().split("\n## ")
+    sections = report.markdown.read_text().split("\n## ")
     verdicts = [s for s in sections if s.startswith("Verdicts")]
-    text = "\n## ".join([sections[0], *verdicts]) + "\n\nThe whole report: artifacts, report/ablation.html."
+    text = "\n## ".join([sections[0], *verdicts]) + f"\n\nThe whole report: artifacts, report/{report.html.name}."
     return text if len(text) <= 8000 else text[:7990] + "\n…"
 
 
@@ -299,13 +299,12 @@ def log_ablation(plan_dir: Path, report_dir: Path, manifest: dict[str, Any], par
     """
     from pipeline.plan.ablation import ablation_key
     from detection.engine.curves import read_curves
-    from pipeline.report.results import RUN_FIGURES_DIR
     from pipeline.plan.runplan import read_plan_summary, read_run_key, read_run_plan
 
     tracker = AblationTracker(experiment, uri)  # the store first: fail fast when it does not answer
-    report_dir = Path(report_dir)
-    if not (report_dir / "metrics.json").exists():
-        raise ValueError(f"{report_dir / 'metrics.json'}: no report to log; run `libra report --out {report_dir}` "
+    report = ReportDir(report_dir)
+    if not report.metrics.exists():
+        raise ValueError(f"{report.metrics}: no report to log; run `libra report --out {report.path}` "
                          "(or `dvc repro`) first")
     summary = read_plan_summary(plan_dir)
     plans = [read_run_plan(root / entry.plan) for entry in summary.runs]
@@ -327,8 +326,7 @@ def log_ablation(plan_dir: Path, report_dir: Path, manifest: dict[str, Any], par
         files = run_files(run)
         system_file = run.system_metrics
         digested = files + [system_file] if system_file.exists() else files
-        run_report = report_dir / RUN_FIGURES_DIR / plan.name
-        figures = sorted(run_report.glob("*.png"))
+        figures = sorted(report.run(plan.name).glob("*.png"))
         evaluation = json.loads(run.metrics.read_text())
         spec = ChildSpec(
             name=plan.name, key=keys[plan.name], results_digest=path_digest(digested),
@@ -337,7 +335,7 @@ def log_ablation(plan_dir: Path, report_dir: Path, manifest: dict[str, Any], par
                   "libra.combination": plan.combination, "libra.components": ",".join(plan.components) or "none",
                   "libra.seed": str(plan.seed), "libra.run_dir": plan.run_dir.as_posix()},
             epoch_metrics=epoch_metrics(read_curves(run)) + ap_by_iou(evaluation)
-                          + iou_distribution_curves(run_report / IOU_DISTRIBUTIONS_FILE),
+                          + iou_distribution_curves(report.iou_distributions(plan.name)),
             final_metrics=final_metrics(evaluation),
             timed_metrics=system_metrics(system_file),
             artifacts=[(f, None) for f in digested] + [(p, "figures") for p in figures],
@@ -348,11 +346,9 @@ def log_ablation(plan_dir: Path, report_dir: Path, manifest: dict[str, Any], par
         if stale.data.tags.get("libra.run_key") not in set(keys.values()):
             tracker.client.delete_run(stale.info.run_id)
 
-    run_figures = report_dir / RUN_FIGURES_DIR
-    report_files = sorted(p for p in report_dir.rglob("*") if p.is_file() and p.name != "mlflow.json"
-                          and run_figures not in p.parents)
-    flat, verdicts = report_metrics(json.loads((report_dir / "metrics.json").read_text()))
-    tracker.log_report(parent_id, report_dir, report_files, flat, path_digest(report_files), verdicts)
+    report_files = report.report_files()
+    flat, verdicts = report_metrics(json.loads(report.metrics.read_text()))
+    tracker.log_report(parent_id, report, report_files, flat, path_digest(report_files), verdicts)
     tracker.client.set_terminated(parent_id, "FINISHED")
     return {"tracking_uri": tracker.uri, "experiment": experiment, "experiment_id": tracker.experiment_id,
             "parent_run_id": parent_id, "parent_created": created, "ablation_key": key, "runs": done}
