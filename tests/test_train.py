@@ -16,7 +16,8 @@ from conftest import ROOT, checkpoint_complete, libra, tiny_overrides
 from detection.engine.coco_eval import IOU_KEYS
 from detection.config import load_config
 from detection.data import validate_coco
-from detection.engine import splits
+from detection.engine import evaluate, splits
+from detection.engine.checkpoint import read_checkpoint
 from detection.engine.curves import epoch_curves, read_curves, read_metrics_csv
 from detection.run_dir import RunDir
 from pipeline.plan.runplan import RunPlan, write_run_plan
@@ -72,7 +73,7 @@ def test_train_then_evaluate_writes_schema(synthetic_root, tmp_path):
 def test_libra_run_evaluates_in_memory_what_libra_evaluate_reads_from_disk(synthetic_root, tmp_path, monkeypatch):
     """With an EMA (the evaluated weights are the average) and validation on fewer images than evaluation:
     `libra run` scores the module it trained, validating each split once; `libra evaluate` of the same
-    run, from its checkpoint, writes the same metrics (but for cost) and detections."""
+    run, from its checkpoint (read once), writes the same metrics (but for cost) and detections."""
     sets = tiny_overrides(synthetic_root, **{"train.ema_decay": 0.9, "train.val_max_images": 4,
                                              "model.score_thresh": 0.0})
     config = load_config(ROOT / "configs/retinanet_tiny.yaml", sets).to_dict()
@@ -86,7 +87,10 @@ def test_libra_run_evaluates_in_memory_what_libra_evaluate_reads_from_disk(synth
     in_memory, detections = json.loads(run.metrics.read_text()), json.loads(run.detections.read_text())
     assert in_memory["weights"] == "ema" and in_memory["num_images"] == 16 and detections
 
+    read = []
+    monkeypatch.setattr(evaluate, "read_checkpoint", lambda path: read.append(path) or read_checkpoint(path))
     assert libra_main(["evaluate", "--run", str(run.path)]) == 0
+    assert read == [run.checkpoint("last")]
     from_disk = json.loads(run.metrics.read_text())
     assert {k: v for k, v in from_disk.items() if k != "cost"} == {k: v for k, v in in_memory.items() if k != "cost"}
     assert json.loads(run.detections.read_text()) == detections

@@ -51,9 +51,8 @@ def evaluated_weights(cfg: ExperimentConfig) -> str:
     return LIGHTNING_PREFIX if cfg.train.ema_decay is None else EMA_PREFIX
 
 
-def load_trained_model(run: Path, checkpoint: Checkpoint = "last"
-                       ) -> tuple[ExperimentConfig, torch.nn.Module, ValidationData]:
-    """The run's config, its detector with the ``checkpoint``'s evaluated weights, and its validation data."""
+def _checked_run(run: Path, checkpoint: Checkpoint) -> tuple[ExperimentConfig, Path]:
+    """The run's config and the path of its ``checkpoint``, or an error that says what to do."""
     files = RunDir(run)
     config_file, ckpt = files.config, files.checkpoint(checkpoint)
     if not config_file.exists():
@@ -61,13 +60,24 @@ def load_trained_model(run: Path, checkpoint: Checkpoint = "last"
                           f"train one with `libra train --out {run}`")
     if not ckpt.exists():
         raise ConfigError(f"{ckpt}: no such checkpoint; has `libra train --out {run}` finished an epoch?")
-    cfg = load_config(config_file)
-    data = ValidationData(cfg)
-    model = build_detector(cfg, data.num_classes)
+    return load_config(config_file), ckpt
+
+
+def _trained_detector(cfg: ExperimentConfig, num_classes: int, checkpoint: dict[str, Any]) -> torch.nn.Module:
+    """The detector of ``cfg`` with the ``checkpoint``'s evaluated weights (:func:`evaluated_weights`)."""
+    model = build_detector(cfg, num_classes)
     prefix = evaluated_weights(cfg)
-    state = read_checkpoint(ckpt)["state_dict"]
-    model.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
-    return cfg, model, data
+    model.load_state_dict({k.removeprefix(prefix): v for k, v in checkpoint["state_dict"].items()
+                           if k.startswith(prefix)})
+    return model
+
+
+def load_trained_model(run: Path, checkpoint: Checkpoint = "last"
+                       ) -> tuple[ExperimentConfig, torch.nn.Module, ValidationData]:
+    """The run's config, its detector with the ``checkpoint``'s evaluated weights, and its validation data."""
+    cfg, ckpt = _checked_run(run, checkpoint)
+    data = ValidationData(cfg)
+    return cfg, _trained_detector(cfg, data.num_classes, read_checkpoint(ckpt)), data
 
 
 def resolve_device(name: str) -> str:
@@ -87,8 +97,11 @@ def evaluate_run(run: Path, checkpoint: Checkpoint = "last", backend: Backend | 
     (:func:`~detection.engine.completion.completion`, from the last checkpoint whichever is scored).
     """
     start = time.perf_counter()
-    cfg, model, data = load_trained_model(run, checkpoint)
+    cfg, ckpt = _checked_run(run, checkpoint)
     last = read_checkpoint(RunDir(run).checkpoint("last"))
+    scored = last if checkpoint == "last" else read_checkpoint(ckpt)
+    data = ValidationData(cfg)
+    model = _trained_detector(cfg, data.num_classes, scored)
     trained = completion(last["global_step"], schedule_steps(cfg, last["hyper_parameters"]["steps_per_epoch"]))
     return _evaluate(cfg, model, data, RunDir(run), device, backend or cfg.eval.backend, trained, start)
 
