@@ -13,6 +13,13 @@ import numpy as np
 import pandas as pd
 
 DPI = 110
+DASHES = ("-", "--", ":", "-.")
+
+
+def line_style(i: int) -> dict[str, object]:
+    """The ``i``-th line's colour and dash: tab10's ten colours solid, then dashed, dotted and dash-dotted,
+    so that up to 40 lines of one plot (a detector's 4 combinations x 3 seeds is 12) all look different."""
+    return {"color": plt.get_cmap("tab10")(i % 10), "linestyle": DASHES[(i // 10) % len(DASHES)]}
 
 
 def _save(fig, path: Path) -> Path:
@@ -29,12 +36,12 @@ def negative_iou_histogram(histograms: dict[str, tuple[np.ndarray, np.ndarray]],
     """Fraction of sampled negatives per IoU bin (with their best ground truth), one line per combination."""
     fig, ax = plt.subplots(figsize=(7, 4))
     upper = 0.0
-    for label, (edges, counts) in histograms.items():
+    for i, (label, (edges, counts)) in enumerate(histograms.items()):
         if counts.any():
             upper = max(upper, float(edges[np.nonzero(counts)[0][-1] + 1]))
         total = counts.sum()
         fraction = counts / total if total else counts.astype(float)
-        ax.stairs(fraction, edges, label=f"{label} (n={int(total):,})", linewidth=1.8)
+        ax.stairs(fraction, edges, label=f"{label} (n={int(total):,})", linewidth=1.8, **line_style(i))
     ax.set_yscale("log")
     ax.set_xlim(0, min(1.0, upper + 0.05) if upper else 1.0)
     ax.set_xlabel("IoU of the sampled negative with its best-matching ground truth")
@@ -69,8 +76,8 @@ def ap_by_iou(curves: dict[str, dict[str, list[float]]], thresholds: list[float]
     """AP (%) at each IoU threshold, one panel per detector, one line per combination."""
     fig, axes = plt.subplots(1, max(1, len(curves)), figsize=(6 * max(1, len(curves)), 4), squeeze=False)
     for ax, (detector, combinations) in zip(axes.flat, curves.items()):
-        for label, values in combinations.items():
-            ax.plot(thresholds, values, marker="o", markersize=3, label=label)
+        for i, (label, values) in enumerate(combinations.items()):
+            ax.plot(thresholds, values, marker="o", markersize=3, label=label, **line_style(i))
         ax.set_title(detector)
         ax.set_xlabel("IoU threshold")
         ax.set_ylabel("AP (%)")
@@ -88,11 +95,11 @@ def loss_and_gradient(losses: dict[str, callable], path: Path, x_max: float = 3.
 
     x = torch.linspace(0.0, x_max, 601, dtype=torch.float64, requires_grad=True)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, loss_fn in losses.items():
+    for i, (label, loss_fn) in enumerate(losses.items()):
         loss = loss_fn(x)
         (grad,) = torch.autograd.grad(loss.sum(), x)
-        left.plot(x.detach(), loss.detach(), label=label)
-        right.plot(x.detach(), grad, label=label)
+        left.plot(x.detach(), loss.detach(), label=label, **line_style(i))
+        right.plot(x.detach(), grad, label=label, **line_style(i))
     left.set_title("loss")
     right.set_title("gradient dL/dx")
     _side_by_side(left, right, "regression error |x|")
@@ -110,13 +117,13 @@ def _side_by_side(left, right, xlabel: str) -> None:
 def training_curves(curves: dict[str, pd.DataFrame], path: Path, title: str) -> Path:
     """Training loss and validation AP per epoch, one line per combination (or run)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, frame in curves.items():
+    for i, (label, frame) in enumerate(curves.items()):
         if "train/loss" in frame:
             part = frame.dropna(subset=["train/loss"])
-            left.plot(part["epoch"], part["train/loss"], marker="o", markersize=3, label=label)
+            left.plot(part["epoch"], part["train/loss"], marker="o", markersize=3, label=label, **line_style(i))
         if "val/AP" in frame:
             part = frame.dropna(subset=["val/AP"])
-            right.plot(part["epoch"], 100 * part["val/AP"], marker="o", markersize=3, label=label)
+            right.plot(part["epoch"], 100 * part["val/AP"], marker="o", markersize=3, label=label, **line_style(i))
     left.set_title("training loss (epoch mean)")
     right.set_title("validation AP (%)")
     _side_by_side(left, right, "epoch")
