@@ -36,21 +36,24 @@ STAGES: dict[str, str] = {
 
 LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 """The loggers Lightning's ``rank_zero_info`` writes to (its advertising tips among them)."""
+LIGHTNING_DROPPED_INFO = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:", "IPU available:")
+"""Starts of the ``rank_zero_info`` lines dropped: advertising for litlogger / litmodels, and the accelerators
+the machine has (a run prints the device it trains on instead: :func:`detection.engine.train.device_line`)."""
 LIGHTNING_NOT_EMPTY_WARNINGS = (r"Experiment logs directory .* exists and is not empty",
                                 r"Checkpoint directory .* exists and is not empty")
 """Lightning on a run directory it finds non-empty: expected when a run resumes (its rows and
 checkpoints are kept, see ``detection.engine.train``)."""
 
 
-class _DropTips(logging.Filter):
-    """Drops Lightning's "💡 Tip: ..." records (advertising for litlogger / litmodels)."""
+class _DropLightningInfo(logging.Filter):
+    """Drops the Lightning records of :data:`LIGHTNING_DROPPED_INFO`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip:")
+        return not str(record.msg).startswith(LIGHTNING_DROPPED_INFO)
 
 
 def quiet_third_party_output() -> None:
-    """Keep the console to what concerns the run: no Lightning tips, no deprecation warnings raised in
+    """Keep the console to what concerns the run: no Lightning tips or accelerator inventory, no deprecation warnings raised in
     third-party code, no "previous log files will be deleted" or "checkpoint directory is not empty" on a
     run directory, no MLflow or alembic INFO lines.
 
@@ -61,7 +64,7 @@ def quiet_third_party_output() -> None:
     for message in LIGHTNING_NOT_EMPTY_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=UserWarning)
     for name in LIGHTNING_INFO_LOGGERS:
-        logging.getLogger(name).addFilter(_DropTips())
+        logging.getLogger(name).addFilter(_DropLightningInfo())
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.getLogger("alembic").setLevel(logging.WARNING)
 

@@ -9,7 +9,7 @@ from conftest import ROOT, libra
 from detection.data import write_synthetic_coco
 
 NOISE = ("💡", "Tip:", "litlogger", "litmodels", "deprecated", "DeprecationWarning", "FutureWarning",
-         "will be deleted", "exists and is not empty", "INFO mlflow", "alembic")
+         "will be deleted", "exists and is not empty", "INFO mlflow", "alembic", "GPU available", "TPU available")
 """Pieces of the lines that third-party libraries print unasked."""
 
 
@@ -30,6 +30,7 @@ def test_train_and_evaluate_print_no_third_party_noise(tmp_path):
                     *(a for s in sets for a in ("--set", s)))
     assert_quiet(trained)
     assert "step 1" in trained.stdout + trained.stderr, "the run's own progress is still printed"
+    assert "training on cpu: 1 process x " in trained.stderr, "and the device it trains on"
     evaluated = libra("evaluate", "--run", str(run))
     assert_quiet(evaluated)
     assert '"bbox"' in evaluated.stdout

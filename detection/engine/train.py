@@ -286,6 +286,16 @@ def train(cfg: ExperimentConfig, out: Path, resume: bool = False, progress_bar: 
         return _train(cfg, out, resume, progress_bar, callbacks)
 
 
+def device_line(trainer: L.Trainer) -> str:
+    """What the run trains on, e.g. ``training on cpu: 1 process x 2 threads`` or ``training on cuda: 8 processes
+    (2 nodes) x 16 threads``."""
+    kind = type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
+    nodes = f" ({trainer.num_nodes} nodes)" if trainer.num_nodes > 1 else ""
+    processes = trainer.world_size
+    return (f"training on {kind}: {processes} process{'es' if processes > 1 else ''}{nodes} x "
+            f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}")
+
+
 def _train(cfg: ExperimentConfig, out: Path, resume: bool, progress_bar: bool | None,
            callbacks: list[Callback]) -> DetectionModule | None:
     check_backbone_weights(cfg.model)
@@ -316,6 +326,8 @@ def _train(cfg: ExperimentConfig, out: Path, resume: bool, progress_bar: bool | 
     if initialised is not None:
         print(initialised.summary(), flush=True)
         write_json_atomic(run.init_report, initialised.to_dict())
+    if trainer.is_global_zero:
+        print(device_line(trainer), file=sys.stderr, flush=True)
     with handling_stop_signals(stop.request):
         try:
             trainer.fit(module, datamodule=data, ckpt_path=last if checkpoint is not None else None)
