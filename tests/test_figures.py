@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -46,3 +48,13 @@ def test_line_styles_are_distinct_up_to_forty():
     styles = [(to_hex(s["color"]), s["linestyle"]) for s in map(figures.line_style, range(40))]
     assert len(set(styles)) == 40
     assert figures.line_style(40) == figures.line_style(0)
+
+
+def test_a_panel_without_lines_draws_no_legend_and_warns_nothing(drawn, tmp_path):
+    """Runs that never validated (one step): the AP panel stays empty, without matplotlib's legend warning."""
+    curves = {"baseline": pd.DataFrame({"epoch": [0], "train/loss": [1.0], "val/AP": [np.nan]})}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        figures.training_curves(curves, tmp_path / "c.png", "curves")
+    loss, ap = drawn[0].axes
+    assert loss.get_legend() is not None and ap.get_legend() is None and not ap.lines

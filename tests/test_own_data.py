@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -152,6 +153,44 @@ def test_fit_profile_on_a_real_set_plans_an_ablation(tmp_path, monkeypatch, caps
     assert planned["data"]["root"] == str(NEON_TREES)
     assert main(["fit-profile", *(w for s in NEON_DATA for w in ("--set", s)), "--out", str(out)]) == 0, \
         "its own file is replaced"
+
+
+@pytest.mark.trains
+def test_the_ablation_runs_on_real_tiles_and_says_why_no_claim_is_testable(tmp_path, monkeypatch, capsys,
+                                                                            tiny_weights):
+    """The user's path on the fixture's real tiles, every command in turn (prepare, fit-profile, plan, dispatch,
+    report), Faster R-CNN's baseline and IS trained for one step: the report describes the set and refuses the
+    claim a verdict for both reasons, 3 validation images and a baseline that cannot have learned (about 40 s)."""
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    data = [w for s in NEON_DATA for w in ("--set", s)]
+    assert main(["fit-profile", *data, "--params", str(ROOT / "params.yaml"), "--name", "fitted",
+                 "--out", "fitted.yaml"]) == 0
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    fitted = yaml.safe_load(Path("fitted.yaml").read_text())["profiles"]["fitted"]
+    fitted["set"]["train"].update(max_steps=1, epochs=1, milestones=[], batch_size=4, warmup_steps=1)
+    fitted["set"]["model"]["backbone"] = {"weights": str(tiny_weights)}
+    params.update(profile="fitted", profiles={"fitted": fitted},
+                  data={**params["data"], "source": "coco", "root": str(NEON_TREES)},
+                  ablation={"design": "table", "seeds": [0], "faster_rcnn": {"table": ["baseline", "IS"]}})
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    for command in (["prepare", "--params", "params.yaml", "--manifest", "data/manifest.json",
+                     "--statistics", "data/statistics.json"],
+                    ["plan", "--params", "params.yaml", "--out", "runs/plan"],
+                    ["dispatch", "--executor", "inline"],
+                    ["report", "--out", "reports"]):
+        assert main(command) == 0, command
+    statistics = json.loads(Path("data/statistics.json").read_text())
+    assert [statistics["splits"][split]["images"] for split in ("train", "val")] == [14, 3]
+    planned = yaml.safe_load(Path("runs/plan/faster_rcnn/IS/seed0.yaml").read_text())["config"]
+    assert planned["model"]["anchor_sizes"] == fitted["set"]["model"]["anchor_sizes"]
+    claim = json.loads(Path("reports/metrics.json").read_text())["claims"]["frcnn_IS_gt_baseline"]
+    assert claim["verdict"] == claim["adjusted_verdict"] == "not testable" and "delta" not in claim
+    assert "the faster_rcnn baseline did not learn (seed 0: AP" in claim["reason"]
+    assert "3 validation images, fewer than the 30" in claim["reason"]
+    markdown = Path("reports/ablation.md").read_text()
+    assert f"Profile `fitted`, design `table`, seeds [0], coco data ({NEON_TREES}, digest " in markdown
+    assert "**not testable**" in markdown
 
 
 def test_a_setting_given_wins_over_the_fit(monkeypatch):

@@ -107,23 +107,22 @@ def loss_and_gradient(losses: dict[str, callable], path: Path, x_max: float = 3.
 
 
 def _side_by_side(left, right, xlabel: str) -> None:
-    """Shared x label, grid and legend of a two-panel figure."""
+    """Shared x label, grid and legend of a two-panel figure (a panel with no line has none)."""
     for ax in (left, right):
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
 
 
 def training_curves(curves: dict[str, pd.DataFrame], path: Path, title: str) -> Path:
     """Training loss and validation AP per epoch, one line per combination (or run)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for i, (label, frame) in enumerate(curves.items()):
-        if "train/loss" in frame:
-            part = frame.dropna(subset=["train/loss"])
-            left.plot(part["epoch"], part["train/loss"], marker="o", markersize=3, label=label, **line_style(i))
-        if "val/AP" in frame:
-            part = frame.dropna(subset=["val/AP"])
-            right.plot(part["epoch"], 100 * part["val/AP"], marker="o", markersize=3, label=label, **line_style(i))
+        for ax, column, scale in ((left, "train/loss", 1), (right, "val/AP", 100)):
+            part = frame.dropna(subset=[column]) if column in frame else frame.iloc[:0]
+            if not part.empty:
+                ax.plot(part["epoch"], scale * part[column], marker="o", markersize=3, label=label, **line_style(i))
     left.set_title("training loss (epoch mean)")
     right.set_title("validation AP (%)")
     _side_by_side(left, right, "epoch")
